@@ -1,0 +1,677 @@
+/*
+ * policyload: the load-driving core of bench/loadgen.py.
+ *
+ * Speaks the Postfix policy protocol over N persistent TCP connections with
+ * one request outstanding per connection (Postfix never pipelines), using a
+ * single-threaded epoll loop.  bench/loadgen.py generates the requests,
+ * compiles this file with `cc -O2` into a temporary directory, runs it and
+ * turns its output into the report.  It is C because a Python client needs
+ * several times more CPU per request than the Twisted server it measures
+ * (see the comment at the top of loadgen.py).
+ *
+ * Input (-f): a pool file written by loadgen.py, all integers little-endian
+ * uint32:  "PLP1", n_requests, n_sessions, session_first[n_sessions + 1],
+ * request_offset[n_requests + 1], then the request bytes.  A session is a run
+ * of requests that one smtpd would send in a row on one connection (one SMTP
+ * session: its transactions and their RCPTs).  Each connection takes the next
+ * whole session from a shared cursor, so requests of one transaction stay on
+ * one connection, as with Postfix.
+ *
+ * Output: latencies of the requests completed inside the measured window, as
+ * native uint64 nanoseconds, to the file named by -o; and "key value" lines on
+ * stdout (see print_report).
+ *
+ * Phases: connect (all N connections, at most 64 connects in flight), warm-up
+ * (-w seconds, not measured), measured window (-d seconds, or until -n
+ * requests completed, whichever comes first), then every socket is closed and
+ * the program exits.  Every run is bounded in time: the connect phase gives up
+ * after -T seconds, and the measured window never exceeds -d seconds.
+ *
+ * Errors are counted as Postfix would see them: timeout (no complete reply
+ * within -t ms), closed (EOF or reset while a request was outstanding, or at
+ * any other time), malformed (anything but exactly "action=VALUE\n\n" with a
+ * non-empty VALUE free of CR and NUL, including bytes the server sent without
+ * a request), connect (connect() failed or was refused).  After an error the
+ * connection is closed and reopened, as smtpd's attr_clnt would.
+ *
+ * Loopback only: the host given with -h must be a numeric address; loadgen.py
+ * only ever passes 127.0.0.1 or ::1.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define RECV_CAP 4096
+#define MAX_ACTIONS 64
+#define ACTION_KEY_LEN 48
+#define MAX_CONNECTING 64
+
+enum conn_state { C_CLOSED, C_WAIT_RECONNECT, C_CONNECTING, C_IDLE, C_SENDING, C_WAITING };
+
+struct conn {
+    int fd;
+    enum conn_state state;
+    uint32_t req;      /* current request index */
+    uint32_t req_end;  /* one past the last request of the current session */
+    uint32_t sent;     /* bytes of the current request written */
+    uint32_t rlen;     /* bytes received for the current reply */
+    uint64_t t_start;  /* ns: request written (first byte) */
+    uint64_t deadline; /* ns: timeout for connect or reply; reconnect time */
+    char rbuf[RECV_CAP];
+};
+
+struct action_count {
+    char key[ACTION_KEY_LEN];
+    uint64_t count;
+};
+
+static struct {
+    uint32_t n_req, n_sess;
+    uint32_t *sess_first;
+    uint32_t *req_off;
+    const char *data;
+} pool;
+
+static struct sockaddr_storage target;
+static socklen_t target_len;
+static int epfd;
+static struct conn *conns;
+static int n_conns;
+static uint32_t next_session;
+static int connecting_now;
+static int waiting_reconnect; /* connections in C_WAIT_RECONNECT */
+
+static uint64_t timeout_ns = 10ull * 1000000000ull;
+static int measuring;
+static uint64_t *lat;
+static size_t lat_n, lat_cap;
+static uint64_t err_timeout, err_closed, err_malformed, err_connect;
+static uint64_t warm_completed;
+static struct action_count actions[MAX_ACTIONS];
+static int n_actions;
+static uint64_t action_other;
+static char first_malformed[128];
+static volatile sig_atomic_t interrupted;
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t cpu_ns(clockid_t clk)
+{
+    struct timespec ts;
+    clock_gettime(clk, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void die(const char *msg)
+{
+    fprintf(stderr, "policyload: %s: %s\n", msg, strerror(errno));
+    exit(2);
+}
+
+/* utime + stime of a process in clock ticks, or -1. */
+static long long proc_cpu_ticks(int pid)
+{
+    char path[64], buf[4096];
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    char *p = strrchr(buf, ')'); /* the command name may contain spaces */
+    if (!p)
+        return -1;
+    p += 2; /* field 3 (state) */
+    unsigned long long utime = 0, stime = 0;
+    /* fields 3..13 skipped, 14 = utime, 15 = stime */
+    if (sscanf(p, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &utime, &stime) != 2)
+        return -1;
+    return (long long)(utime + stime);
+}
+
+/* Machine-wide jiffies from /proc/stat's "cpu" line: busy (not idle/iowait) and steal. */
+static int machine_ticks(unsigned long long *busy, unsigned long long *steal)
+{
+    FILE *f = fopen("/proc/stat", "r");
+    if (!f)
+        return -1;
+    unsigned long long v[10] = {0};
+    int n = fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2],
+                   &v[3], &v[4], &v[5], &v[6], &v[7], &v[8], &v[9]);
+    fclose(f);
+    if (n < 8)
+        return -1;
+    /* user nice system idle iowait irq softirq steal guest guest_nice;
+       guest time is already included in user. */
+    *busy = v[0] + v[1] + v[2] + v[5] + v[6];
+    *steal = v[7];
+    return 0;
+}
+
+static void load_pool(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        die("open pool");
+    if (fseek(f, 0, SEEK_END) != 0)
+        die("seek pool");
+    long size = ftell(f);
+    if (size < 12)
+        die("pool too small");
+    rewind(f);
+    char *buf = malloc((size_t)size);
+    if (!buf || fread(buf, 1, (size_t)size, f) != (size_t)size)
+        die("read pool");
+    fclose(f);
+    if (memcmp(buf, "PLP1", 4) != 0) {
+        errno = EINVAL;
+        die("bad pool magic");
+    }
+    uint32_t *hdr = (uint32_t *)(void *)(buf + 4);
+    pool.n_req = hdr[0];
+    pool.n_sess = hdr[1];
+    size_t head = 12 + 4 * ((size_t)pool.n_sess + 1) + 4 * ((size_t)pool.n_req + 1);
+    if (pool.n_req == 0 || pool.n_sess == 0 || head > (size_t)size) {
+        errno = EINVAL;
+        die("bad pool header");
+    }
+    pool.sess_first = hdr + 2;
+    pool.req_off = pool.sess_first + pool.n_sess + 1;
+    pool.data = buf + head;
+    if (pool.req_off[pool.n_req] > (size_t)size - head) {
+        errno = EINVAL;
+        die("bad pool offsets");
+    }
+}
+
+static void record_action(const char *value, size_t len)
+{
+    char key[ACTION_KEY_LEN];
+    size_t k = 0;
+    while (k < len && k < ACTION_KEY_LEN - 1 && value[k] != ' ' && value[k] != '\t') {
+        key[k] = (char)toupper((unsigned char)value[k]);
+        k++;
+    }
+    key[k] = 0;
+    for (int i = 0; i < n_actions; i++) {
+        if (strcmp(actions[i].key, key) == 0) {
+            actions[i].count++;
+            return;
+        }
+    }
+    if (n_actions < MAX_ACTIONS) {
+        memcpy(actions[n_actions].key, key, k + 1);
+        actions[n_actions].count = 1;
+        n_actions++;
+    } else {
+        action_other++;
+    }
+}
+
+static void conn_schedule_reconnect(struct conn *c, uint64_t delay_ns);
+
+static void conn_close(struct conn *c)
+{
+    if (c->fd >= 0) {
+        close(c->fd); /* also removes it from the epoll set */
+        c->fd = -1;
+    }
+    if (c->state == C_CONNECTING)
+        connecting_now--;
+    c->state = C_CLOSED;
+}
+
+static void conn_fail(struct conn *c, uint64_t *counter)
+{
+    /* Errors count in the measured window only; warm-up errors are reported apart. */
+    if (measuring)
+        (*counter)++;
+    conn_close(c);
+    conn_schedule_reconnect(c, counter == &err_connect ? 100000000ull : 0);
+}
+
+static void conn_schedule_reconnect(struct conn *c, uint64_t delay_ns)
+{
+    c->state = C_WAIT_RECONNECT;
+    c->deadline = now_ns() + delay_ns;
+    waiting_reconnect++;
+}
+
+static void conn_start_connect(struct conn *c)
+{
+    waiting_reconnect--;
+    int fd = socket(target.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        die("socket");
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    c->fd = fd;
+    c->state = C_CONNECTING;
+    c->deadline = now_ns() + timeout_ns;
+    connecting_now++;
+    struct epoll_event ev = {.events = EPOLLOUT, .data.ptr = c};
+    if (epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) != 0)
+        die("epoll_ctl add");
+    if (connect(fd, (struct sockaddr *)&target, target_len) != 0 && errno != EINPROGRESS) {
+        conn_fail(c, &err_connect);
+    }
+}
+
+static void conn_set_events(struct conn *c, uint32_t events)
+{
+    struct epoll_event ev = {.events = events, .data.ptr = c};
+    if (epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev) != 0)
+        die("epoll_ctl mod");
+}
+
+static void conn_write(struct conn *c)
+{
+    const char *req = pool.data + pool.req_off[c->req];
+    uint32_t len = pool.req_off[c->req + 1] - pool.req_off[c->req];
+    while (c->sent < len) {
+        ssize_t w = send(c->fd, req + c->sent, len - c->sent, MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                if (c->state != C_SENDING) {
+                    c->state = C_SENDING;
+                    conn_set_events(c, EPOLLIN | EPOLLOUT);
+                }
+                return;
+            }
+            if (errno == EINTR)
+                continue;
+            conn_fail(c, &err_closed);
+            return;
+        }
+        c->sent += (uint32_t)w;
+    }
+    if (c->state == C_SENDING)
+        conn_set_events(c, EPOLLIN);
+    c->state = C_WAITING;
+}
+
+static void conn_send_next(struct conn *c)
+{
+    if (c->req >= c->req_end) {
+        uint32_t s = next_session++ % pool.n_sess;
+        c->req = pool.sess_first[s];
+        c->req_end = pool.sess_first[s + 1];
+    }
+    c->sent = 0;
+    c->rlen = 0;
+    c->t_start = now_ns();
+    c->deadline = c->t_start + timeout_ns;
+    c->state = C_IDLE;
+    conn_write(c);
+}
+
+static void note_malformed(const struct conn *c)
+{
+    if (first_malformed[0] || !measuring)
+        return;
+    size_t j = 0;
+    for (uint32_t i = 0; i < c->rlen && j < sizeof first_malformed - 5; i++) {
+        unsigned char ch = (unsigned char)c->rbuf[i];
+        if (ch == '\n') {
+            first_malformed[j++] = '\\';
+            first_malformed[j++] = 'n';
+        } else if (ch < 0x20 || ch >= 0x7f || ch == '\\') {
+            j += (size_t)snprintf(first_malformed + j, sizeof first_malformed - j, "\\x%02x", ch);
+        } else {
+            first_malformed[j++] = (char)ch;
+        }
+    }
+    first_malformed[j] = 0;
+}
+
+/* Returns 1 if the reply is complete and valid, 0 if more bytes are needed, -1 if malformed. */
+static int check_reply(const struct conn *c)
+{
+    const char *b = c->rbuf;
+    uint32_t n = c->rlen;
+    const char *nl = memchr(b, '\n', n);
+    if (!nl)
+        return n >= RECV_CAP ? -1 : 0;
+    size_t first = (size_t)(nl - b);
+    if (first + 1 >= n)
+        return 0; /* need the byte after the first LF */
+    if (b[first + 1] != '\n')
+        return -1; /* a second attribute line: not exactly one action */
+    if (first + 2 != n)
+        return -1; /* bytes after the reply: unsolicited data */
+    if (first < 8 || memcmp(b, "action=", 7) != 0)
+        return -1; /* no action or an empty value */
+    for (size_t i = 7; i < first; i++)
+        if (b[i] == '\r' || b[i] == 0)
+            return -1;
+    return 1;
+}
+
+static void conn_readable(struct conn *c, uint64_t *completed, uint64_t t_end_count, int *count_done)
+{
+    for (;;) {
+        if (c->rlen >= RECV_CAP) {
+            note_malformed(c);
+            conn_fail(c, &err_malformed);
+            return;
+        }
+        ssize_t r = recv(c->fd, c->rbuf + c->rlen, RECV_CAP - c->rlen, 0);
+        if (r < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return;
+            if (errno == EINTR)
+                continue;
+            conn_fail(c, &err_closed);
+            return;
+        }
+        if (r == 0) {
+            conn_fail(c, &err_closed);
+            return;
+        }
+        if (c->state != C_WAITING) {
+            /* The server spoke without a request, or before it had the whole request. */
+            c->rlen += (uint32_t)r;
+            note_malformed(c);
+            conn_fail(c, &err_malformed);
+            return;
+        }
+        c->rlen += (uint32_t)r;
+        int ok = check_reply(c);
+        if (ok == 0)
+            continue;
+        if (ok < 0) {
+            note_malformed(c);
+            conn_fail(c, &err_malformed);
+            return;
+        }
+        uint64_t t = now_ns();
+        if (measuring) {
+            if (lat_n == lat_cap) {
+                lat_cap = lat_cap ? lat_cap * 2 : 1 << 20;
+                lat = realloc(lat, lat_cap * sizeof *lat);
+                if (!lat)
+                    die("realloc");
+            }
+            lat[lat_n++] = t - c->t_start;
+            record_action(c->rbuf + 7, c->rlen - 9);
+            (*completed)++;
+            if (t_end_count && *completed >= t_end_count) {
+                *count_done = 1;
+                c->state = C_IDLE;
+                c->req++;
+                return;
+            }
+        } else {
+            warm_completed++;
+        }
+        c->req++;
+        conn_send_next(c);
+        return;
+    }
+}
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    interrupted = 1;
+}
+
+static void usage(void)
+{
+    fprintf(stderr,
+            "usage: policyload -h ADDR -p PORT -f POOL -o LATFILE [-c CONNS] [-w WARMUP_S]\n"
+            "                  [-d DURATION_S] [-n COUNT] [-t TIMEOUT_MS] [-T CONNECT_S]\n"
+            "                  [-P SERVER_PID] [-s START_SESSION]\n");
+    exit(2);
+}
+
+static void print_report(double window_s, uint64_t completed, int connected, int count_done,
+                         uint64_t own_cpu, uint64_t own_cpu_total, long long srv_ticks,
+                         long ticks_per_s, unsigned long long m_busy, unsigned long long m_steal,
+                         double connect_s)
+{
+    printf("connections %d\n", n_conns);
+    printf("connected %d\n", connected);
+    printf("connect_s %.6f\n", connect_s);
+    printf("window_s %.6f\n", window_s);
+    printf("completed %llu\n", (unsigned long long)completed);
+    printf("count_reached %d\n", count_done);
+    printf("warmup_completed %llu\n", (unsigned long long)warm_completed);
+    printf("err_timeout %llu\n", (unsigned long long)err_timeout);
+    printf("err_closed %llu\n", (unsigned long long)err_closed);
+    printf("err_malformed %llu\n", (unsigned long long)err_malformed);
+    printf("err_connect %llu\n", (unsigned long long)err_connect);
+    printf("own_cpu_s %.6f\n", (double)own_cpu / 1e9);
+    printf("own_cpu_total_s %.6f\n", (double)own_cpu_total / 1e9);
+    printf("server_cpu_s %.6f\n", srv_ticks < 0 ? -1.0 : (double)srv_ticks / (double)ticks_per_s);
+    printf("machine_busy_s %.6f\n", (double)m_busy / (double)ticks_per_s);
+    printf("machine_steal_s %.6f\n", (double)m_steal / (double)ticks_per_s);
+    printf("interrupted %d\n", (int)interrupted);
+    if (first_malformed[0])
+        printf("first_malformed %s\n", first_malformed);
+    for (int i = 0; i < n_actions; i++)
+        printf("action %llu %s\n", (unsigned long long)actions[i].count, actions[i].key);
+    if (action_other)
+        printf("action %llu (other)\n", (unsigned long long)action_other);
+}
+
+int main(int argc, char **argv)
+{
+    const char *host = NULL, *pool_path = NULL, *lat_path = NULL;
+    int port = 0, server_pid = 0, opt;
+    double warmup_s = 1.0, duration_s = 10.0, connect_limit_s = 30.0;
+    unsigned long long count = 0;
+    n_conns = 1;
+    while ((opt = getopt(argc, argv, "h:p:f:o:c:w:d:n:t:T:P:s:")) != -1) {
+        switch (opt) {
+        case 'h': host = optarg; break;
+        case 'p': port = atoi(optarg); break;
+        case 'f': pool_path = optarg; break;
+        case 'o': lat_path = optarg; break;
+        case 'c': n_conns = atoi(optarg); break;
+        case 'w': warmup_s = atof(optarg); break;
+        case 'd': duration_s = atof(optarg); break;
+        case 'n': count = strtoull(optarg, NULL, 10); break;
+        case 't': timeout_ns = strtoull(optarg, NULL, 10) * 1000000ull; break;
+        case 'T': connect_limit_s = atof(optarg); break;
+        case 'P': server_pid = atoi(optarg); break;
+        case 's': next_session = (uint32_t)strtoul(optarg, NULL, 10); break;
+        default: usage();
+        }
+    }
+    if (!host || !pool_path || !lat_path || port <= 0 || port > 65535 || n_conns < 1 ||
+        duration_s <= 0 || warmup_s < 0 || timeout_ns == 0)
+        usage();
+
+    memset(&target, 0, sizeof target);
+    struct sockaddr_in *sin = (struct sockaddr_in *)&target;
+    struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&target;
+    if (inet_pton(AF_INET, host, &sin->sin_addr) == 1) {
+        sin->sin_family = AF_INET;
+        sin->sin_port = htons((uint16_t)port);
+        target_len = sizeof *sin;
+    } else if (inet_pton(AF_INET6, host, &sin6->sin6_addr) == 1) {
+        sin6->sin6_family = AF_INET6;
+        sin6->sin6_port = htons((uint16_t)port);
+        target_len = sizeof *sin6;
+    } else {
+        fprintf(stderr, "policyload: -h must be a numeric address\n");
+        return 2;
+    }
+
+    load_pool(pool_path);
+    signal(SIGPIPE, SIG_IGN);
+    signal(SIGINT, on_signal);
+    signal(SIGTERM, on_signal);
+    long ticks_per_s = sysconf(_SC_CLK_TCK);
+
+    epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (epfd < 0)
+        die("epoll_create1");
+    conns = calloc((size_t)n_conns, sizeof *conns);
+    if (!conns)
+        die("calloc");
+    for (int i = 0; i < n_conns; i++) {
+        conns[i].fd = -1;
+        conns[i].state = C_WAIT_RECONNECT;
+        conns[i].deadline = 0;
+    }
+    waiting_reconnect = n_conns;
+    if (count) {
+        lat_cap = (size_t)count;
+        lat = malloc(lat_cap * sizeof *lat);
+        if (!lat)
+            die("malloc");
+    }
+
+    struct epoll_event *evs = calloc((size_t)n_conns, sizeof *evs);
+    if (!evs)
+        die("calloc");
+
+    /* Phase 0: connect everything (bounded), then warm up, then measure. */
+    enum { P_CONNECT, P_WARMUP, P_MEASURE, P_DONE } phase = P_CONNECT;
+    uint64_t t0 = now_ns();
+    uint64_t phase_end = t0 + (uint64_t)(connect_limit_s * 1e9);
+    uint64_t t_measure = 0, t_stop = 0, connect_ns = 0;
+    uint64_t own0 = 0, own1 = 0;
+    long long srv0 = -1, srv1 = -1;
+    unsigned long long mb0 = 0, ms0 = 0, mb1 = 0, ms1 = 0;
+    uint64_t completed = 0;
+    int count_done = 0;
+    uint64_t last_scan = 0;
+
+    while (phase != P_DONE && !interrupted) {
+        uint64_t t = now_ns();
+        /* Start connects: all connections wanting one, at most MAX_CONNECTING at a time. */
+        for (int i = 0; waiting_reconnect && i < n_conns && connecting_now < MAX_CONNECTING; i++) {
+            struct conn *c = &conns[i];
+            if (c->state == C_WAIT_RECONNECT && c->deadline <= t)
+                conn_start_connect(c);
+        }
+        if (phase == P_CONNECT) {
+            int up = 0;
+            for (int i = 0; i < n_conns; i++)
+                up += conns[i].state >= C_IDLE;
+            if (up == n_conns || t >= phase_end) {
+                connect_ns = t - t0;
+                phase = P_WARMUP;
+                phase_end = t + (uint64_t)(warmup_s * 1e9);
+            }
+        }
+        if (phase == P_WARMUP && t >= phase_end) {
+            phase = P_MEASURE;
+            measuring = 1;
+            own0 = cpu_ns(CLOCK_PROCESS_CPUTIME_ID);
+            srv0 = server_pid ? proc_cpu_ticks(server_pid) : -1;
+            machine_ticks(&mb0, &ms0);
+            t_measure = now_ns();
+            phase_end = t_measure + (uint64_t)(duration_s * 1e9);
+            t = t_measure;
+        }
+        if (phase == P_MEASURE && (t >= phase_end || count_done)) {
+            own1 = cpu_ns(CLOCK_PROCESS_CPUTIME_ID);
+            srv1 = server_pid ? proc_cpu_ticks(server_pid) : -1;
+            machine_ticks(&mb1, &ms1);
+            t_stop = now_ns();
+            measuring = 0;
+            phase = P_DONE;
+            break;
+        }
+        /* Timeouts, scanned every 10 ms: O(connections), cheap next to the I/O. */
+        if (t - last_scan >= 10000000ull) {
+            last_scan = t;
+            for (int i = 0; i < n_conns; i++) {
+                struct conn *c = &conns[i];
+                if ((c->state == C_CONNECTING || c->state == C_WAITING || c->state == C_SENDING) &&
+                    c->deadline <= t)
+                    conn_fail(c, c->state == C_CONNECTING ? &err_connect : &err_timeout);
+            }
+        }
+        int n = epoll_wait(epfd, evs, n_conns, 5);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            die("epoll_wait");
+        }
+        for (int i = 0; i < n && !count_done; i++) {
+            struct conn *c = evs[i].data.ptr;
+            uint32_t e = evs[i].events;
+            if (c->fd < 0)
+                continue;
+            if (c->state == C_CONNECTING) {
+                int err = 0;
+                socklen_t el = sizeof err;
+                getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &el);
+                if (err || (e & (EPOLLERR | EPOLLHUP))) {
+                    conn_fail(c, &err_connect);
+                    continue;
+                }
+                connecting_now--;
+                c->state = C_IDLE;
+                conn_set_events(c, EPOLLIN);
+                /* Resumes the session; a request that failed is sent again, as smtpd retries. */
+                conn_send_next(c);
+                continue;
+            }
+            if (e & (EPOLLIN | EPOLLERR | EPOLLHUP)) {
+                conn_readable(c, &completed, count, &count_done);
+                if (c->state == C_CLOSED || c->state == C_WAIT_RECONNECT)
+                    continue;
+            }
+            if ((e & EPOLLOUT) && c->state == C_SENDING)
+                conn_write(c);
+        }
+    }
+    if (phase != P_DONE) { /* interrupted */
+        own1 = cpu_ns(CLOCK_PROCESS_CPUTIME_ID);
+        srv1 = server_pid ? proc_cpu_ticks(server_pid) : -1;
+        machine_ticks(&mb1, &ms1);
+        t_stop = now_ns();
+        if (!t_measure) {
+            t_measure = t_stop;
+            own0 = own1;
+            srv0 = srv1;
+            mb0 = mb1;
+            ms0 = ms1;
+        }
+    }
+    int connected = 0;
+    for (int i = 0; i < n_conns; i++) {
+        connected += conns[i].state >= C_IDLE;
+        conn_close(&conns[i]);
+    }
+
+    FILE *lf = fopen(lat_path, "wb");
+    if (!lf)
+        die("open latency file");
+    if (lat_n && fwrite(lat, sizeof *lat, lat_n, lf) != lat_n)
+        die("write latency file");
+    if (fclose(lf) != 0)
+        die("close latency file");
+
+    print_report((double)(t_stop - t_measure) / 1e9, completed, connected, count_done, own1 - own0,
+                 cpu_ns(CLOCK_PROCESS_CPUTIME_ID),
+                 (srv0 >= 0 && srv1 >= 0) ? srv1 - srv0 : -1, ticks_per_s, mb1 - mb0, ms1 - ms0,
+                 (double)connect_ns / 1e9);
+    return interrupted ? 130 : 0;
+}

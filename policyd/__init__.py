@@ -1,0 +1,5 @@
+"""policyd: a stress-aware Postfix policy-delegation server."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0.dev0"

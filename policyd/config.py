@@ -1,0 +1,278 @@
+"""Configuration: one frozen class, read once from ``POLICYD_*`` variables.
+
+Every setting is an environment variable with a default written the way an
+admin would write it, a converter that turns it into a typed value (or raises
+`ValueError` whose message states the accepted form), and help text.  The
+docs and ``policyd config`` are generated from these declarations.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, cast
+
+import attrs
+import environ
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.testing import MemoryReactor
+
+from policyd.actions import Action, InvalidAction
+
+PREFIX = "POLICYD"
+
+
+class ConfigError(Exception):
+    """A variable has a value policyd cannot use."""
+
+    def __init__(self, variable: str, value: str, problem: str) -> None:
+        super().__init__(variable, value, problem)
+        self.variable = variable
+        self.value = value
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"{self.variable}={self.value!r} is invalid: {self.problem}"
+
+
+# -- converters: each takes the raw string and raises ValueError on bad input --
+
+_DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h)?\s*\Z")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def duration(minimum: float, maximum: float) -> Callable[[str], float]:
+    """Seconds, as ``10``, ``1.5s``, ``250ms``, ``5m`` or ``1h``."""
+
+    def convert(raw: str) -> float:
+        match = _DURATION.match(raw)
+        if match is None:
+            raise ValueError(
+                "expected a duration such as 10, 1.5s, 250ms, 5m or 1h "
+                f"(between {minimum:g}s and {maximum:g}s)"
+            )
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+        if not minimum <= seconds <= maximum:
+            raise ValueError(
+                f"expected a duration between {minimum:g}s and {maximum:g}s"
+            )
+        return seconds
+
+    return convert
+
+
+def integer(minimum: int, maximum: int) -> Callable[[str], int]:
+    """A whole number within bounds."""
+
+    def convert(raw: str) -> int:
+        try:
+            value = int(raw.strip(), 10)
+        except ValueError:
+            raise ValueError(
+                f"expected a whole number from {minimum} to {maximum}"
+            ) from None
+        if not minimum <= value <= maximum:
+            raise ValueError(f"expected a whole number from {minimum} to {maximum}")
+        return value
+
+    return convert
+
+
+def choice(*choices: str) -> Callable[[str], str]:
+    """One of a fixed set of words, case-insensitive."""
+
+    def convert(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError("expected one of: " + ", ".join(choices))
+        return value
+
+    return convert
+
+
+def _check_endpoint(description: str) -> None:
+    if description.startswith("systemd:"):
+        # The systemd parser resolves inherited descriptors while parsing, so
+        # outside a socket-activated start only the syntax can be checked.
+        fields = dict(part.partition("=")[::2] for part in description.split(":")[1:])
+        if fields.get("domain") not in {"INET", "INET6", "UNIX"}:
+            raise ValueError(
+                "a systemd endpoint needs domain=INET, INET6 or UNIX, e.g. "
+                "systemd:domain=INET:index=0"
+            )
+        if ("index" in fields) == ("name" in fields):
+            raise ValueError("a systemd endpoint needs exactly one of index= or name=")
+        return
+    try:
+        serverFromString(MemoryReactor(), description)
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise ValueError(
+            f"{description!r} is not a server endpoint description ({e}); "
+            "expected e.g. tcp:10040:interface=127.0.0.1, "
+            "unix:/run/policyd/policy.sock:mode=660 or systemd:domain=INET:index=0"
+        ) from None
+
+
+def endpoints(raw: str) -> tuple[str, ...]:
+    """One or more Twisted server endpoint descriptions, separated by spaces."""
+    descriptions = tuple(raw.split())
+    if not descriptions:
+        raise ValueError(
+            "expected at least one endpoint description, "
+            "e.g. tcp:10040:interface=127.0.0.1"
+        )
+    for description in descriptions:
+        _check_endpoint(description)
+    return descriptions
+
+
+def optional_endpoint(raw: str) -> str | None:
+    """One endpoint description, or ``none`` to disable."""
+    if raw.strip().lower() == "none":
+        return None
+    descriptions = endpoints(raw)
+    if len(descriptions) != 1:
+        raise ValueError("expected one endpoint description, or none to disable")
+    return descriptions[0]
+
+
+def fallback_action(raw: str) -> Action:
+    """An action that never refuses mail for good."""
+    try:
+        return Action.parse_fallback(raw.strip())
+    except InvalidAction as e:
+        raise ValueError(str(e)) from None
+
+
+def _setting(default: str, converter: Callable[[str], Any], help: str) -> Any:
+    return environ.var(default, converter=converter, help=help)
+
+
+@environ.config(prefix=PREFIX, frozen=True)
+class Config:
+    """Everything policyd can be told, with the defaults it runs on."""
+
+    listen: tuple[str, ...] = _setting(
+        "tcp:10040:interface=127.0.0.1",
+        endpoints,
+        "Where Postfix connects: one or more Twisted server endpoint descriptions "
+        "separated by spaces, e.g. 'tcp:10040:interface=127.0.0.1', "
+        "'unix:/var/spool/postfix/private/policyd:mode=666' or "
+        "'systemd:domain=INET:index=0' for socket activation.",
+    )
+    metrics_listen: str | None = _setting(
+        "tcp:10041:interface=127.0.0.1",
+        optional_endpoint,
+        "Where the HTTP server for /metrics (Prometheus) and /healthz listens, "
+        "as one endpoint description; 'none' disables it.",
+    )
+    log_level: str = _setting(
+        "info",
+        choice("debug", "info", "warn", "error"),
+        "Least severe log level written to stdout: debug (one line per request), "
+        "info, warn or error.",
+    )
+    log_format: str = _setting(
+        "text",
+        choice("text", "json"),
+        "Log format: 'text' for people, 'json' for one JSON object per line.",
+    )
+    decision_timeout: float = _setting(
+        "1s",
+        duration(0.001, 60),
+        "Longest a decision may take; a slower one gets the fallback action. Keep it "
+        "far below the 'timeout=' of check_policy_service in Postfix.",
+    )
+    fallback_action: Action = _setting(
+        "DUNNO",
+        fallback_action,
+        "Answer when a decision fails or times out. Only actions that pass or defer "
+        "mail are accepted (DUNNO, DEFER..., WARN, INFO, or a 4xx code with text).",
+    )
+    request_timeout: float = _setting(
+        "10s",
+        duration(0.1, 3600),
+        "A connection that has sent part of a request and then nothing more for "
+        "this long is closed (Postfix writes a request in one go).",
+    )
+    idle_timeout: float = _setting(
+        "600s",
+        duration(1, 86400),
+        "An idle connection is closed after this long. Keep it above Postfix's "
+        "smtpd_policy_service_max_idle (300s by default) so that Postfix, not "
+        "policyd, closes idle connections.",
+    )
+    max_line_length: int = _setting(
+        "8192",
+        integer(64, 1 << 20),
+        "Longest accepted attribute line in bytes; a longer one closes the "
+        "connection without a reply.",
+    )
+    max_attributes: int = _setting(
+        "128",
+        integer(8, 10000),
+        "Most attributes in one request (Postfix 3.x sends about 30); more closes "
+        "the connection without a reply.",
+    )
+    max_request_bytes: int = _setting(
+        "65536",
+        integer(256, 1 << 24),
+        "Largest accepted request in bytes; a larger one closes the connection "
+        "without a reply.",
+    )
+
+
+@attrs.frozen
+class Setting:
+    """One variable as ``policyd config`` shows it."""
+
+    variable: str
+    value: str
+    default: str
+    help: str
+
+    @property
+    def is_default(self) -> bool:
+        """Whether the value comes from the built-in default."""
+        return self.value == self.default
+
+
+def _declarations() -> Iterator[tuple[attrs.Attribute[Any], str, str, str]]:
+    for field in attrs.fields(cast(Any, Config)):
+        entry = field.metadata[environ._environ_config.CNF_KEY]
+        yield field, f"{PREFIX}_{field.name.upper()}", entry.default, entry.help
+
+
+def variables() -> tuple[str, ...]:
+    """Every variable name policyd reads."""
+    return tuple(name for _, name, _, _ in _declarations())
+
+
+def describe(env: Mapping[str, str]) -> list[Setting]:
+    """The effective raw value, default and help of every variable."""
+    return [
+        Setting(name, env.get(name, default), default, help_text)
+        for _, name, default, help_text in _declarations()
+    ]
+
+
+def load(env: Mapping[str, str]) -> Config:
+    """Read the configuration from *env*, or raise `ConfigError`.
+
+    The error names the first variable, in declaration order, that has an
+    unusable value, and says what form is accepted.
+    """
+    for field, name, default, _ in _declarations():
+        raw = env.get(name, default)
+        convert = cast(Callable[[str], object], field.converter)
+        try:
+            convert(raw)
+        except ValueError as e:
+            raise ConfigError(name, raw, str(e)) from None
+    return environ.to_config(Config, dict(env))
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """``POLICYD_*`` names in *env* that policyd does not know (likely typos)."""
+    known = set(variables())
+    return sorted(k for k in env if k.startswith(PREFIX + "_") and k not in known)

@@ -1,0 +1,159 @@
+"""Prometheus metrics and the small HTTP resource that serves them.
+
+Every metric lives on a `CollectorRegistry` passed in by the caller, never on
+prometheus_client's global registry, so tests get fresh counters and an
+embedding program keeps its own.  Label values are bounded: actions by keyword
+or SMTP code, protocol errors by a fixed set of reasons; never per client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import choose_encoder
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from policyd import __version__
+from policyd.actions import Action
+
+# Decisions are expected in microseconds; the upper buckets show a stalled
+# decider long before Postfix's own policy timeout (reference §1.6).
+DURATION_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+class PolicyMetrics:
+    """The server's metrics, created on *registry*."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        protocol_error_reasons: Iterable[str] = (),
+        decision_failure_reasons: Iterable[str] = (),
+    ) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "policyd_requests",
+            "Policy requests answered, by the action keyword or SMTP code sent.",
+            ["action"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "policyd_request_duration_seconds",
+            "Time from a complete request to its reply being written.",
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.active_connections = Gauge(
+            "policyd_active_connections",
+            "Open policy connections (about one per live smtpd process).",
+            registry=registry,
+        )
+        self.connections = Counter(
+            "policyd_connections",
+            "Policy connections accepted.",
+            registry=registry,
+        )
+        self.protocol_errors = Counter(
+            "policyd_protocol_errors",
+            "Connections closed without a reply because of bad input, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.decision_failures = Counter(
+            "policyd_decision_failures",
+            "Decisions that failed or timed out and got the fallback action.",
+            ["reason"],
+            registry=registry,
+        )
+        Info("policyd_build", "policyd version.", registry=registry).info(
+            {"version": __version__}
+        )
+        # Pre-create the bounded label sets so every series exists at zero
+        # from the first scrape: rate() and alerts need no special cases.
+        for reason in protocol_error_reasons:
+            self.protocol_errors.labels(reason)
+        for reason in decision_failure_reasons:
+            self.decision_failures.labels(reason)
+        self._answered: dict[str, Callable[[], None]] = {}
+
+    def answered(self, action: Action, seconds: float) -> None:
+        """Count one reply of *action* that took *seconds* to decide."""
+        inc = self._answered.get(action.label)
+        if inc is None:
+            inc = self._answered[action.label] = self.requests.labels(action.label).inc
+        inc()
+        self.request_duration.observe(seconds)
+
+
+def _plain(request: Request, code: int, body: bytes) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    return body
+
+
+class MetricsResource(Resource):
+    """``/metrics`` in Prometheus (or OpenMetrics, if asked) text format."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        """Render every metric of the registry."""
+        accept = request.getHeader(b"accept")
+        encoder, content_type = choose_encoder(
+            accept.decode("latin-1") if accept else ""
+        )
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        return encoder(self._registry)
+
+
+class HealthResource(Resource):
+    """``/healthz``: 200 while *check* says healthy, 503 with the reason if not."""
+
+    isLeaf = True
+
+    def __init__(self, check: Callable[[], tuple[bool, str]]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._check = check
+
+    def render_GET(self, request: Request) -> bytes:
+        """Answer the health check."""
+        healthy, detail = self._check()
+        return _plain(request, 200 if healthy else 503, detail.encode() + b"\n")
+
+
+class MetricsRoot(Resource):
+    """The metrics site's root: ``/metrics`` and ``/healthz``, 404 elsewhere."""
+
+    def __init__(
+        self, registry: CollectorRegistry, health: Callable[[], tuple[bool, str]]
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.putChild(b"metrics", MetricsResource(registry))
+        self.putChild(b"healthz", HealthResource(health))
+
+    def render_GET(self, request: Request) -> bytes:
+        """Point a human at the two useful paths."""
+        return _plain(request, 200, b"policyd: see /metrics and /healthz\n")

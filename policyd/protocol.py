@@ -1,0 +1,363 @@
+r"""The Postfix policy protocol: bytes in, one ``action=...`` reply out.
+
+A request is a series of ``name=value`` lines ending in LF, closed by an empty
+line; the reply is exactly ``action=<action>\n\n`` (reference §1).  This module
+knows bytes, framing, limits and the transport.  It hands each parsed request
+to the factory's decider and knows nothing of how the answer is chosen.
+
+Contract with Postfix, in brief:
+
+* one connection carries many sequential requests and is never closed after a
+  normal reply (Postfix would pay a one-second retry for the next request);
+* requests that arrive pipelined are answered in order;
+* bad input (an over-long line or request, too many attributes, a line without
+  ``=``, an empty request, or a ``request=`` other than ``smtpd_access_policy``)
+  is logged, counted and answered by closing the connection **without** a
+  reply, which is what Postfix documents for a server in trouble;
+* a decision that raises, fails, or is slower than the decision timeout gets
+  the configured fallback action: never silence.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Final
+
+import attrs
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from policyd.actions import Action
+from policyd.logs import escape
+from policyd.request import EXPECTED_REQUEST, PolicyRequest, decode
+
+if TYPE_CHECKING:
+    from policyd.server import PolicyFactory
+
+log = Logger()
+
+# Why a connection was closed without a reply (the ``reason`` metric label).
+LINE_TOO_LONG: Final = "line_too_long"
+TOO_MANY_ATTRIBUTES: Final = "too_many_attributes"
+REQUEST_TOO_LARGE: Final = "request_too_large"
+MALFORMED_LINE: Final = "malformed_line"
+EMPTY_REQUEST: Final = "empty_request"
+BAD_REQUEST_TYPE: Final = "bad_request_type"
+REQUEST_TIMEOUT: Final = "request_timeout"
+PROTOCOL_ERROR_REASONS: Final = (
+    LINE_TOO_LONG,
+    TOO_MANY_ATTRIBUTES,
+    REQUEST_TOO_LARGE,
+    MALFORMED_LINE,
+    EMPTY_REQUEST,
+    BAD_REQUEST_TYPE,
+    REQUEST_TIMEOUT,
+)
+
+# Why a decision was replaced by the fallback action.
+DECISION_EXCEPTION: Final = "exception"
+DECISION_TIMEOUT: Final = "timeout"
+DECISION_FAILURE_REASONS: Final = (DECISION_EXCEPTION, DECISION_TIMEOUT)
+
+_TERMINATOR: Final = b"\n\n"
+
+
+@attrs.frozen
+class Limits:
+    """Bounds on what one request may contain."""
+
+    max_line_length: int = 8192
+    max_attributes: int = 128
+    max_request_bytes: int = 65536
+
+
+def describe_peer(address: IAddress) -> str:
+    """``host:port`` for TCP peers, ``unix`` for unix-socket peers."""
+    host = getattr(address, "host", None)
+    if host is not None:
+        return f"{host}:{getattr(address, 'port', '?')}"
+    return "unix"
+
+
+class PolicyProtocol(Protocol):
+    """One policy connection from one smtpd process."""
+
+    def __init__(self, factory: PolicyFactory, connection_id: int) -> None:
+        self.factory = factory
+        self.connection_id = connection_id
+        # Unconsumed input: always a partial request, never a complete one.
+        self._buffer = bytearray()
+        # Where in _buffer the current (incomplete) line starts.
+        self._line_start = 0
+        self._partial_since: float | None = None
+        self._last_activity = factory.clock.seconds()
+        # A decision in flight; later (pipelined) requests wait in _queue.
+        self._in_flight: Deferred[Action] | None = None
+        self._queue: deque[PolicyRequest] = deque()
+        self.closing = False
+
+    # -- connection life ---------------------------------------------------
+
+    def connectionMade(self) -> None:
+        """Register with the factory, which counts and sweeps connections."""
+        self.factory.connection_made(self)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008 - Twisted API
+        """Forget the connection and abandon any decision in flight."""
+        self.closing = True
+        self._queue.clear()
+        if self._in_flight is not None:
+            self._in_flight.cancel()
+        self.factory.connection_lost(self)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request has been received but not yet answered."""
+        return self._in_flight is not None or bool(self._queue)
+
+    def check_timeouts(self, now: float) -> None:
+        """Close the connection if a partial request stalled or it sat idle."""
+        if self.closing:
+            return
+        factory = self.factory
+        if self._partial_since is not None:
+            if now - self._partial_since >= factory.request_timeout:
+                self._protocol_error(REQUEST_TIMEOUT)
+        elif not self.busy and now - self._last_activity >= factory.idle_timeout:
+            log.debug(
+                "Closing idle policy connection {connection} from {peer}",
+                event="idle_close",
+                connection=self.connection_id,
+                peer=describe_peer(self.transport.getPeer()),  # type: ignore[union-attr]
+            )
+            factory.metrics.idle_closes.inc()
+            self.closing = True
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def close_when_idle(self) -> None:
+        """Close now if nothing is in flight (used at shutdown)."""
+        if not self.closing and not self.busy:
+            self.closing = True
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    # -- framing -----------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        """Frame *data* into requests, enforcing the limits on the way."""
+        if self.closing:
+            return
+        now = self.factory.clock.seconds()
+        self._last_activity = now
+        limits = self.factory.limits
+        buffer: bytes | bytearray
+        if self._buffer:
+            # Continue a partial request.  Only the new bytes (and the last
+            # old one, for a terminator split across reads) are scanned, so
+            # input fed byte by byte costs linear time, not quadratic.
+            old = len(self._buffer)
+            self._buffer += data
+            buffer = self._buffer
+            end = buffer.find(_TERMINATOR, old - 1)
+            if end < 0:
+                newline = buffer.rfind(b"\n", old)
+                if newline >= 0:
+                    self._line_start = newline + 1
+                self._check_partial(limits)
+                return
+            self._buffer = bytearray()
+        else:
+            buffer = data
+            end = buffer.find(_TERMINATOR)
+        start = 0
+        while True:
+            if end < 0:
+                if start < len(buffer):
+                    rest = buffer[start:]
+                    self._buffer = bytearray(rest)
+                    self._line_start = rest.rfind(b"\n") + 1
+                    if self._partial_since is None:
+                        self._partial_since = now
+                    self._check_partial(limits)
+                else:
+                    self._partial_since = None
+                return
+            if buffer[start : start + 1] == b"\n":
+                self._protocol_error(EMPTY_REQUEST)
+                return
+            if end - start + 2 > limits.max_request_bytes:
+                self._protocol_error(REQUEST_TOO_LARGE)
+                return
+            request = self._parse(buffer[start:end], limits)
+            if request is None:
+                return
+            self._partial_since = None
+            self._received(request, now)
+            # A decider may drop the connection (say, the peer vanished while
+            # it ran); mypy cannot see that through the call.
+            if self.closing:
+                return  # type: ignore[unreachable]
+            start = end + 2
+            end = buffer.find(_TERMINATOR, start)
+
+    def _check_partial(self, limits: Limits) -> None:
+        if len(self._buffer) > limits.max_request_bytes:
+            self._protocol_error(REQUEST_TOO_LARGE)
+        elif len(self._buffer) - self._line_start > limits.max_line_length:
+            self._protocol_error(LINE_TOO_LONG)
+
+    def _parse(self, block: bytes | bytearray, limits: Limits) -> PolicyRequest | None:
+        lines = block.split(b"\n")
+        if len(lines) > limits.max_attributes:
+            self._protocol_error(TOO_MANY_ATTRIBUTES)
+            return None
+        check_length = len(block) > limits.max_line_length
+        attributes: dict[str, str] = {}
+        for line in lines:
+            if check_length and len(line) > limits.max_line_length:
+                self._protocol_error(LINE_TOO_LONG)
+                return None
+            # Split at the first "=" only: values (VERP and SRS senders, for
+            # one) may contain "=" themselves.
+            name, equals, value = line.partition(b"=")
+            if not equals or not name:
+                self._protocol_error(MALFORMED_LINE)
+                return None
+            attributes[decode(name)] = decode(value)
+        if attributes.get("request") != EXPECTED_REQUEST:
+            self._protocol_error(BAD_REQUEST_TYPE, attributes.get("request"))
+            return None
+        return PolicyRequest.from_attributes(attributes)
+
+    def _protocol_error(self, reason: str, detail: str | None = None) -> None:
+        self.closing = True
+        self._buffer = bytearray()
+        self._partial_since = None
+        self.factory.metrics.protocol_errors.labels(reason).inc()
+        log.warn(
+            "Closing policy connection {connection} from {peer} without a reply: "
+            "{reason}{detail}",
+            event="protocol_error",
+            reason=reason,
+            detail="" if detail is None else f" ({escape(detail)!r})",
+            connection=self.connection_id,
+            peer=describe_peer(self.transport.getPeer()),  # type: ignore[union-attr]
+        )
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    # -- answering ---------------------------------------------------------
+
+    def _received(self, request: PolicyRequest, now: float) -> None:
+        if self.busy:
+            self._queue.append(request)
+        else:
+            self._decide(request, now)
+
+    def _decide(self, request: PolicyRequest, started: float) -> None:
+        factory = self.factory
+        result: object
+        try:
+            result = factory.decider.decide(request)
+        except Exception:  # noqa: BLE001 - any decider bug must still get an answer
+            self._failed(request, Failure(), started)
+            return
+        if isinstance(result, Action):
+            elapsed = factory.clock.seconds() - started
+            if elapsed > factory.decision_timeout:
+                self._timed_out(request, started)
+            else:
+                self._reply(request, result, elapsed)
+            return
+        if not isinstance(result, Deferred):
+            self._failed(
+                request,
+                Failure(TypeError(f"decider returned {type(result).__name__}")),
+                started,
+            )
+            return
+        self._in_flight = result
+        result.addTimeout(factory.decision_timeout, factory.clock)
+        result.addCallbacks(
+            lambda action: self._decided(action, request, started),
+            lambda failure: self._decision_failed(failure, request, started),
+        )
+
+    def _decided(self, action: object, request: PolicyRequest, started: float) -> None:
+        self._in_flight = None
+        if isinstance(action, Action):
+            self._reply(request, action, self.factory.clock.seconds() - started)
+        else:
+            self._failed(
+                request,
+                Failure(TypeError(f"decider returned {type(action).__name__}")),
+                started,
+            )
+        self._next()
+
+    def _decision_failed(
+        self, failure: Failure, request: PolicyRequest, started: float
+    ) -> None:
+        self._in_flight = None
+        if failure.check(TimeoutError):
+            self._timed_out(request, started)
+        elif failure.check(CancelledError) and self.closing:
+            return  # connection lost: nobody to answer
+        else:
+            self._failed(request, failure, started)
+        self._next()
+
+    def _next(self) -> None:
+        if self._queue and not self.closing:
+            request = self._queue.popleft()
+            self._decide(request, self.factory.clock.seconds())
+        if not self.busy:
+            self.factory.answered_all(self)
+
+    def _failed(self, request: PolicyRequest, failure: Failure, started: float) -> None:
+        factory = self.factory
+        factory.metrics.decision_failures.labels(DECISION_EXCEPTION).inc()
+        log.failure(
+            "Decision failed for client {client}; answering {action}",
+            failure,
+            event="decision_error",
+            client=escape(request.client_address),
+            instance=escape(request.instance),
+            action=factory.fallback.text,
+        )
+        self._reply(request, factory.fallback, factory.clock.seconds() - started)
+
+    def _timed_out(self, request: PolicyRequest, started: float) -> None:
+        factory = self.factory
+        factory.metrics.decision_failures.labels(DECISION_TIMEOUT).inc()
+        elapsed = factory.clock.seconds() - started
+        log.warn(
+            "Decision for client {client} took longer than {timeout}s; answering "
+            "{action}",
+            event="decision_timeout",
+            client=escape(request.client_address),
+            instance=escape(request.instance),
+            timeout=factory.decision_timeout,
+            action=factory.fallback.text,
+        )
+        self._reply(request, factory.fallback, elapsed)
+
+    def _reply(self, request: PolicyRequest, action: Action, elapsed: float) -> None:
+        if self.closing:
+            return
+        factory = self.factory
+        self.transport.write(action.wire)  # type: ignore[union-attr]
+        self._last_activity = factory.clock.seconds()
+        factory.metrics.answered(action, elapsed)
+        if factory.log_requests:
+            log.debug(
+                "request {attributes} -> {action}",
+                event="request",
+                attributes={
+                    escape(k): escape(v) for k, v in request.attributes.items()
+                },
+                action=action.text,
+                seconds=elapsed,
+                connection=self.connection_id,
+            )

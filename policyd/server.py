@@ -1,0 +1,257 @@
+"""The server: the factory that owns shared state, and the listeners around it.
+
+`PolicyFactory` builds one `PolicyProtocol` per connection and owns what the
+connections share: the decider, the limits, the metrics and the set of live
+connections, which it sweeps once a second for stalled or idle ones.
+`PolicyServer` binds the factory to the configured endpoints, serves
+``/metrics`` and ``/healthz``, and stops gracefully: stop listening, answer
+what is in flight, close.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.web.http import Request
+from twisted.web.server import Site
+
+from policyd.actions import Action
+from policyd.config import Config
+from policyd.decision import Decider, DunnoDecider
+from policyd.metrics import MetricsRoot, PolicyMetrics
+from policyd.protocol import (
+    DECISION_FAILURE_REASONS,
+    PROTOCOL_ERROR_REASONS,
+    Limits,
+    PolicyProtocol,
+)
+
+log = Logger()
+
+# How often connections are checked for stalled requests and idleness; the
+# timeouts are enforced to within this much.
+SWEEP_INTERVAL = 1.0
+
+
+class PolicyFactory(Factory):
+    """Builds policy connections and holds the state they share."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        decider: Decider,
+        metrics: PolicyMetrics,
+        limits: Limits = Limits(),  # noqa: B008 - immutable
+        fallback: Action,
+        decision_timeout: float,
+        request_timeout: float,
+        idle_timeout: float,
+        log_requests: bool = False,
+    ) -> None:
+        self.clock = clock
+        self.decider = decider
+        self.metrics = metrics
+        self.limits = limits
+        self.fallback = fallback
+        self.decision_timeout = decision_timeout
+        self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
+        self.log_requests = log_requests
+        self.protocols: set[PolicyProtocol] = set()
+        self._ids = itertools.count(1)
+        self._drain_waiters: list[Deferred[None]] = []
+        metrics.active_connections.set_function(lambda: len(self.protocols))
+
+    def buildProtocol(self, addr: IAddress | None) -> PolicyProtocol:
+        """Make the protocol for a new connection."""
+        return PolicyProtocol(self, next(self._ids))
+
+    def connection_made(self, protocol: PolicyProtocol) -> None:
+        """Track a new connection."""
+        self.protocols.add(protocol)
+        self.metrics.connections.inc()
+
+    def connection_lost(self, protocol: PolicyProtocol) -> None:
+        """Forget a closed connection."""
+        self.protocols.discard(protocol)
+        self.answered_all(protocol)
+
+    def answered_all(self, protocol: PolicyProtocol) -> None:
+        """Note that *protocol* has nothing in flight any more."""
+        if self._drain_waiters and not any(p.busy for p in self.protocols):
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def sweep(self) -> None:
+        """Close connections whose partial request stalled or that sat idle."""
+        now = self.clock.seconds()
+        for protocol in list(self.protocols):
+            protocol.check_timeouts(now)
+
+    def drain(self) -> Deferred[None]:
+        """Fire once no connection has a request in flight."""
+        if not any(p.busy for p in self.protocols):
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._drain_waiters.append(waiter)
+        return waiter
+
+    def close_idle(self) -> None:
+        """Close every connection that has nothing in flight."""
+        for protocol in list(self.protocols):
+            protocol.close_when_idle()
+
+
+class _QuietSite(Site):
+    """A Site that does not log every scrape as an access-log line."""
+
+    noisy = False
+
+    def log(self, request: Request) -> None:
+        """Skip access logging: Prometheus scrapes would flood the log."""
+
+
+def _address(address: IAddress) -> tuple[str, int | None]:
+    host = getattr(address, "host", None)
+    if host is not None:
+        return str(host), getattr(address, "port", None)
+    name = getattr(address, "name", None)
+    return (name.decode() if isinstance(name, bytes) else str(name)), None
+
+
+class PolicyServer:
+    """Listeners, the factory behind them, and the metrics site."""
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        registry: CollectorRegistry,
+        decider: Decider | None = None,
+    ) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.metrics = PolicyMetrics(
+            registry, PROTOCOL_ERROR_REASONS, DECISION_FAILURE_REASONS
+        )
+        self.factory = PolicyFactory(
+            clock=reactor,
+            decider=decider if decider is not None else DunnoDecider(),
+            metrics=self.metrics,
+            limits=Limits(
+                max_line_length=config.max_line_length,
+                max_attributes=config.max_attributes,
+                max_request_bytes=config.max_request_bytes,
+            ),
+            fallback=config.fallback_action,
+            decision_timeout=config.decision_timeout,
+            request_timeout=config.request_timeout,
+            idle_timeout=config.idle_timeout,
+            log_requests=config.log_level == "debug",
+        )
+        self.site = _QuietSite(MetricsRoot(registry, self.health))  # type: ignore[no-untyped-call]
+        self.ports: list[IListeningPort] = []
+        self.metrics_port: IListeningPort | None = None
+        self._sweeper = LoopingCall(self.factory.sweep)
+        self._sweeper.clock = reactor
+        self.stopping = False
+
+    def health(self) -> tuple[bool, str]:
+        """Healthy while the policy listeners are up."""
+        if self.stopping:
+            return False, "stopping"
+        if not self.ports:
+            return False, "not listening"
+        return True, "ok"
+
+    async def start(self) -> None:
+        """Listen on every configured endpoint.
+
+        If any endpoint cannot be listened on, the ones already open are
+        closed again and the error is raised: a half-started server would
+        leave Postfix connecting to some addresses and not others.
+        """
+        try:
+            for description in self.config.listen:
+                port = await serverFromString(self.reactor, description).listen(
+                    self.factory
+                )
+                self.ports.append(port)
+                self._log_listening("listening", description, port)
+            if self.config.metrics_listen is not None:
+                self.metrics_port = await serverFromString(
+                    self.reactor, self.config.metrics_listen
+                ).listen(self.site)
+                self._log_listening(
+                    "metrics_listening", self.config.metrics_listen, self.metrics_port
+                )
+        except BaseException:
+            await self._stop_listening()
+            raise
+        self._sweeper.start(SWEEP_INTERVAL, now=False)
+
+    def _log_listening(
+        self, event: str, description: str, port: IListeningPort
+    ) -> None:
+        address, number = _address(port.getHost())
+        log.info(
+            "{what} on {address}" + ("" if number is None else ":{port}"),
+            what="Policy service listening"
+            if event == "listening"
+            else "Metrics listening",
+            event=event,
+            endpoint=description,
+            address=address,
+            port=number,
+        )
+
+    async def _stop_listening(self) -> None:
+        ports = [*self.ports, *([self.metrics_port] if self.metrics_port else [])]
+        self.ports = []
+        self.metrics_port = None
+        await DeferredList(
+            [Deferred.fromCoroutine(_stop(p)) for p in ports], consumeErrors=True
+        )
+
+    async def stop(self) -> None:
+        """Stop listening, answer what is in flight, then close connections."""
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info(
+            "Stopping: no new connections; answering requests in flight",
+            event="stopping",
+            connections=len(self.factory.protocols),
+        )
+        policy_ports, self.ports = self.ports, []
+        await gatherResults([Deferred.fromCoroutine(_stop(p)) for p in policy_ports])
+        # Every decision ends by the decision timeout (it then gets the
+        # fallback action), so draining is bounded; the margin covers a
+        # decider that ignores cancellation.
+        drained = self.factory.drain()
+        drained.addTimeout(self.config.decision_timeout + 1.0, self.reactor)
+        try:
+            await drained
+        except Exception:  # noqa: BLE001 - shutdown goes on regardless
+            log.warn("Stopping with requests still in flight", event="drain_timeout")
+        self.factory.close_idle()
+        if self._sweeper.running:
+            self._sweeper.stop()
+        await self._stop_listening()
+        log.info("Stopped", event="stopped")
+
+
+async def _stop(port: IListeningPort) -> None:
+    await port.stopListening()  # type: ignore[misc]
