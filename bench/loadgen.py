@@ -61,6 +61,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -655,8 +656,8 @@ class _AsyncClient(asyncio.Protocol):
         self.connected = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # noqa: S101 - TCP only
-        self.transport = transport
+        # uvloop's transports do not subclass asyncio.Transport, so no isinstance.
+        self.transport = typing.cast(asyncio.Transport, transport)
         self.connected = True
         self.send_next()
 

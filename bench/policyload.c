@@ -21,7 +21,8 @@
  * native uint64 nanoseconds, to the file named by -o; and "key value" lines on
  * stdout (see print_report).
  *
- * Phases: connect (all N connections, at most 64 connects in flight), warm-up
+ * Phases: connect (all N connections, at most 64 connects in flight, no
+ * requests sent until all are up or the connect limit passed), warm-up
  * (-w seconds, not measured), measured window (-d seconds, or until -n
  * requests completed, whichever comes first), then every socket is closed and
  * the program exits.  Every run is bounded in time: the connect phase gives up
@@ -576,6 +577,9 @@ int main(int argc, char **argv)
                 connect_ns = t - t0;
                 phase = P_WARMUP;
                 phase_end = t + (uint64_t)(warmup_s * 1e9);
+                for (int i = 0; i < n_conns; i++)
+                    if (conns[i].state == C_IDLE)
+                        conn_send_next(&conns[i]);
             }
         }
         if (phase == P_WARMUP && t >= phase_end) {
@@ -629,8 +633,13 @@ int main(int argc, char **argv)
                 connecting_now--;
                 c->state = C_IDLE;
                 conn_set_events(c, EPOLLIN);
-                /* Resumes the session; a request that failed is sent again, as smtpd retries. */
-                conn_send_next(c);
+                /* While the others still connect, stay quiet: a server busy answering
+                   requests accepts slowly, its backlog (Twisted's default is 50)
+                   overflows and every dropped SYN costs a 1 s retransmit. */
+                if (phase != P_CONNECT)
+                    /* Resumes the session; a failed request is sent again, as smtpd
+                       retries. */
+                    conn_send_next(c);
                 continue;
             }
             if (e & (EPOLLIN | EPOLLERR | EPOLLHUP)) {

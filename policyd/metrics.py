@@ -84,6 +84,11 @@ class PolicyMetrics:
             ["reason"],
             registry=registry,
         )
+        self.idle_closes = Counter(
+            "policyd_idle_closes",
+            "Idle connections closed by policyd after POLICYD_IDLE_TIMEOUT.",
+            registry=registry,
+        )
         Info("policyd_build", "policyd version.", registry=registry).info(
             {"version": __version__}
         )

@@ -1,0 +1,91 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.postfix_bed import (
+    Bed,
+    PolicydProcess,
+    PostfixConfig,
+    PostfixInstance,
+    PostfixTools,
+    Unavailable,
+    ensure_postfix,
+    free_port,
+)
+
+# --------------------------------------------------------------------------
+# Real-Postfix end-to-end fixtures (tests/postfix_bed.py)
+# --------------------------------------------------------------------------
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+@pytest.fixture(scope="session")
+def postfix_tools() -> PostfixTools:
+    """
+    The Postfix programs, installed with apt-get if missing (as root).
+
+    Without them (or without root) the end-to-end tests are skipped, except
+    under ``CI=true``, where they must run and a missing prerequisite fails.
+    """
+    try:
+        return ensure_postfix()
+    except Unavailable as e:
+        if _in_ci():
+            pytest.fail(f"CI=true but the Postfix test bed is unavailable: {e}")
+        pytest.skip(f"Postfix test bed unavailable: {e}")
+
+
+@pytest.fixture(scope="module")
+def postfix_config() -> PostfixConfig:
+    """
+    The configuration of the module's Postfix instance.
+
+    Override in a test module for other listeners, process limits or
+    restriction lists.  The policy port is a placeholder: the `postfix_bed`
+    fixture points the instance at each test's own policyd.
+    """
+    return PostfixConfig(policy_port=free_port())
+
+
+@pytest.fixture(scope="module")
+def postfix_instance(
+    postfix_tools: PostfixTools, postfix_config: PostfixConfig
+) -> Iterator[PostfixInstance]:
+    """A private Postfix instance shared by the tests of one module."""
+    with PostfixInstance(postfix_config, postfix_tools) as instance:
+        yield instance
+
+
+@pytest.fixture
+def policyd_env() -> dict[str, str]:
+    """Extra ``POLICYD_*`` settings for `postfix_bed`'s policyd (override)."""
+    return {}
+
+
+@pytest.fixture
+def postfix_bed(
+    postfix_instance: PostfixInstance, policyd_env: dict[str, str]
+) -> Iterator[Bed]:
+    """
+    A fresh policyd process and the module's Postfix instance asking it.
+
+    Postfix is reloaded onto the new policyd's port and every smtpd process
+    from before is gone, so no policy connection or request leaks between
+    tests.  policyd is killed at the end if the test left it running.
+    """
+    policyd = PolicydProcess(policyd_env)
+    try:
+        policyd.start()
+        postfix_instance.wait_until_ready()  # a test may have broken it
+        postfix_instance.use_policy_port(policyd.port)
+        yield Bed(postfix_instance, policyd, postfix_instance.maillog.mark())
+    finally:
+        policyd.kill()
