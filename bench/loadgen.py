@@ -12,28 +12,32 @@ its own CPU time, and, given the server's PID, the server's CPU time per
 request (from ``/proc/PID/stat`` before and after the measured window).
 
 Why the load is driven from C.  The bare Twisted DUNNO server
-(``bench/baseline.py``) needs roughly 20-25 us of CPU per request, so to
-saturate its core a client must spend clearly less than that per request on
-the other core.  Measured on the 2-core development box against the baseline
-at 100 connections (``--engine`` below; all three ran the same requests):
+(``bench/baseline.py``) spends about 21-25 us of CPU per request, so to keep
+its core saturated a client on the other core must spend clearly less than
+that per request, with headroom for noise.  Measured on the 2-core
+development VM against the baseline at 100 connections, same requests, all
+three engines of this file (``--engine``):
 
-* ``asyncio`` (raw ``asyncio.Protocol``, pre-encoded requests): the client
-  burns a whole core at about 40-50 us per request, so it is the bottleneck
-  and the server idles part of the time;
-* ``uvloop`` (same code on uvloop, from PyPI): better, but still a full core
-  at about 25-30 us per request, on par with the server, so again the client
-  limits the rate;
-* ``c`` (``bench/policyload.c``, one epoll loop): a few us per request, well
-  under half a core, and the server's core is saturated.
+=========  ===========  ==============  ===========  ====================
+engine     req/s        client cores    client us    server cores
+=========  ===========  ==============  ===========  ====================
+asyncio    30-36k       0.87-0.98       27-29        0.78-0.91 (starved)
+uvloop     ~40k         0.61            15-17        0.99
+c          43-45k       0.36-0.40       9-10         0.98-1.00
+=========  ===========  ==============  ===========  ====================
 
-Several Python client processes would not help: with 2 cores, every extra
-client process takes CPU from the server it is meant to saturate.  So the
-default engine is the C driver, compiled with ``cc -O2`` into a temporary
-directory at run time (gcc is on every machine we target); it reports its own
-CPU time, so a reader can check that it was not the bottleneck.  The Python
-engines remain as a fallback (``--engine auto`` uses them when no C compiler
-is found) and for comparison.  The numbers of any particular run are printed,
-not assumed: look at the "load generator CPU" line.
+``asyncio`` (a raw ``asyncio.Protocol``, pre-encoded requests) needs a whole
+core and still leaves the server idle part of the time: it is the
+bottleneck.  ``uvloop`` would do, but it is a PyPI package that a fresh
+machine lacks, and it costs 60% of a core, leaving little margin.  The C
+driver (``bench/policyload.c``, one epoll loop) costs 9-10 us per request,
+most of it the kernel's loopback TCP work that any client pays, so it is the
+default: ``cc -O2`` compiles it into a temporary directory at run time, and
+gcc is on every machine we target.  Several Python client processes are no
+way out on 2 cores: each one takes CPU from the server it should saturate.
+The Python engines remain as a fallback (``--engine auto`` uses them when
+no C compiler is found) and for comparison.  Every run reports the client's
+own CPU, so a reader can check that it was not the bottleneck.
 
 Usage::
 
@@ -366,7 +370,24 @@ class LoadResult:
     machine_steal_cores: float | None
     warmup_completed: int
     connect_s: float
+    server_wait_s: float | None = None
+    """Run-queue wait of the server's threads: ready to run, CPU taken."""
+    loadgen_wait_s: float | None = None
+    """The same for the load generator."""
     first_malformed: str = ""
+
+    @property
+    def contention(self) -> float | None:
+        """Largest share of the window that the server or the client waited for CPU.
+
+        A clean run on an otherwise idle machine stays near 0; a few percent
+        means something else (another tenant, a test run) competed for a core
+        and the figures of this run are suspect.
+        """
+        waits = [w for w in (self.server_wait_s, self.loadgen_wait_s) if w is not None]
+        if not waits or self.window_s <= 0:
+            return None
+        return max(waits) / self.window_s
 
     @property
     def error_total(self) -> int:
@@ -377,6 +398,7 @@ class LoadResult:
         """Plain data for ``--json``."""
         d = dataclasses.asdict(self)
         d["error_total"] = self.error_total
+        d["contention"] = self.contention
         return d
 
 
@@ -404,6 +426,8 @@ def _make_result(
     warmup_completed: int,
     connect_s: float,
     first_malformed: str,
+    server_wait_s: float | None = None,
+    loadgen_wait_s: float | None = None,
 ) -> LoadResult:
     lat = sorted(latencies_ns)
     n = len(lat)
@@ -434,15 +458,20 @@ def _make_result(
         else machine_steal_s / window,
         warmup_completed=warmup_completed,
         connect_s=connect_s,
+        server_wait_s=server_wait_s,
+        loadgen_wait_s=loadgen_wait_s,
         first_malformed=first_malformed,
     )
 
 
+def format_optional(value: float | None, fmt: str = ".1f") -> str:
+    """Format a number that may be missing (then ``n/a``)."""
+    return "n/a" if value is None else format(value, fmt)
+
+
 def format_result(res: LoadResult, title: str = "") -> str:
     """Render one result as a small human-readable table."""
-
-    def opt(v: float | None, fmt: str) -> str:
-        return "n/a" if v is None else format(v, fmt)
+    opt = format_optional
 
     total = max(1, sum(res.actions.values()))
     mix = "  ".join(f"{k} {v / total:.1%}" for k, v in res.actions.items()) or "none"
@@ -464,6 +493,9 @@ def format_result(res: LoadResult, title: str = "") -> str:
         f"{opt(res.server_us_per_req, '.1f')} us/req",
         f"  machine            busy {opt(res.machine_busy_cores, '.2f')} cores, "
         f"steal {opt(res.machine_steal_cores, '.2f')} cores",
+        f"  waited for CPU     server {opt(res.server_wait_s, '.3f')} s, "
+        f"load generator {opt(res.loadgen_wait_s, '.3f')} s "
+        f"(contention {opt(res.contention, '.1%')})",
     ]
     if res.first_malformed:
         lines.append(f"  first bad reply    {res.first_malformed}")
@@ -490,6 +522,18 @@ def proc_cpu_seconds(pid: int) -> float | None:
     fields = raw[raw.rindex(")") + 2 :].split()
     # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
     return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def proc_wait_seconds(pid: int) -> float | None:
+    """Run-queue wait of all threads of a process (``/proc/PID/task/*/schedstat``)."""
+    total, found = 0, False
+    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            total += int(stat.read_text().split()[1])
+            found = True
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9 if found else None
 
 
 def machine_cpu_seconds() -> tuple[float, float] | None:
@@ -598,6 +642,8 @@ def _run_c(
         warmup_completed=int(kv["warmup_completed"]),
         connect_s=float(kv["connect_s"]),
         first_malformed=kv.get("first_malformed", ""),
+        server_wait_s=float(kv["server_wait_s"]) if "server_wait_s" in kv else None,
+        loadgen_wait_s=float(kv["own_wait_s"]) if "own_wait_s" in kv else None,
     )
 
 
@@ -622,6 +668,7 @@ class _AsyncRun:
         self.count_done = asyncio.Event()
         self.first_malformed = ""
         self.clients: list[_AsyncClient] = []
+        self.started = False
         self.stopping = False
 
     def next_session(self) -> tuple[int, int]:
@@ -659,7 +706,8 @@ class _AsyncClient(asyncio.Protocol):
         # uvloop's transports do not subclass asyncio.Transport, so no isinstance.
         self.transport = typing.cast(asyncio.Transport, transport)
         self.connected = True
-        self.send_next()
+        if self.run.started:  # else the run starts it once all are connected
+            self.send_next()
 
     def send_next(self) -> None:
         """Send the next request of this connection's session."""
@@ -784,6 +832,12 @@ async def _run_async(
             asyncio.gather(*(connect(c) for c in run.clients)), connect_limit
         )
     connect_s = time.monotonic() - t0
+    run.started = True
+    for c in run.clients:
+        if c.connected:
+            c.send_next()
+        else:  # its connect was cancelled with the connect phase: go on trying
+            reconnect(c)
 
     async def watch_timeouts() -> None:
         timeout_ns = int(timeout * 1e9)
@@ -799,6 +853,8 @@ async def _run_async(
     run.measuring = True
     cpu0 = time.process_time()
     srv0 = proc_cpu_seconds(server_pid) if server_pid else None
+    sw0 = proc_wait_seconds(server_pid) if server_pid else None
+    ow0 = proc_wait_seconds(os.getpid())
     m0 = machine_cpu_seconds()
     w0 = time.perf_counter()
     with contextlib.suppress(TimeoutError):
@@ -807,6 +863,8 @@ async def _run_async(
     w1 = time.perf_counter()
     cpu1 = time.process_time()
     srv1 = proc_cpu_seconds(server_pid) if server_pid else None
+    sw1 = proc_wait_seconds(server_pid) if server_pid else None
+    ow1 = proc_wait_seconds(os.getpid())
     m1 = machine_cpu_seconds()
     run.stopping = True
     watcher.cancel()
@@ -832,6 +890,8 @@ async def _run_async(
         warmup_completed=run.warmup_completed,
         connect_s=connect_s,
         first_malformed=run.first_malformed,
+        server_wait_s=None if sw0 is None or sw1 is None else sw1 - sw0,
+        loadgen_wait_s=None if ow0 is None or ow1 is None else ow1 - ow0,
     )
 
 
@@ -988,6 +1048,12 @@ def main(argv: list[str] | None = None) -> int:
         help="stop after this many requests (0: by time)",
     )
     parser.add_argument("--timeout", type=float, default=10.0, help="reply timeout, s")
+    parser.add_argument(
+        "--connect-limit",
+        type=float,
+        default=30.0,
+        help="s to wait for all connections before starting anyway",
+    )
     parser.add_argument("--server-pid", type=int, help="PID whose CPU time to measure")
     parser.add_argument("--engine", choices=ENGINES, default="auto")
     parser.add_argument("--json", action="store_true", help="print JSON, not a table")
@@ -1009,13 +1075,14 @@ def main(argv: list[str] | None = None) -> int:
             warmup=args.warmup,
             count=args.count,
             timeout=args.timeout,
+            connect_limit=args.connect_limit,
             server_pid=args.server_pid,
         )
     if args.json:
         print(json.dumps(res.as_dict(), indent=2))
     else:
         print(format_result(res, f"{args.host}:{args.port}, engine {res.engine}"))
-    return 0
+    return 0 if res.completed else 1
 
 
 if __name__ == "__main__":

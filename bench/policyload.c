@@ -41,6 +41,7 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <ctype.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -148,6 +149,38 @@ static long long proc_cpu_ticks(int pid)
     if (sscanf(p, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &utime, &stime) != 2)
         return -1;
     return (long long)(utime + stime);
+}
+
+/* Run-queue wait (ns) summed over all threads of a process, from
+   /proc/PID/task/TID/schedstat ("cpu_ns wait_ns slices"): time the threads
+   were ready to run but another task held the CPU.  -1 if unavailable. */
+static long long proc_wait_ns(int pid)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/task", pid);
+    DIR *d = opendir(path);
+    if (!d)
+        return -1;
+    long long total = 0;
+    int found = 0;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        if (de->d_name[0] == '.')
+            continue;
+        char sp[300];
+        snprintf(sp, sizeof sp, "/proc/%d/task/%s/schedstat", pid, de->d_name);
+        FILE *f = fopen(sp, "r");
+        if (!f)
+            continue;
+        unsigned long long cpu = 0, wait = 0;
+        if (fscanf(f, "%llu %llu", &cpu, &wait) == 2) {
+            total += (long long)wait;
+            found = 1;
+        }
+        fclose(f);
+    }
+    closedir(d);
+    return found ? total : -1;
 }
 
 /* Machine-wide jiffies from /proc/stat's "cpu" line: busy (not idle/iowait) and steal. */
@@ -555,7 +588,7 @@ int main(int argc, char **argv)
     uint64_t phase_end = t0 + (uint64_t)(connect_limit_s * 1e9);
     uint64_t t_measure = 0, t_stop = 0, connect_ns = 0;
     uint64_t own0 = 0, own1 = 0;
-    long long srv0 = -1, srv1 = -1;
+    long long srv0 = -1, srv1 = -1, srvw0 = -1, srvw1 = -1, ownw0 = -1, ownw1 = -1;
     unsigned long long mb0 = 0, ms0 = 0, mb1 = 0, ms1 = 0;
     uint64_t completed = 0;
     int count_done = 0;
@@ -587,6 +620,8 @@ int main(int argc, char **argv)
             measuring = 1;
             own0 = cpu_ns(CLOCK_PROCESS_CPUTIME_ID);
             srv0 = server_pid ? proc_cpu_ticks(server_pid) : -1;
+            srvw0 = server_pid ? proc_wait_ns(server_pid) : -1;
+            ownw0 = proc_wait_ns(getpid());
             machine_ticks(&mb0, &ms0);
             t_measure = now_ns();
             phase_end = t_measure + (uint64_t)(duration_s * 1e9);
@@ -595,6 +630,8 @@ int main(int argc, char **argv)
         if (phase == P_MEASURE && (t >= phase_end || count_done)) {
             own1 = cpu_ns(CLOCK_PROCESS_CPUTIME_ID);
             srv1 = server_pid ? proc_cpu_ticks(server_pid) : -1;
+            srvw1 = server_pid ? proc_wait_ns(server_pid) : -1;
+            ownw1 = proc_wait_ns(getpid());
             machine_ticks(&mb1, &ms1);
             t_stop = now_ns();
             measuring = 0;
@@ -654,12 +691,16 @@ int main(int argc, char **argv)
     if (phase != P_DONE) { /* interrupted */
         own1 = cpu_ns(CLOCK_PROCESS_CPUTIME_ID);
         srv1 = server_pid ? proc_cpu_ticks(server_pid) : -1;
+        srvw1 = server_pid ? proc_wait_ns(server_pid) : -1;
+        ownw1 = proc_wait_ns(getpid());
         machine_ticks(&mb1, &ms1);
         t_stop = now_ns();
         if (!t_measure) {
             t_measure = t_stop;
             own0 = own1;
             srv0 = srv1;
+            srvw0 = srvw1;
+            ownw0 = ownw1;
             mb0 = mb1;
             ms0 = ms1;
         }
@@ -682,5 +723,9 @@ int main(int argc, char **argv)
                  cpu_ns(CLOCK_PROCESS_CPUTIME_ID),
                  (srv0 >= 0 && srv1 >= 0) ? srv1 - srv0 : -1, ticks_per_s, mb1 - mb0, ms1 - ms0,
                  (double)connect_ns / 1e9);
+    if (srvw0 >= 0 && srvw1 >= 0)
+        printf("server_wait_s %.6f\n", (double)(srvw1 - srvw0) / 1e9);
+    if (ownw0 >= 0 && ownw1 >= 0)
+        printf("own_wait_s %.6f\n", (double)(ownw1 - ownw0) / 1e9);
     return interrupted ? 130 : 0;
 }

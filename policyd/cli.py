@@ -102,6 +102,12 @@ def serve(cfg: config.Config) -> NoReturn:
     )
 
     async def run(reactor: Any) -> None:
+        # react() calls us before reactor.run() installs the SIGTERM/SIGINT
+        # handlers; listening (and saying so) before then would let a signal
+        # kill the process outright or raise KeyboardInterrupt mid-start.
+        running: Deferred[None] = Deferred()
+        reactor.callWhenRunning(running.callback, None)
+        await running
         server = PolicyServer(cfg, reactor, CollectorRegistry())
         try:
             await server.start()

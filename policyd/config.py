@@ -90,6 +90,9 @@ def choice(*choices: str) -> Callable[[str], str]:
     return convert
 
 
+_SYSTEMD_FIELDS = frozenset({"domain", "index", "name"})
+
+
 def _check_endpoint(description: str) -> None:
     if description.startswith("systemd:"):
         # The systemd parser resolves inherited descriptors while parsing, so
@@ -101,16 +104,45 @@ def _check_endpoint(description: str) -> None:
                 "systemd:domain=INET:index=0"
             )
         if ("index" in fields) == ("name" in fields):
-            raise ValueError("a systemd endpoint needs exactly one of index= or name=")
+            raise ValueError(
+                "a systemd endpoint needs exactly one of index= or name=, e.g. "
+                "systemd:domain=INET:index=0"
+            )
+        # Twisted would only fail on these at start-up, and would read a
+        # negative index from the end of the inherited descriptors.
+        if "index" in fields and not re.fullmatch(r"[0-9]+", fields["index"]):
+            raise ValueError(
+                "a systemd endpoint's index= must be a whole number from 0, e.g. "
+                "systemd:domain=INET:index=0"
+            )
+        if "name" in fields and not fields["name"]:
+            raise ValueError(
+                "a systemd endpoint's name= must not be empty, e.g. "
+                "systemd:domain=INET:name=policyd"
+            )
+        if not fields.keys() <= _SYSTEMD_FIELDS:
+            raise ValueError(
+                "a systemd endpoint takes only domain=, index= and name=, e.g. "
+                "systemd:domain=INET:index=0"
+            )
         return
     try:
-        serverFromString(MemoryReactor(), description)
-    except (ValueError, TypeError, KeyError, IndexError) as e:
+        endpoint = serverFromString(MemoryReactor(), description)
+    # Endpoint parsers may fail in any way: a missing optional module (ssl
+    # without pyOpenSSL), an unreadable certificate file, a bad argument.
+    except Exception as e:  # noqa: BLE001 - reported as a configuration error
         raise ValueError(
             f"{description!r} is not a server endpoint description ({e}); "
             "expected e.g. tcp:10040:interface=127.0.0.1, "
             "unix:/run/policyd/policy.sock:mode=660 or systemd:domain=INET:index=0"
         ) from None
+    # TCP endpoints do not check the port range until they bind.
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise ValueError(
+            f"{description!r} has port {port}; expected a port from 0 to 65535, "
+            "e.g. tcp:10040:interface=127.0.0.1"
+        )
 
 
 def endpoints(raw: str) -> tuple[str, ...]:

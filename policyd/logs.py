@@ -41,7 +41,11 @@ def _escape_char(char: str) -> str:
         return f"\\x{code - 0xDC00:02x}"
     if char.isprintable():
         return char
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    # \xNN with NN >= 80 means an undecodable byte (above), so non-ASCII
+    # characters take \u or \U: every escape reads back to one character.
+    if code < 0x80:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def escape(text: str) -> str:
@@ -59,6 +63,9 @@ def escape(text: str) -> str:
 
 # Keys twisted.logger and its legacy bridge put on events: not user fields.
 _INTERNAL = frozenset({"message", "isError", "system", "format", "time", "why"})
+# Keys of the JSON record itself; an event field of the same name (say, a
+# decision's "level") is written as "level_" rather than replacing it.
+_RECORD_KEYS = frozenset({"time", "level", "namespace", "message", "traceback"})
 
 
 def _timestamp(event: LogEvent) -> str:
@@ -96,7 +103,7 @@ def format_json(event: LogEvent) -> str:
     }
     for key, value in event.items():
         if not key.startswith("log_") and key not in _INTERNAL:
-            record[key] = value
+            record[f"{key}_" if key in _RECORD_KEYS else key] = value
     traceback = _failure_text(event)
     if traceback is not None:
         record["traceback"] = traceback

@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import choose_encoder
-from twisted.web.resource import Resource
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
 from policyd import __version__
@@ -158,6 +159,12 @@ class MetricsRoot(Resource):
         super().__init__()  # type: ignore[no-untyped-call]
         self.putChild(b"metrics", MetricsResource(registry))
         self.putChild(b"healthz", HealthResource(health))
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        """``/`` itself is this page; any other unknown path is 404."""
+        # A request for "/" arrives here as the empty child name: without
+        # this, the root text below would never be served.
+        return self if path == b"" else notFound()
 
     def render_GET(self, request: Request) -> bytes:
         """Point a human at the two useful paths."""

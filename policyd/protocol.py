@@ -97,6 +97,7 @@ class PolicyProtocol(Protocol):
         # A decision in flight; later (pipelined) requests wait in _queue.
         self._in_flight: Deferred[Action] | None = None
         self._queue: deque[PolicyRequest] = deque()
+        self._advancing = False  # _next is working through _queue
         self.closing = False
 
     # -- connection life ---------------------------------------------------
@@ -309,9 +310,20 @@ class PolicyProtocol(Protocol):
         self._next()
 
     def _next(self) -> None:
-        if self._queue and not self.closing:
-            request = self._queue.popleft()
-            self._decide(request, self.factory.clock.seconds())
+        # Loop, not one step: a queued request may be answered synchronously
+        # (an Action, a raising decider, an already-fired Deferred), and the
+        # ones behind it must not be stranded.  The guard keeps an answer
+        # that lands back here from inside _decide from recursing once per
+        # queued request (a long pipeline would overflow the stack).
+        if self._advancing:
+            return
+        self._advancing = True
+        try:
+            while self._queue and self._in_flight is None and not self.closing:
+                request = self._queue.popleft()
+                self._decide(request, self.factory.clock.seconds())
+        finally:
+            self._advancing = False
         if not self.busy:
             self.factory.answered_all(self)
 

@@ -14,7 +14,13 @@ import itertools
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    gatherResults,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTime
 from twisted.internet.protocol import Factory
@@ -39,6 +45,8 @@ log = Logger()
 # How often connections are checked for stalled requests and idleness; the
 # timeouts are enforced to within this much.
 SWEEP_INTERVAL = 1.0
+# How long stop() waits for closing connections to flush their last replies.
+CLOSE_TIMEOUT = 1.0
 
 
 class PolicyFactory(Factory):
@@ -71,6 +79,7 @@ class PolicyFactory(Factory):
         self.protocols: set[PolicyProtocol] = set()
         self._ids = itertools.count(1)
         self._drain_waiters: list[Deferred[None]] = []
+        self._close_waiters: list[Deferred[None]] = []
         metrics.active_connections.set_function(lambda: len(self.protocols))
 
     def buildProtocol(self, addr: IAddress | None) -> PolicyProtocol:
@@ -86,6 +95,10 @@ class PolicyFactory(Factory):
         """Forget a closed connection."""
         self.protocols.discard(protocol)
         self.answered_all(protocol)
+        if self._close_waiters and not any(p.closing for p in self.protocols):
+            waiters, self._close_waiters = self._close_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
 
     def answered_all(self, protocol: PolicyProtocol) -> None:
         """Note that *protocol* has nothing in flight any more."""
@@ -106,6 +119,14 @@ class PolicyFactory(Factory):
             return succeed(None)
         waiter: Deferred[None] = Deferred()
         self._drain_waiters.append(waiter)
+        return waiter
+
+    def closed(self) -> Deferred[None]:
+        """Fire once every connection that is closing has gone."""
+        if not any(p.closing for p in self.protocols):
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._close_waiters.append(waiter)
         return waiter
 
     def close_idle(self) -> None:
@@ -247,6 +268,15 @@ class PolicyServer:
         except Exception:  # noqa: BLE001 - shutdown goes on regardless
             log.warn("Stopping with requests still in flight", event="drain_timeout")
         self.factory.close_idle()
+        # loseConnection only begins a close: a reply still in the write
+        # buffer goes out first.  Wait for that, or the reactor's shutdown
+        # (disconnectAll) would drop the reply just decided.
+        closed = self.factory.closed()
+        closed.addTimeout(CLOSE_TIMEOUT, self.reactor)
+        try:
+            await closed
+        except Exception:  # noqa: BLE001 - shutdown goes on regardless
+            log.warn("Stopping with replies still unsent", event="close_timeout")
         if self._sweeper.running:
             self._sweeper.stop()
         await self._stop_listening()
@@ -254,4 +284,6 @@ class PolicyServer:
 
 
 async def _stop(port: IListeningPort) -> None:
-    await port.stopListening()  # type: ignore[misc]
+    # stopListening returns a Deferred, or None when the port stopped at once
+    # (IListeningPort allows both; awaiting None would raise TypeError).
+    await maybeDeferred(port.stopListening)

@@ -6,8 +6,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
-
-from tests.postfix_bed import (
+from postfix_bed import (
     Bed,
     PolicydProcess,
     PostfixConfig,
@@ -72,7 +71,9 @@ def policyd_env() -> dict[str, str]:
 
 @pytest.fixture
 def postfix_bed(
-    postfix_instance: PostfixInstance, policyd_env: dict[str, str]
+    postfix_instance: PostfixInstance,
+    policyd_env: dict[str, str],
+    request: pytest.FixtureRequest,
 ) -> Iterator[Bed]:
     """
     A fresh policyd process and the module's Postfix instance asking it.
@@ -84,8 +85,9 @@ def postfix_bed(
     policyd = PolicydProcess(policyd_env)
     try:
         policyd.start()
-        postfix_instance.wait_until_ready()  # a test may have broken it
+        postfix_instance.ensure_running()  # in case a test stopped it
         postfix_instance.use_policy_port(policyd.port)
-        yield Bed(postfix_instance, policyd, postfix_instance.maillog.mark())
+        mark = postfix_instance.log_marker(f"begin {request.node.nodeid}")
+        yield Bed(postfix_instance, policyd, mark)
     finally:
         policyd.kill()

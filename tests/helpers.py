@@ -1,0 +1,282 @@
+"""In-memory test doubles for the protocol and server tests.
+
+Nothing here opens a socket or reads the wall clock: connections are
+`StringTransport`s, time is a `Clock`, and every `Harness` has its own
+`CollectorRegistry`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import cast
+
+from prometheus_client import CollectorRegistry
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import (
+    EventLoggingObserver,
+    StringTransportWithDisconnection,
+)
+from twisted.logger import LogEvent, globalLogPublisher
+from twisted.python.failure import Failure
+
+from policyd.actions import DUNNO, Action
+from policyd.decision import Decider
+from policyd.metrics import PolicyMetrics
+from policyd.protocol import (
+    DECISION_FAILURE_REASONS,
+    PROTOCOL_ERROR_REASONS,
+    Limits,
+    PolicyProtocol,
+)
+from policyd.request import PolicyRequest
+from policyd.server import PolicyFactory
+
+PEER = IPv4Address("TCP", "127.0.0.1", 40000)
+
+# What smtpd sends (reference §2), trimmed to the attributes policyd reads.
+TYPICAL: Mapping[str, str] = {
+    "request": "smtpd_access_policy",
+    "protocol_state": "RCPT",
+    "protocol_name": "ESMTP",
+    "client_address": "192.0.2.10",
+    "client_name": "mail.example.net",
+    "reverse_client_name": "mail.example.net",
+    "helo_name": "mail.example.net",
+    "sender": "alice@example.net",
+    "recipient": "bob@example.org",
+    "recipient_count": "0",
+    "queue_id": "",
+    "instance": "123.456.7",
+    "size": "0",
+    "sasl_username": "",
+    "stress": "",
+}
+
+MINIMAL = b"request=smtpd_access_policy\n\n"
+DUNNO_REPLY = b"action=DUNNO\n\n"
+
+
+def encode_request(
+    attributes: Mapping[str, str] | Iterable[tuple[str, str]] = TYPICAL,
+) -> bytes:
+    """The wire form of a request: ``name=value`` lines and an empty line."""
+    pairs = attributes.items() if isinstance(attributes, Mapping) else attributes
+    lines = b"".join(
+        name.encode("utf-8", "surrogateescape")
+        + b"="
+        + value.encode("utf-8", "surrogateescape")
+        + b"\n"
+        for name, value in pairs
+    )
+    return lines + b"\n"
+
+
+class FixedDecider:
+    """Answer every request with one action, remembering the requests."""
+
+    def __init__(self, action: Action = DUNNO) -> None:
+        self.action = action
+        self.requests: list[PolicyRequest] = []
+
+    def decide(self, request: PolicyRequest) -> Action:
+        """Record *request* and return the fixed action."""
+        self.requests.append(request)
+        return self.action
+
+
+class DeferredDecider:
+    """Answer every request with a new, unfired Deferred the test fires.
+
+    The Deferreds have no canceller, like most ad-hoc ones: cancelling one
+    fails it with `CancelledError` and silently eats a later ``callback``.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[PolicyRequest] = []
+        self.pending: list[Deferred[Action]] = []
+        self.cancelled = 0
+
+    def decide(self, request: PolicyRequest) -> Deferred[Action]:
+        """Record *request* and return a Deferred that only the test fires."""
+        self.requests.append(request)
+        d: Deferred[Action] = Deferred()
+        d.addErrback(self._count_cancel)
+        self.pending.append(d)
+        return d
+
+    def _count_cancel(self, failure: Failure) -> Failure:
+        if failure.check(CancelledError):
+            self.cancelled += 1
+        return failure
+
+
+class RaisingDecider:
+    """A decider with a bug: it raises."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def decide(self, request: PolicyRequest) -> Action:
+        """Raise `RuntimeError`."""
+        self.calls += 1
+        raise RuntimeError("decider bug")
+
+
+class SlowDecider:
+    """A synchronous decider that lets *seconds* pass before answering."""
+
+    def __init__(self, clock: Clock, seconds: float, action: Action = DUNNO) -> None:
+        self.clock = clock
+        self.seconds = seconds
+        self.action = action
+
+    def decide(self, request: PolicyRequest) -> Action:
+        """Advance the clock by *seconds*, then answer."""
+        self.clock.advance(self.seconds)
+        return self.action
+
+
+class WrongTypeDecider:
+    """A decider that breaks its contract by returning a plain string."""
+
+    def decide(self, request: PolicyRequest) -> Action:
+        """Return ``"DUNNO"`` (a str, not an `Action`)."""
+        return cast(Action, "DUNNO")
+
+
+class RecordingTransport(StringTransportWithDisconnection):
+    """A transport that keeps each ``write`` call apart, not just their sum."""
+
+    def __init__(self) -> None:
+        super().__init__(peerAddress=PEER)  # type: ignore[no-untyped-call]
+        self.writes: list[bytes] = []
+        self.late_writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        """Record *data* as one write (or as a late one, after the close)."""
+        (self.writes if self.connected else self.late_writes).append(bytes(data))
+        super().write(data)  # type: ignore[no-untyped-call]
+
+
+class FlushingTransport(RecordingTransport):
+    """A transport that, like TCP, closes only once its write buffer is sent.
+
+    ``loseConnection`` just starts the close; `flushed` finishes it.
+    """
+
+    def loseConnection(self) -> None:
+        """Begin closing: the connection is lost only when `flushed` is called."""
+        self.disconnecting = True
+
+    def flushed(self) -> None:
+        """The buffer has gone out: finish a close begun earlier."""
+        assert self.disconnecting, "nothing was closing"
+        super().loseConnection()  # type: ignore[no-untyped-call]
+
+
+class Client:
+    """One in-memory connection to a `PolicyFactory`."""
+
+    def __init__(
+        self, factory: PolicyFactory, transport: RecordingTransport | None = None
+    ) -> None:
+        self.protocol: PolicyProtocol = factory.buildProtocol(PEER)
+        self.transport = transport if transport is not None else RecordingTransport()
+        self.transport.protocol = self.protocol
+        self.protocol.makeConnection(self.transport)  # type: ignore[no-untyped-call]
+
+    def send(self, *chunks: bytes) -> None:
+        """Deliver *chunks* as separate reads."""
+        for chunk in chunks:
+            self.protocol.dataReceived(chunk)
+
+    @property
+    def writes(self) -> list[bytes]:
+        """Every write call so far."""
+        return self.transport.writes
+
+    def is_closed(self) -> bool:
+        """Whether the connection has been closed.
+
+        A method, not a property, so that mypy does not narrow it between two
+        asserts around a state change.
+        """
+        return not self.transport.connected
+
+    def drop(self) -> None:
+        """The peer goes away (smtpd exits)."""
+        self.transport.loseConnection()  # type: ignore[no-untyped-call]
+
+
+class Harness:
+    """A `PolicyFactory` on a fake clock with a fresh metrics registry."""
+
+    def __init__(
+        self,
+        decider: Decider | None = None,
+        *,
+        fallback: Action = DUNNO,
+        decision_timeout: float = 1.0,
+        request_timeout: float = 10.0,
+        idle_timeout: float = 600.0,
+        limits: Limits = Limits(),  # noqa: B008 - immutable
+        log_requests: bool = False,
+        clock: Clock | None = None,
+    ) -> None:
+        self.clock = clock if clock is not None else Clock()
+        self.registry = CollectorRegistry()
+        self.metrics = PolicyMetrics(
+            self.registry, PROTOCOL_ERROR_REASONS, DECISION_FAILURE_REASONS
+        )
+        self.decider = decider if decider is not None else FixedDecider()
+        self.factory = PolicyFactory(
+            clock=self.clock,
+            decider=self.decider,
+            metrics=self.metrics,
+            limits=limits,
+            fallback=fallback,
+            decision_timeout=decision_timeout,
+            request_timeout=request_timeout,
+            idle_timeout=idle_timeout,
+            log_requests=log_requests,
+        )
+
+    def connect(self) -> Client:
+        """Open a new in-memory connection."""
+        return Client(self.factory)
+
+    def sample(self, name: str, **labels: str) -> float:
+        """The current value of one sample (0 if it does not exist)."""
+        value = self.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+    def protocol_errors(self, reason: str) -> float:
+        """``policyd_protocol_errors_total{reason=...}``."""
+        return self.sample("policyd_protocol_errors_total", reason=reason)
+
+    def decision_failures(self, reason: str) -> float:
+        """``policyd_decision_failures_total{reason=...}``."""
+        return self.sample("policyd_decision_failures_total", reason=reason)
+
+    def requests(self, action: str) -> float:
+        """``policyd_requests_total{action=...}``."""
+        return self.sample("policyd_requests_total", action=action)
+
+
+@contextmanager
+def capture_logs() -> Iterator[EventLoggingObserver]:
+    """Collect every log event emitted inside the block."""
+    observer = EventLoggingObserver()
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield observer
+    finally:
+        globalLogPublisher.removeObserver(observer)
+
+
+def events_named(events: Iterable[LogEvent], name: str) -> list[LogEvent]:
+    """The policyd events whose ``event`` key is *name*."""
+    return [e for e in events if e.get("event") == name]

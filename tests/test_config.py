@@ -1,0 +1,514 @@
+"""Configuration: defaults, accepted forms, and errors an admin can act on."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import attrs
+import pytest
+
+from policyd import config
+from policyd.actions import DUNNO, Action
+
+# The defaults as docs/configuration.md and `policyd config` document them.
+DOCUMENTED_DEFAULTS = {
+    "POLICYD_LISTEN": "tcp:10040:interface=127.0.0.1",
+    "POLICYD_METRICS_LISTEN": "tcp:10041:interface=127.0.0.1",
+    "POLICYD_LOG_LEVEL": "info",
+    "POLICYD_LOG_FORMAT": "text",
+    "POLICYD_DECISION_TIMEOUT": "1s",
+    "POLICYD_FALLBACK_ACTION": "DUNNO",
+    "POLICYD_REQUEST_TIMEOUT": "10s",
+    "POLICYD_IDLE_TIMEOUT": "600s",
+    "POLICYD_MAX_LINE_LENGTH": "8192",
+    "POLICYD_MAX_ATTRIBUTES": "128",
+    "POLICYD_MAX_REQUEST_BYTES": "65536",
+}
+
+# Good forms: variable -> [(raw value, the Config attribute it loads as)].
+GOOD: dict[str, list[tuple[str, Any]]] = {
+    "POLICYD_LISTEN": [
+        ("tcp:10040:interface=127.0.0.1", ("tcp:10040:interface=127.0.0.1",)),
+        ("tcp:0:interface=127.0.0.1", ("tcp:0:interface=127.0.0.1",)),
+        ("tcp:65535", ("tcp:65535",)),
+        (
+            "tcp:10040:interface=127.0.0.1 tcp6:10040:interface=\\:\\:1",
+            ("tcp:10040:interface=127.0.0.1", "tcp6:10040:interface=\\:\\:1"),
+        ),
+        (
+            "  tcp:10040:interface=127.0.0.1\n\tunix:/run/policyd/policy.sock  ",
+            ("tcp:10040:interface=127.0.0.1", "unix:/run/policyd/policy.sock"),
+        ),
+        (
+            "unix:/run/policyd/policy.sock:mode=660",
+            ("unix:/run/policyd/policy.sock:mode=660",),
+        ),
+        (
+            "unix:/var/spool/postfix/private/policyd:mode=666",
+            ("unix:/var/spool/postfix/private/policyd:mode=666",),
+        ),
+        ("systemd:domain=INET:index=0", ("systemd:domain=INET:index=0",)),
+        ("systemd:domain=INET6:index=1", ("systemd:domain=INET6:index=1",)),
+        ("systemd:domain=UNIX:name=policyd", ("systemd:domain=UNIX:name=policyd",)),
+    ],
+    "POLICYD_METRICS_LISTEN": [
+        ("none", None),
+        ("NONE", None),
+        (" None ", None),
+        ("tcp:9100:interface=127.0.0.1", "tcp:9100:interface=127.0.0.1"),
+        (" tcp:9100 ", "tcp:9100"),
+        (
+            "unix:/run/policyd/metrics.sock:mode=660",
+            "unix:/run/policyd/metrics.sock:mode=660",
+        ),
+        ("systemd:domain=INET:name=metrics", "systemd:domain=INET:name=metrics"),
+    ],
+    "POLICYD_LOG_LEVEL": [
+        ("debug", "debug"),
+        ("info", "info"),
+        ("warn", "warn"),
+        ("error", "error"),
+        ("INFO", "info"),
+        ("Warn", "warn"),
+        (" error ", "error"),
+    ],
+    "POLICYD_LOG_FORMAT": [
+        ("text", "text"),
+        ("json", "json"),
+        ("JSON", "json"),
+        ("Text", "text"),
+    ],
+    "POLICYD_DECISION_TIMEOUT": [
+        ("10", 10.0),
+        ("1.5s", 1.5),
+        ("250ms", 0.25),
+        ("1m", 60.0),
+        (".5", 0.5),
+        (" 2s ", 2.0),
+        ("1ms", 0.001),
+        ("60", 60.0),
+    ],
+    "POLICYD_FALLBACK_ACTION": [
+        ("DUNNO", DUNNO),
+        ("dunno", Action.parse("dunno")),
+        ("DEFER", Action.parse("DEFER")),
+        ("DEFER_IF_PERMIT Try later", Action.parse("DEFER_IF_PERMIT Try later")),
+        ("DEFER_IF_REJECT", Action.parse("DEFER_IF_REJECT")),
+        ("WARN policyd failed", Action.parse("WARN policyd failed")),
+        ("INFO", Action.parse("INFO")),
+        ("450 4.7.1 Try again later", Action.parse("450 4.7.1 Try again later")),
+        (" 451 4.3.5 Policy problem ", Action.parse("451 4.3.5 Policy problem")),
+    ],
+    "POLICYD_REQUEST_TIMEOUT": [
+        ("10", 10.0),
+        ("100ms", 0.1),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+    ],
+    "POLICYD_IDLE_TIMEOUT": [
+        ("600", 600.0),
+        ("1", 1.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("24h", 86400.0),
+    ],
+    "POLICYD_MAX_LINE_LENGTH": [("64", 64), ("8192", 8192), (" 1048576 ", 1048576)],
+    "POLICYD_MAX_ATTRIBUTES": [("8", 8), ("128", 128), ("10000", 10000)],
+    "POLICYD_MAX_REQUEST_BYTES": [
+        ("256", 256),
+        ("65536", 65536),
+        ("16777216", 1 << 24),
+    ],
+}
+
+_ENDPOINT_FORM = r"e\.g\. (tcp|unix|systemd):"
+_DURATION = "expected a duration"
+
+# Bad values: variable -> [(raw value, regex the message must contain, saying
+# which form is accepted)].
+BAD: dict[str, list[tuple[str, str]]] = {
+    "POLICYD_LISTEN": [
+        ("", _ENDPOINT_FORM),
+        ("   ", _ENDPOINT_FORM),
+        ("10040", _ENDPOINT_FORM),
+        ("127.0.0.1:10040", _ENDPOINT_FORM),
+        ("foo:bar", _ENDPOINT_FORM),
+        ("TCP:10040", _ENDPOINT_FORM),
+        ("tcp", _ENDPOINT_FORM),
+        ("tcp:abc", _ENDPOINT_FORM),
+        ("tcp:70000", r"port from 0 to 65535"),
+        ("tcp:-1", r"port from 0 to 65535"),
+        ("tcp:10040:bogus=1", _ENDPOINT_FORM),
+        ("tcp:10040:interface=127.0.0.1 garbage", _ENDPOINT_FORM),
+        ("unix:/run/policyd.sock:mode=999", _ENDPOINT_FORM),
+        ("unix:/run/policyd.sock:mode=rw", _ENDPOINT_FORM),
+        ("ssl:10041", _ENDPOINT_FORM),
+        ("systemd:", _ENDPOINT_FORM),
+        ("systemd:domain=INET", _ENDPOINT_FORM),
+        ("systemd:index=0", _ENDPOINT_FORM),
+        ("systemd:domain=inet:index=0", _ENDPOINT_FORM),
+        ("systemd:domain=AF_INET:index=0", _ENDPOINT_FORM),
+        ("systemd:domain=INET:index=0:name=policyd", _ENDPOINT_FORM),
+        ("systemd:domain=INET:index=", _ENDPOINT_FORM),
+        ("systemd:domain=INET:index=abc", _ENDPOINT_FORM),
+        ("systemd:domain=INET:index=-1", _ENDPOINT_FORM),
+        ("systemd:domain=INET:name=", _ENDPOINT_FORM),
+        ("systemd:domain=INET:index=0:mode=660", _ENDPOINT_FORM),
+    ],
+    "POLICYD_METRICS_LISTEN": [
+        ("", _ENDPOINT_FORM),
+        ("garbage", _ENDPOINT_FORM),
+        ("off", _ENDPOINT_FORM),
+        ("tcp:9100 tcp:9101", r"one endpoint description, or none"),
+        ("none tcp:9100", _ENDPOINT_FORM),
+        ("tcp:99999", r"port from 0 to 65535"),
+        ("systemd:domain=INET:index=x", _ENDPOINT_FORM),
+    ],
+    "POLICYD_LOG_LEVEL": [
+        ("", r"expected one of: debug, info, warn, error"),
+        ("warning", r"expected one of: debug, info, warn, error"),
+        ("critical", r"expected one of: debug, info, warn, error"),
+        ("verbose", r"expected one of: debug, info, warn, error"),
+        ("1", r"expected one of: debug, info, warn, error"),
+    ],
+    "POLICYD_LOG_FORMAT": [
+        ("", r"expected one of: text, json"),
+        ("yaml", r"expected one of: text, json"),
+        ("jsonl", r"expected one of: text, json"),
+    ],
+    "POLICYD_DECISION_TIMEOUT": [
+        ("", _DURATION),
+        ("0", _DURATION + r" between 0\.001s and 60s"),
+        ("0s", _DURATION),
+        ("0.5ms", _DURATION),
+        ("61", _DURATION + r" between 0\.001s and 60s"),
+        ("2m", _DURATION),
+        ("-1", _DURATION),
+        ("abc", _DURATION + r" such as 10, 1\.5s, 250ms, 5m or 1h"),
+        ("1d", _DURATION),
+        ("1e3", _DURATION),
+        ("inf", _DURATION),
+        ("nan", _DURATION),
+        ("1s500ms", _DURATION),
+        ("1,5s", _DURATION),
+    ],
+    "POLICYD_FALLBACK_ACTION": [
+        ("", r"non-empty"),
+        ("   ", r"non-empty"),
+        ("REJECT", r"must not refuse mail for good: use DUNNO"),
+        ("reject Go away", r"must not refuse mail for good"),
+        ("550 x", r"must not refuse mail for good"),
+        ("554 5.7.1 Access denied", r"must not refuse mail for good"),
+        ("521 5.7.1 Go away", r"must not refuse mail for good"),
+        ("DISCARD", r"must not refuse mail for good"),
+        ("HOLD", r"must not refuse mail for good"),
+        ("REDIRECT abuse@example.org", r"must not refuse mail for good"),
+        ("OK", r"4xx/5xx code or one of"),
+        ("RELAY", r"4xx/5xx code or one of"),
+        ("permit", r"4xx/5xx code or one of"),
+        ("blah", r"4xx/5xx code or one of"),
+        ("450", r"must be followed by text"),
+        ("550", r"must be followed by text"),
+        ("DEFER\x00", r"printable ASCII"),
+        ("DEFER café", r"printable ASCII"),
+        ("450 " + "x" * 500, r"at most 400 characters"),
+    ],
+    "POLICYD_REQUEST_TIMEOUT": [
+        ("", _DURATION),
+        ("0", _DURATION + r" between 0\.1s and 3600s"),
+        ("50ms", _DURATION),
+        ("2h", _DURATION),
+        ("soon", _DURATION),
+    ],
+    "POLICYD_IDLE_TIMEOUT": [
+        ("", _DURATION),
+        ("0", _DURATION + r" between 1s and 86400s"),
+        ("500ms", _DURATION),
+        ("25h", _DURATION),
+        ("forever", _DURATION),
+    ],
+    "POLICYD_MAX_LINE_LENGTH": [
+        ("", r"whole number from 64 to 1048576"),
+        ("63", r"whole number from 64 to 1048576"),
+        ("1048577", r"whole number from 64 to 1048576"),
+        ("0", r"whole number from 64 to 1048576"),
+        ("-8192", r"whole number from 64 to 1048576"),
+        ("8k", r"whole number from 64 to 1048576"),
+        ("8192.0", r"whole number from 64 to 1048576"),
+        ("1e4", r"whole number from 64 to 1048576"),
+        ("0x2000", r"whole number from 64 to 1048576"),
+        ("lots", r"whole number from 64 to 1048576"),
+    ],
+    "POLICYD_MAX_ATTRIBUTES": [
+        ("", r"whole number from 8 to 10000"),
+        ("7", r"whole number from 8 to 10000"),
+        ("10001", r"whole number from 8 to 10000"),
+        ("many", r"whole number from 8 to 10000"),
+    ],
+    "POLICYD_MAX_REQUEST_BYTES": [
+        ("", r"whole number from 256 to 16777216"),
+        ("255", r"whole number from 256 to 16777216"),
+        ("16777217", r"whole number from 256 to 16777216"),
+        ("64k", r"whole number from 256 to 16777216"),
+    ],
+}
+
+
+def _cases(table: dict[str, list[tuple[str, Any]]]) -> list[Any]:
+    return [
+        pytest.param(name, raw, expected, id=f"{name}={raw[:30]!r}")
+        for name, rows in table.items()
+        for raw, expected in rows
+    ]
+
+
+def _attribute(name: str) -> str:
+    return name.removeprefix("POLICYD_").lower()
+
+
+class TestDefaults:
+    """With no variables set, policyd runs on the documented defaults."""
+
+    def test_variables(self) -> None:
+        """The variables are exactly the documented ones, in declaration order."""
+        assert config.variables() == tuple(DOCUMENTED_DEFAULTS)
+
+    def test_declared_defaults(self) -> None:
+        """Each variable's declared default is the documented text."""
+        assert {s.variable: s.default for s in config.describe({})} == (
+            DOCUMENTED_DEFAULTS
+        )
+
+    def test_load_empty(self) -> None:
+        """An empty environment loads, with the defaults converted."""
+        cfg = config.load({})
+        assert cfg.listen == ("tcp:10040:interface=127.0.0.1",)
+        assert cfg.metrics_listen == "tcp:10041:interface=127.0.0.1"
+        assert cfg.log_level == "info"
+        assert cfg.log_format == "text"
+        assert cfg.decision_timeout == 1.0
+        assert cfg.fallback_action == DUNNO
+        assert cfg.request_timeout == 10.0
+        assert cfg.idle_timeout == 600.0
+        assert cfg.max_line_length == 8192
+        assert cfg.max_attributes == 128
+        assert cfg.max_request_bytes == 65536
+
+    def test_loopback_only(self) -> None:
+        """By default nothing listens beyond the loopback interface."""
+        cfg = config.load({})
+        assert cfg.metrics_listen is not None
+        for description in (*cfg.listen, cfg.metrics_listen):
+            assert description.endswith(":interface=127.0.0.1")
+
+    def test_idle_above_postfix_max_idle(self) -> None:
+        """The idle timeout exceeds smtpd_policy_service_max_idle (300s)."""
+        assert config.load({}).idle_timeout > 300
+
+    def test_every_variable_has_help(self) -> None:
+        """Every variable carries help text (docs and `policyd config` use it)."""
+        for setting in config.describe({}):
+            assert len(setting.help) > 20, setting.variable
+            assert setting.help.rstrip().endswith("."), setting.variable
+
+    def test_frozen(self) -> None:
+        """The loaded configuration cannot be changed afterwards."""
+        cfg = config.load({})
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            cfg.log_level = "debug"
+
+
+class TestAccepted:
+    """Each variable accepts the forms its help text promises."""
+
+    def test_table_covers_every_variable(self) -> None:
+        """The good-value table has rows for every variable."""
+        assert set(GOOD) == set(config.variables())
+
+    @pytest.mark.parametrize(("name", "raw", "expected"), _cases(GOOD))
+    def test_good(self, name: str, raw: str, expected: Any) -> None:
+        """The value loads and converts to the expected typed value."""
+        assert getattr(config.load({name: raw}), _attribute(name)) == expected
+
+    def test_systemd_needs_no_inherited_socket(self) -> None:
+        """A systemd endpoint loads outside socket activation (e.g. `config`)."""
+        env = {"POLICYD_LISTEN": "systemd:domain=INET:index=0"}
+        assert "LISTEN_FDS" not in env
+        assert config.load(env).listen == ("systemd:domain=INET:index=0",)
+
+    def test_other_variables_ignored(self) -> None:
+        """Unrelated and unknown variables do not affect loading."""
+        cfg = config.load({"PATH": "/bin", "POLICYD_LISTN": "x", "HOME": "/"})
+        assert cfg == config.load({})
+
+    def test_several_variables(self) -> None:
+        """Several variables at once each take their value."""
+        cfg = config.load(
+            {
+                "POLICYD_LOG_LEVEL": "debug",
+                "POLICYD_LOG_FORMAT": "json",
+                "POLICYD_METRICS_LISTEN": "none",
+                "POLICYD_DECISION_TIMEOUT": "250ms",
+            }
+        )
+        assert (cfg.log_level, cfg.log_format) == ("debug", "json")
+        assert cfg.metrics_listen is None
+        assert cfg.decision_timeout == 0.25
+
+
+class TestRejected:
+    """A bad value raises ConfigError naming variable, value and accepted form."""
+
+    def test_table_covers_every_variable(self) -> None:
+        """The bad-value table has rows for every variable."""
+        assert set(BAD) == set(config.variables())
+
+    @pytest.mark.parametrize(("name", "raw", "form"), _cases(BAD))
+    def test_bad(self, name: str, raw: str, form: str) -> None:
+        """The error carries the variable and value and says what is accepted."""
+        with pytest.raises(config.ConfigError) as info:
+            config.load({name: raw})
+        error = info.value
+        assert (error.variable, error.value) == (name, raw)
+        message = str(error)
+        assert message.startswith(f"{name}={raw!r} is invalid: ")
+        assert re.search(form, error.problem), error.problem
+        assert "\n" not in message  # one line on stderr
+
+    def test_first_bad_variable_reported(self) -> None:
+        """With several bad values, the first in declaration order is named."""
+        with pytest.raises(config.ConfigError) as info:
+            config.load({"POLICYD_MAX_ATTRIBUTES": "1", "POLICYD_LOG_LEVEL": "loud"})
+        assert info.value.variable == "POLICYD_LOG_LEVEL"
+
+    def test_bad_value_not_masked_by_good_ones(self) -> None:
+        """One bad value fails the load even when the rest are fine."""
+        env = {name: rows[0][0] for name, rows in GOOD.items()}
+        env["POLICYD_IDLE_TIMEOUT"] = "0"
+        with pytest.raises(config.ConfigError, match="POLICYD_IDLE_TIMEOUT"):
+            config.load(env)
+
+    def test_control_characters_shown_escaped(self) -> None:
+        """A value with a newline is shown as a repr, keeping the message one line."""
+        with pytest.raises(config.ConfigError) as info:
+            config.load({"POLICYD_LOG_LEVEL": "info\nPOLICYD_X=1"})
+        assert "\n" not in str(info.value)
+        assert "'info\\nPOLICYD_X=1'" in str(info.value)
+
+
+class TestConverters:
+    """The converter factories on their own."""
+
+    @pytest.mark.parametrize(
+        ("raw", "seconds"),
+        [("10", 10.0), ("1.5s", 1.5), ("250ms", 0.25), ("5m", 300.0), ("1h", 3600.0)],
+    )
+    def test_duration_units(self, raw: str, seconds: float) -> None:
+        """Durations take no unit (seconds) or ms, s, m, h."""
+        assert config.duration(0, 86400)(raw) == pytest.approx(seconds)
+
+    @pytest.mark.parametrize(("raw", "ok"), [("1", True), ("2", True), ("3", False)])
+    def test_duration_bounds_inclusive(self, raw: str, ok: bool) -> None:
+        """Both bounds of a duration are allowed; beyond them is an error."""
+        convert = config.duration(1, 2)
+        if ok:
+            assert convert(raw) == float(raw)
+        else:
+            with pytest.raises(ValueError, match="between 1s and 2s"):
+                convert(raw)
+
+    @pytest.mark.parametrize(("raw", "ok"), [("4", False), ("5", True), ("9", False)])
+    def test_integer_bounds(self, raw: str, ok: bool) -> None:
+        """Whole numbers are checked against both bounds."""
+        convert = config.integer(5, 8)
+        if ok:
+            assert convert(raw) == int(raw)
+        else:
+            with pytest.raises(ValueError, match="from 5 to 8"):
+                convert(raw)
+
+    def test_choice_case_insensitive(self) -> None:
+        """Choices compare case-insensitively and return the canonical word."""
+        assert config.choice("a", "b")(" B ") == "b"
+
+    def test_endpoints_split_on_whitespace(self) -> None:
+        """Endpoint lists split on any run of whitespace."""
+        assert config.endpoints("tcp:1 \n tcp:2\ttcp:3") == ("tcp:1", "tcp:2", "tcp:3")
+
+    def test_optional_endpoint_none(self) -> None:
+        """``none`` disables an optional endpoint."""
+        assert config.optional_endpoint("None") is None
+
+    def test_fallback_strips(self) -> None:
+        """The fallback action is trimmed before validation."""
+        assert config.fallback_action("  DEFER  ") == Action.parse("DEFER")
+
+
+class TestUnknownVariables:
+    """`unknown_variables` flags likely typos."""
+
+    @pytest.mark.parametrize(
+        ("env", "unknown"),
+        [
+            ({}, []),
+            ({"POLICYD_LISTN": "tcp:1"}, ["POLICYD_LISTN"]),
+            ({"POLICYD_LOGLEVEL": "debug"}, ["POLICYD_LOGLEVEL"]),
+            ({"POLICYD_LISTEN": "tcp:1", "POLICYD_LOG_LEVEL": "debug"}, []),
+            ({"PATH": "/bin", "POLICY_LISTEN": "x", "POLICYDX": "x"}, []),
+            (
+                {"POLICYD_Z": "1", "POLICYD_A": "1", "POLICYD_LISTEN": "tcp:1"},
+                ["POLICYD_A", "POLICYD_Z"],
+            ),
+        ],
+    )
+    def test_unknown(self, env: dict[str, str], unknown: list[str]) -> None:
+        """POLICYD_ names that policyd does not read are listed, sorted."""
+        assert config.unknown_variables(env) == unknown
+
+    def test_every_variable_known(self) -> None:
+        """No declared variable is ever reported as unknown."""
+        env = dict.fromkeys(config.variables(), "x")
+        assert config.unknown_variables(env) == []
+
+
+class TestDescribe:
+    """`describe` reports the effective value and default of every variable."""
+
+    def test_defaults(self) -> None:
+        """Without variables, every value is its default."""
+        settings = config.describe({})
+        assert [s.variable for s in settings] == list(config.variables())
+        for setting in settings:
+            assert setting.value == setting.default
+            assert setting.is_default
+
+    def test_effective_values(self) -> None:
+        """A set variable shows its raw value and still reports the default."""
+        env = {"POLICYD_LOG_LEVEL": "DEBUG", "POLICYD_METRICS_LISTEN": "none"}
+        settings = {s.variable: s for s in config.describe(env)}
+        level = settings["POLICYD_LOG_LEVEL"]
+        assert (level.value, level.default, level.is_default) == (
+            "DEBUG",
+            "info",
+            False,
+        )
+        metrics = settings["POLICYD_METRICS_LISTEN"]
+        assert metrics.value == "none"
+        assert not metrics.is_default
+        assert settings["POLICYD_LOG_FORMAT"].is_default
+
+    def test_help_matches_declaration(self) -> None:
+        """The help text does not depend on the environment."""
+        assert [s.help for s in config.describe({})] == [
+            s.help for s in config.describe({"POLICYD_LOG_LEVEL": "debug"})
+        ]
+
+    def test_does_not_validate(self) -> None:
+        """An invalid value is still described (load is what rejects it)."""
+        (setting,) = [
+            s
+            for s in config.describe({"POLICYD_MAX_ATTRIBUTES": "lots"})
+            if s.variable == "POLICYD_MAX_ATTRIBUTES"
+        ]
+        assert setting.value == "lots"

@@ -1,0 +1,179 @@
+"""PolicyRequest: the parsed request, and the byte-exact value codec."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from policyd.request import EXPECTED_REQUEST, PolicyRequest, decode, encode
+
+# What Postfix 3.x sends for one RCPT check (reference §2.1), trimmed.
+POSTFIX_RCPT = {
+    "request": "smtpd_access_policy",
+    "protocol_state": "RCPT",
+    "protocol_name": "ESMTP",
+    "client_address": "192.0.2.10",
+    "client_name": "mail.example.com",
+    "reverse_client_name": "mail.example.com",
+    "helo_name": "mail.example.com",
+    "sender": "alice+tag=x@example.com",
+    "recipient": "bob@example.org",
+    "recipient_count": "0",
+    "queue_id": "",
+    "instance": "1a2b.65f0c1d2.3e4f5.0",
+    "size": "0",
+    "sasl_method": "",
+    "sasl_username": "",
+    "stress": "",
+    "client_port": "52114",
+    "mail_version": "3.7.11",
+}
+
+LIFTED = (
+    "protocol_state",
+    "client_address",
+    "client_name",
+    "reverse_client_name",
+    "helo_name",
+    "sender",
+    "recipient",
+    "instance",
+    "sasl_username",
+)
+
+
+class TestFromAttributes:
+    """`PolicyRequest.from_attributes` lifts the fields a policy needs."""
+
+    def test_expected_request_type(self) -> None:
+        """The only request type Postfix sends is smtpd_access_policy."""
+        assert EXPECTED_REQUEST == "smtpd_access_policy"
+
+    def test_lifts_fields(self) -> None:
+        """Each lifted field equals the attribute of the same name."""
+        request = PolicyRequest.from_attributes(POSTFIX_RCPT)
+        for name in LIFTED:
+            assert getattr(request, name) == POSTFIX_RCPT[name], name
+        assert request.stress is False
+
+    def test_keeps_every_attribute(self) -> None:
+        """All attributes, known or not, stay available in ``attributes``."""
+        attributes = {**POSTFIX_RCPT, "tls_sni": "mx.example.org", "x_future": "1"}
+        request = PolicyRequest.from_attributes(attributes)
+        assert dict(request.attributes) == attributes
+
+    def test_missing_is_empty(self) -> None:
+        """A missing attribute reads as the empty string (as Postfix sends it)."""
+        request = PolicyRequest.from_attributes({"request": "smtpd_access_policy"})
+        for name in LIFTED:
+            assert getattr(request, name) == "", name
+        assert request.stress is False
+
+    @pytest.mark.parametrize(
+        ("attributes", "stress"),
+        [
+            ({"stress": "yes"}, True),
+            ({"stress": ""}, False),
+            ({}, False),
+            ({"stress": "no"}, False),
+        ],
+    )
+    def test_stress(self, attributes: dict[str, str], stress: bool) -> None:
+        """``stress=yes`` is True; empty or absent (pre-2.5 Postfix) is False."""
+        assert PolicyRequest.from_attributes(attributes).stress is stress
+
+    @pytest.mark.parametrize(
+        ("sent", "state"),
+        [
+            ("RCPT", "RCPT"),
+            ("rcpt", "RCPT"),
+            ("End-of-Message", "END-OF-MESSAGE"),
+            ("", ""),
+        ],
+    )
+    def test_protocol_state_upper(self, sent: str, state: str) -> None:
+        """protocol_state is upper-cased so comparisons need no case folding."""
+        request = PolicyRequest.from_attributes({"protocol_state": sent})
+        assert request.protocol_state == state
+
+    def test_values_kept_verbatim(self) -> None:
+        """Values other than protocol_state are not trimmed or case-folded."""
+        request = PolicyRequest.from_attributes(
+            {"helo_name": " MiXeD.Example ", "sender": "SRS0=ab=cd=example.com=x@y"}
+        )
+        assert request.helo_name == " MiXeD.Example "
+        assert request.sender == "SRS0=ab=cd=example.com=x@y"
+
+    def test_attributes_immutable(self) -> None:
+        """``attributes`` cannot be changed through the request."""
+        request = PolicyRequest.from_attributes(POSTFIX_RCPT)
+        mapping: Any = request.attributes
+        with pytest.raises(TypeError):
+            mapping["client_address"] = "203.0.113.1"
+        with pytest.raises(TypeError):
+            del mapping["client_address"]
+
+    def test_attributes_copied(self) -> None:
+        """Changing the caller's dict later does not change the request."""
+        attributes = dict(POSTFIX_RCPT)
+        request = PolicyRequest.from_attributes(attributes)
+        attributes["client_address"] = "203.0.113.1"
+        attributes["new"] = "x"
+        assert request.attributes["client_address"] == "192.0.2.10"
+        assert "new" not in request.attributes
+
+    def test_frozen(self) -> None:
+        """The request's fields cannot be reassigned."""
+        request = PolicyRequest.from_attributes(POSTFIX_RCPT)
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            request.client_address = "203.0.113.1"  # type: ignore[misc]
+
+    @given(st.dictionaries(st.text(), st.text()))
+    def test_any_attributes(self, attributes: dict[str, str]) -> None:
+        """Any name/value map builds a request whose attributes equal it."""
+        request = PolicyRequest.from_attributes(attributes)
+        assert dict(request.attributes) == attributes
+        assert request.client_address == attributes.get("client_address", "")
+        assert request.stress is (attributes.get("stress") == "yes")
+
+
+class TestCodec:
+    """`decode` never fails and `encode` gives back the bytes Postfix sent."""
+
+    @given(st.binary())
+    def test_round_trip_bytes(self, raw: bytes) -> None:
+        """encode(decode(b)) == b for any bytes, valid UTF-8 or not."""
+        text = decode(raw)
+        assert isinstance(text, str)
+        assert encode(text) == raw
+
+    @given(st.binary())
+    def test_round_trip_bytearray(self, raw: bytes) -> None:
+        """A bytearray (the protocol's buffer) decodes as well."""
+        assert encode(decode(bytearray(raw))) == raw
+
+    @given(st.text(alphabet=st.characters(exclude_categories=["Cs"])))
+    def test_utf8_is_plain_text(self, text: str) -> None:
+        """Valid UTF-8 decodes to the same text Python would give."""
+        assert decode(text.encode("utf-8")) == text
+        assert encode(text) == text.encode("utf-8")
+
+    @pytest.mark.parametrize(
+        ("raw", "text"),
+        [
+            (b"", ""),
+            (b"example.com", "example.com"),
+            ("δοκιμή.example".encode(), "δοκιμή.example"),
+            (b"\xff", "\udcff"),
+            (b"a\x80b", "a\udc80b"),
+            (b"\xc3", "\udcc3"),  # a truncated two-byte sequence
+        ],
+    )
+    def test_decode_examples(self, raw: bytes, text: str) -> None:
+        """Invalid bytes become lone surrogates U+DC80..U+DCFF (surrogateescape)."""
+        assert decode(raw) == text
+        assert encode(text) == raw

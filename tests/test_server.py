@@ -1,0 +1,555 @@
+"""PolicyFactory and PolicyServer: shared state, listening, graceful stop.
+
+The reactor is a `MemoryReactorClock`: listening records the call instead of
+binding, and time only moves when a test advances it.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import pytest
+from helpers import (
+    DUNNO_REPLY,
+    MINIMAL,
+    Client,
+    DeferredDecider,
+    FixedDecider,
+    FlushingTransport,
+    Harness,
+    capture_logs,
+    events_named,
+)
+from prometheus_client import CollectorRegistry
+from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IAddress, IListeningPort
+from twisted.internet.protocol import ServerFactory
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import LogLevel
+from twisted.python.failure import Failure
+from twisted.web.server import Site
+from zope.interface import implementer
+
+from policyd.actions import DUNNO, Action
+from policyd.config import Config, load
+from policyd.decision import Decider, DunnoDecider
+from policyd.protocol import Limits
+from policyd.server import CLOSE_TIMEOUT, SWEEP_INTERVAL, PolicyServer
+
+T = TypeVar("T")
+
+BUSY_REPLY = b"action=DEFER_IF_PERMIT Service busy\n\n"
+
+
+@pytest.fixture
+def logs() -> Iterator[EventLoggingObserver]:
+    """Every log event emitted during the test."""
+    with capture_logs() as observer:
+        yield observer
+
+
+def fired(d: Deferred[T]) -> bool:
+    """Whether *d* has fired (a call, so mypy does not narrow it between asserts)."""
+    return d.called
+
+
+def result_of(d: Deferred[T]) -> T:
+    """The result *d* has already fired with (re-raising a failure)."""
+    results: list[T] = []
+    failures: list[Failure] = []
+    d.addCallbacks(results.append, failures.append)
+    if failures:
+        failures[0].raiseException()
+    assert results, "the Deferred has not fired"
+    return results[0]
+
+
+def failure_of(d: Deferred[T]) -> Failure:
+    """The failure *d* has already fired with."""
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    assert failures, "the Deferred has not failed"
+    return failures[0]
+
+
+@implementer(IListeningPort)
+class RecordingPort:
+    """A listening port that remembers whether it was stopped.
+
+    *stop_result* is what ``stopListening`` returns: None (as a port that
+    stops at once may) or a Deferred (as a real port does).
+    """
+
+    def __init__(self, address: IAddress, stop_result: Deferred[None] | None) -> None:
+        self.address = address
+        self.stop_result = stop_result
+        self.stopped = False
+
+    def startListening(self) -> None:
+        """Nothing to do: the reactor 'listened' already."""
+
+    def stopListening(self) -> Deferred[None] | None:
+        """Record the stop."""
+        self.stopped = True
+        return self.stop_result
+
+    def getHost(self) -> IAddress:
+        """The address it pretends to listen on."""
+        return self.address
+
+
+class RecordingReactor(MemoryReactorClock):
+    """A memory reactor whose ports record stops, and that can refuse to listen."""
+
+    def __init__(
+        self, stop_result: Callable[[], Deferred[None] | None] = lambda: None
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.stop_result = stop_result
+        self.ports: list[RecordingPort] = []
+        self.refuse: set[int | str] = set()
+
+    def _port(self, address: IAddress) -> RecordingPort:
+        port = RecordingPort(address, self.stop_result())
+        self.ports.append(port)
+        return port
+
+    def listenTCP(
+        self, port: int, factory: ServerFactory, backlog: int = 50, interface: str = ""
+    ) -> IListeningPort:
+        """Record the call; refuse ports in `refuse` as if already in use."""
+        if port in self.refuse:
+            raise CannotListenError(interface, port, OSError(errno.EADDRINUSE, "busy"))
+        super().listenTCP(port, factory, backlog, interface)  # type: ignore[no-untyped-call]
+        return self._port(IPv4Address("TCP", interface or "0.0.0.0", port))
+
+    def listenUNIX(
+        self,
+        address: str,
+        factory: ServerFactory,
+        backlog: int = 50,
+        mode: int = 0o666,
+        wantPID: int = 0,
+    ) -> IListeningPort:
+        """Record the call; refuse paths in `refuse`."""
+        if address in self.refuse:
+            raise CannotListenError(address, 0, OSError(errno.EACCES, "denied"))
+        super().listenUNIX(address, factory, backlog, mode, wantPID)  # type: ignore[no-untyped-call]
+        return self._port(UNIXAddress(address))
+
+
+def make_config(**settings: str) -> Config:
+    """A Config with TCP policy and metrics listeners, plus *settings*."""
+    env = {
+        "POLICYD_LISTEN": "tcp:10040:interface=127.0.0.1",
+        "POLICYD_METRICS_LISTEN": "tcp:10041:interface=127.0.0.1",
+    }
+    env.update({f"POLICYD_{name.upper()}": value for name, value in settings.items()})
+    return load(env)
+
+
+def started(
+    reactor: MemoryReactorClock,
+    decider: Decider | None = None,
+    **settings: str,
+) -> PolicyServer:
+    """A PolicyServer on *reactor*, started."""
+    server = PolicyServer(
+        make_config(**settings), reactor, CollectorRegistry(), decider
+    )
+    result_of(Deferred.fromCoroutine(server.start()))
+    return server
+
+
+# --------------------------------------------------------------------------
+
+
+class TestPolicyFactory:
+    """The factory tracks its connections and knows when they are all answered."""
+
+    def test_tracks_connections(self) -> None:
+        """Each connection gets a new id and is tracked until it is lost."""
+        harness = Harness()
+        a, b = harness.connect(), harness.connect()
+        assert (a.protocol.connection_id, b.protocol.connection_id) == (1, 2)
+        assert harness.factory.protocols == {a.protocol, b.protocol}
+        a.drop()
+        assert harness.factory.protocols == {b.protocol}
+
+    def test_drain_when_quiet(self) -> None:
+        """drain() fires at once when nothing is in flight."""
+        harness = Harness()
+        harness.connect().send(MINIMAL)
+        assert result_of(harness.factory.drain()) is None
+
+    def test_drain_waits(self) -> None:
+        """drain() fires only when the last decision in flight is answered."""
+        decider = DeferredDecider()
+        harness = Harness(decider)
+        a, b = harness.connect(), harness.connect()
+        a.send(MINIMAL)
+        b.send(MINIMAL * 2)
+        drained = harness.factory.drain()
+        decider.pending[0].callback(DUNNO)
+        decider.pending[1].callback(DUNNO)
+        assert not fired(drained)  # b's second request is now in flight
+        decider.pending[2].callback(DUNNO)
+        assert fired(drained)
+        assert (a.writes, b.writes) == ([DUNNO_REPLY], [DUNNO_REPLY] * 2)
+
+    def test_drain_on_connection_lost(self) -> None:
+        """A busy connection that goes away no longer holds up drain()."""
+        decider = DeferredDecider()
+        harness = Harness(decider)
+        client = harness.connect()
+        client.send(MINIMAL)
+        drained = harness.factory.drain()
+        client.drop()
+        assert fired(drained)
+
+    def test_drain_on_timeout(self) -> None:
+        """A decision that times out still lets drain() fire."""
+        decider = DeferredDecider()
+        harness = Harness(decider, decision_timeout=1.0)
+        harness.connect().send(MINIMAL)
+        drained = harness.factory.drain()
+        harness.clock.advance(1.0)
+        assert fired(drained)
+
+    def test_closed(self) -> None:
+        """closed() fires once every closing connection has gone.
+
+        A connection that is not closing (here: busy) does not hold it up.
+        """
+        harness = Harness(DeferredDecider())
+        first, second = FlushingTransport(), FlushingTransport()
+        a = Client(harness.factory, first)
+        b = Client(harness.factory, second)
+        busy = harness.connect()
+        busy.send(MINIMAL)
+        assert fired(harness.factory.closed())  # nothing is closing yet
+        harness.factory.close_idle()
+        closed = harness.factory.closed()
+        assert not fired(closed)
+        first.flushed()
+        assert not fired(closed)
+        second.flushed()
+        assert fired(closed)
+        assert (a.is_closed(), b.is_closed(), busy.is_closed()) == (True, True, False)
+
+    def test_close_idle(self) -> None:
+        """close_idle() closes connections with nothing in flight, and only those."""
+        decider = DeferredDecider()
+        harness = Harness(decider)
+        answered, partial, never, busy = (harness.connect() for _ in range(4))
+        answered.send(MINIMAL)
+        decider.pending[0].callback(DUNNO)
+        partial.send(MINIMAL[:5])
+        busy.send(MINIMAL)
+        harness.factory.close_idle()
+        assert [c.is_closed() for c in (answered, partial, never, busy)] == [
+            True,
+            True,
+            True,
+            False,
+        ]
+
+    def test_sweep_closes_several(self) -> None:
+        """One sweep closes every stalled or idle connection, whatever their number."""
+        harness = Harness(request_timeout=10, idle_timeout=20)
+        stalled = [harness.connect() for _ in range(3)]
+        for client in stalled:
+            client.send(MINIMAL[:5])
+        harness.clock.advance(10)
+        fresh = harness.connect()
+        harness.factory.sweep()
+        assert all(c.is_closed() for c in stalled)
+        assert not fresh.is_closed()
+        assert harness.factory.protocols == {fresh.protocol}
+
+
+class TestWiring:
+    """PolicyServer builds its factory from the configuration."""
+
+    def test_from_config(self) -> None:
+        """Limits, timeouts and the fallback come from the Config."""
+        config = make_config(
+            max_line_length="100",
+            max_attributes="9",
+            max_request_bytes="1000",
+            decision_timeout="250ms",
+            request_timeout="5s",
+            idle_timeout="2m",
+            fallback_action="DEFER_IF_PERMIT Service busy",
+        )
+        server = PolicyServer(config, MemoryReactorClock(), CollectorRegistry())
+        factory = server.factory
+        assert factory.limits == Limits(100, 9, 1000)
+        assert (
+            factory.decision_timeout,
+            factory.request_timeout,
+            factory.idle_timeout,
+        ) == (0.25, 5.0, 120.0)
+        assert factory.fallback == Action.parse("DEFER_IF_PERMIT Service busy")
+        assert isinstance(factory.decider, DunnoDecider)
+        assert factory.log_requests is False
+
+    @pytest.mark.parametrize(
+        ("level", "expected"), [("debug", True), ("info", False), ("warn", False)]
+    )
+    def test_log_requests(self, level: str, expected: bool) -> None:
+        """Requests are logged one by one only at log level debug."""
+        server = PolicyServer(
+            make_config(log_level=level), MemoryReactorClock(), CollectorRegistry()
+        )
+        assert server.factory.log_requests is expected
+
+    def test_decider_used(self) -> None:
+        """The decider passed in answers the requests."""
+        reactor = MemoryReactorClock()
+        server = started(reactor, FixedDecider(Action.parse("REJECT no")))
+        client = Client(server.factory)
+        client.send(MINIMAL)
+        assert client.writes == [b"action=REJECT no\n\n"]
+
+    def test_metrics_registry(self) -> None:
+        """The server's metrics live on the registry passed in."""
+        registry = CollectorRegistry()
+        server = PolicyServer(make_config(), MemoryReactorClock(), registry)
+        Client(server.factory).send(MINIMAL)
+        assert registry.get_sample_value("policyd_requests_total", {"action": "DUNNO"})
+        assert registry.get_sample_value("policyd_active_connections") == 1
+
+
+class TestStart:
+    """start(): every listener, or none."""
+
+    def test_listens(self, logs: EventLoggingObserver) -> None:
+        """Each configured endpoint and the metrics endpoint are listened on."""
+        reactor = MemoryReactorClock()
+        server = started(
+            reactor,
+            listen="tcp:10040:interface=127.0.0.1 unix:/run/policyd/p.sock:mode=660",
+        )
+        assert reactor.tcpServers == [
+            (10040, server.factory, 50, "127.0.0.1"),
+            (10041, server.site, 50, "127.0.0.1"),
+        ]
+        assert isinstance(server.site, Site)
+        assert [(a, f, m) for a, f, _, m, _ in reactor.unixServers] == [
+            ("/run/policyd/p.sock", server.factory, 0o660)
+        ]
+        listening = events_named(logs, "listening")
+        assert [(e["endpoint"], e["address"], e["port"]) for e in listening] == [
+            ("tcp:10040:interface=127.0.0.1", "0.0.0.0", 10040),
+            ("unix:/run/policyd/p.sock:mode=660", "/run/policyd/p.sock", None),
+        ]
+        assert all(e["log_level"] == LogLevel.info for e in listening)
+        [metrics] = events_named(logs, "metrics_listening")
+        assert metrics["endpoint"] == "tcp:10041:interface=127.0.0.1"
+        assert server.health() == (True, "ok")
+
+    def test_no_metrics(self, logs: EventLoggingObserver) -> None:
+        """With metrics_listen=none only the policy endpoints are listened on."""
+        reactor = MemoryReactorClock()
+        server = started(reactor, metrics_listen="none")
+        assert reactor.tcpServers == [(10040, server.factory, 50, "127.0.0.1")]
+        assert server.metrics_port is None
+        assert events_named(logs, "metrics_listening") == []
+        assert server.health() == (True, "ok")
+
+    def test_health_before_start(self) -> None:
+        """A server that is not listening yet is not healthy."""
+        server = PolicyServer(make_config(), MemoryReactorClock(), CollectorRegistry())
+        assert server.health() == (False, "not listening")
+
+    def test_sweeper(self) -> None:
+        """Once started, stalled requests are swept without any explicit call."""
+        reactor = MemoryReactorClock()
+        server = started(reactor, request_timeout="3s")
+        client = Client(server.factory)
+        client.send(MINIMAL[:5])
+        reactor.advance(2 * SWEEP_INTERVAL)
+        assert not client.is_closed()
+        reactor.advance(SWEEP_INTERVAL)
+        assert client.is_closed()
+
+    @pytest.mark.parametrize(
+        ("refused", "listen", "stopped"),
+        [
+            ("/run/p.sock", "tcp:10040:interface=127.0.0.1 unix:/run/p.sock", 1),
+            (10050, "tcp:10040:interface=127.0.0.1 tcp:10050", 1),
+            (10040, "tcp:10040:interface=127.0.0.1 tcp:10050", 0),
+            (10041, "tcp:10040:interface=127.0.0.1 tcp:10050", 2),
+        ],
+        ids=["second unix", "second tcp", "first", "metrics"],
+    )
+    def test_listen_failure(
+        self, refused: int | str, listen: str, stopped: int
+    ) -> None:
+        """A listener that fails closes the ones already open and raises."""
+        reactor = RecordingReactor()
+        reactor.refuse.add(refused)
+        server = PolicyServer(make_config(listen=listen), reactor, CollectorRegistry())
+        d = Deferred.fromCoroutine(server.start())
+        assert failure_of(d).check(CannotListenError)
+        assert len(reactor.ports) == stopped
+        assert all(p.stopped for p in reactor.ports)
+        assert (server.ports, server.metrics_port) == ([], None)
+        assert server.health() == (False, "not listening")
+        assert reactor.getDelayedCalls() == []  # no sweeper left behind
+
+
+class TestStop:
+    """stop(): stop listening, answer what is in flight, close."""
+
+    @pytest.mark.parametrize(
+        "kind", ["memory reactor", "stopListening returns None", "returns a Deferred"]
+    )
+    def test_idle(self, kind: str, logs: EventLoggingObserver) -> None:
+        """With nothing in flight, stop() stops listening and closes at once.
+
+        A port's stopListening may return None or a Deferred (both are
+        IListeningPort); MemoryReactor's own fake ports return None.
+        """
+        reactor: MemoryReactorClock
+        if kind == "memory reactor":
+            reactor = MemoryReactorClock()
+        elif kind == "stopListening returns None":
+            reactor = RecordingReactor()
+        else:
+            reactor = RecordingReactor(lambda: succeed(None))
+        server = started(reactor)
+        answered, never = Client(server.factory), Client(server.factory)
+        answered.send(MINIMAL)
+        d = Deferred.fromCoroutine(server.stop())
+        result_of(d)
+        assert answered.is_closed()
+        assert never.is_closed()
+        assert answered.writes == [DUNNO_REPLY]
+        if isinstance(reactor, RecordingReactor):
+            assert [p.stopped for p in reactor.ports] == [True, True]
+        assert server.health() == (False, "stopping")
+        assert reactor.getDelayedCalls() == []  # the sweeper is stopped
+        assert [
+            e["event"] for e in logs if e.get("event") in ("stopping", "stopped")
+        ] == [
+            "stopping",
+            "stopped",
+        ]
+
+    def test_waits_for_stop_listening(self) -> None:
+        """stop() does not finish before the ports have stopped listening."""
+        stopping: Deferred[None] = Deferred()
+        reactor = RecordingReactor(lambda: stopping)
+        server = started(reactor)
+        d = Deferred.fromCoroutine(server.stop())
+        assert not fired(d)
+        stopping.callback(None)
+        assert fired(d)
+        result_of(d)
+
+    def test_answers_in_flight(self) -> None:
+        """stop() answers requests in flight before it closes their connections."""
+        decider = DeferredDecider()
+        reactor = RecordingReactor()
+        server = started(reactor, decider)
+        client = Client(server.factory)
+        client.send(MINIMAL)
+        d = Deferred.fromCoroutine(server.stop())
+        assert not fired(d)
+        policy_port, metrics_port = reactor.ports
+        assert policy_port.stopped  # no new connections while draining
+        assert not client.is_closed()
+        assert server.health() == (False, "stopping")
+        decider.pending[0].callback(DUNNO)
+        assert client.writes == [DUNNO_REPLY]
+        assert client.is_closed()
+        assert metrics_port.stopped
+        result_of(d)
+
+    def test_in_flight_times_out(self) -> None:
+        """A decision that never fires gets the fallback at decision_timeout."""
+        decider = DeferredDecider()
+        reactor = MemoryReactorClock()
+        server = started(
+            reactor,
+            decider,
+            decision_timeout="1s",
+            fallback_action="DEFER_IF_PERMIT Service busy",
+        )
+        client = Client(server.factory)
+        client.send(MINIMAL)
+        d = Deferred.fromCoroutine(server.stop())
+        reactor.advance(0.999)
+        assert not fired(d)
+        reactor.advance(0.001)
+        assert client.writes == [BUSY_REPLY]
+        assert client.is_closed()
+        result_of(d)
+
+    def test_bounded(self, logs: EventLoggingObserver) -> None:
+        """stop() gives up waiting after decision_timeout + 1 s.
+
+        Four pipelined requests that each hang take four decision timeouts to
+        answer; stop() does not wait for them all.
+        """
+        decider = DeferredDecider()
+        reactor = MemoryReactorClock()
+        server = started(reactor, decider, decision_timeout="1s")
+        client = Client(server.factory)
+        client.send(MINIMAL * 4)
+        d = Deferred.fromCoroutine(server.stop())
+        reactor.advance(1.0)
+        reactor.advance(0.999)
+        assert not fired(d)
+        reactor.advance(0.001)
+        assert fired(d)
+        result_of(d)
+        [event] = events_named(logs, "drain_timeout")
+        assert event["log_level"] == LogLevel.warn
+        assert events_named(logs, "stopped") != []
+
+    def test_waits_for_replies_to_go_out(self) -> None:
+        """stop() finishes only once closed connections have sent what they had.
+
+        A TCP transport closes after its write buffer is flushed; if stop()
+        returned earlier, the reactor's shutdown would drop the last replies.
+        """
+        reactor = MemoryReactorClock()
+        server = started(reactor)
+        transport = FlushingTransport()
+        client = Client(server.factory, transport)
+        client.send(MINIMAL)
+        d = Deferred.fromCoroutine(server.stop())
+        assert transport.disconnecting
+        assert not fired(d)
+        transport.flushed()
+        assert fired(d)
+        assert client.writes == [DUNNO_REPLY]
+        result_of(d)
+
+    def test_close_bounded(self, logs: EventLoggingObserver) -> None:
+        """A connection that never finishes closing delays stop() by CLOSE_TIMEOUT."""
+        reactor = MemoryReactorClock()
+        server = started(reactor)
+        Client(server.factory, FlushingTransport())
+        d = Deferred.fromCoroutine(server.stop())
+        reactor.advance(CLOSE_TIMEOUT - 0.001)
+        assert not fired(d)
+        reactor.advance(0.001)
+        result_of(d)
+        [event] = events_named(logs, "close_timeout")
+        assert event["log_level"] == LogLevel.warn
+
+    def test_twice(self) -> None:
+        """A second stop() returns at once and does nothing more."""
+        reactor = RecordingReactor()
+        server = started(reactor)
+        result_of(Deferred.fromCoroutine(server.stop()))
+        result_of(Deferred.fromCoroutine(server.stop()))
+        assert [p.stopped for p in reactor.ports] == [True, True]
