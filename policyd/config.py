@@ -78,11 +78,14 @@ def integer(minimum: int, maximum: int) -> Callable[[str], int]:
     return convert
 
 
-def choice(*choices: str) -> Callable[[str], str]:
-    """One of a fixed set of words, case-insensitive."""
+def choice(
+    *choices: str, aliases: Mapping[str, str] | None = None
+) -> Callable[[str], str]:
+    """One of a fixed set of words, case-insensitive; *aliases* map to them."""
 
     def convert(raw: str) -> str:
         value = raw.strip().lower()
+        value = (aliases or {}).get(value, value)
         if value not in choices:
             raise ValueError("expected one of: " + ", ".join(choices))
         return value
@@ -200,7 +203,7 @@ class Config:
     )
     log_level: str = _setting(
         "info",
-        choice("debug", "info", "warn", "error"),
+        choice("debug", "info", "warn", "error", aliases={"warning": "warn"}),
         "Least severe log level written to stdout: debug (one line per request), "
         "info, warn or error.",
     )
@@ -224,8 +227,8 @@ class Config:
     request_timeout: float = _setting(
         "10s",
         duration(0.1, 3600),
-        "A connection that has sent part of a request and then nothing more for "
-        "this long is closed (Postfix writes a request in one go).",
+        "A connection that has sent part of a request but not its end within this "
+        "long is closed without a reply (Postfix writes a request in one go).",
     )
     idle_timeout: float = _setting(
         "600s",

@@ -47,6 +47,7 @@ MALFORMED_LINE: Final = "malformed_line"
 EMPTY_REQUEST: Final = "empty_request"
 BAD_REQUEST_TYPE: Final = "bad_request_type"
 REQUEST_TIMEOUT: Final = "request_timeout"
+PIPELINE_OVERFLOW: Final = "pipeline_overflow"
 PROTOCOL_ERROR_REASONS: Final = (
     LINE_TOO_LONG,
     TOO_MANY_ATTRIBUTES,
@@ -55,7 +56,13 @@ PROTOCOL_ERROR_REASONS: Final = (
     EMPTY_REQUEST,
     BAD_REQUEST_TYPE,
     REQUEST_TIMEOUT,
+    PIPELINE_OVERFLOW,
 )
+
+# Postfix sends one request and waits for its answer; a client that piles up
+# more unanswered requests than this behind a slow decision is not Postfix,
+# and is cut off before its queue costs real memory.
+MAX_PIPELINED: Final = 64
 
 # Why a decision was replaced by the fallback action.
 DECISION_EXCEPTION: Final = "exception"
@@ -173,6 +180,7 @@ class PolicyProtocol(Protocol):
             buffer = data
             end = buffer.find(_TERMINATOR)
         start = 0
+        started = now
         while True:
             if end < 0:
                 if start < len(buffer):
@@ -195,7 +203,9 @@ class PolicyProtocol(Protocol):
             if request is None:
                 return
             self._partial_since = None
-            self._received(request, now)
+            self._received(request, started)
+            # Later requests of the same read are timed from their own start.
+            started = -1.0
             # A decider may drop the connection (say, the peer vanished while
             # it ran); mypy cannot see that through the call.
             if self.closing:
@@ -242,7 +252,7 @@ class PolicyProtocol(Protocol):
             "{reason}{detail}",
             event="protocol_error",
             reason=reason,
-            detail="" if detail is None else f" ({escape(detail)!r})",
+            detail="" if detail is None else f" (request={escape(detail)})",
             connection=self.connection_id,
             peer=describe_peer(self.transport.getPeer()),  # type: ignore[union-attr]
         )
@@ -250,11 +260,16 @@ class PolicyProtocol(Protocol):
 
     # -- answering ---------------------------------------------------------
 
-    def _received(self, request: PolicyRequest, now: float) -> None:
+    def _received(self, request: PolicyRequest, started: float) -> None:
         if self.busy:
+            if len(self._queue) >= MAX_PIPELINED:
+                self._protocol_error(PIPELINE_OVERFLOW)
+                return
             self._queue.append(request)
         else:
-            self._decide(request, now)
+            if started < 0:
+                started = self.factory.clock.seconds()
+            self._decide(request, started)
 
     def _decide(self, request: PolicyRequest, started: float) -> None:
         factory = self.factory

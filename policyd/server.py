@@ -22,7 +22,12 @@ from twisted.internet.defer import (
     succeed,
 )
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -135,6 +140,23 @@ class PolicyFactory(Factory):
             protocol.close_when_idle()
 
 
+# Postfix's default smtpd_policy_service_max_idle, in seconds.
+POSTFIX_MAX_IDLE = 300
+
+
+class CannotListen(Exception):
+    """A configured endpoint could not be listened on."""
+
+    def __init__(self, variable: str, description: str, reason: str) -> None:
+        super().__init__(variable, description, reason)
+        self.variable = variable
+        self.description = description
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.variable}: cannot listen on {self.description}: {self.reason}"
+
+
 class _QuietSite(Site):
     """A Site that does not log every scrape as an access-log line."""
 
@@ -204,17 +226,24 @@ class PolicyServer:
         closed again and the error is raised: a half-started server would
         leave Postfix connecting to some addresses and not others.
         """
+        if self.config.idle_timeout < POSTFIX_MAX_IDLE:
+            log.warn(
+                "POLICYD_IDLE_TIMEOUT={timeout}s is below Postfix's default "
+                "smtpd_policy_service_max_idle ({max_idle}s): smtpd may find "
+                "its connection closed and pay a one-second retry",
+                event="config_warning",
+                timeout=self.config.idle_timeout,
+                max_idle=POSTFIX_MAX_IDLE,
+            )
         try:
             for description in self.config.listen:
-                port = await serverFromString(self.reactor, description).listen(
-                    self.factory
-                )
+                port = await self._listen("POLICYD_LISTEN", description, self.factory)
                 self.ports.append(port)
                 self._log_listening("listening", description, port)
             if self.config.metrics_listen is not None:
-                self.metrics_port = await serverFromString(
-                    self.reactor, self.config.metrics_listen
-                ).listen(self.site)
+                self.metrics_port = await self._listen(
+                    "POLICYD_METRICS_LISTEN", self.config.metrics_listen, self.site
+                )
                 self._log_listening(
                     "metrics_listening", self.config.metrics_listen, self.metrics_port
                 )
@@ -222,6 +251,28 @@ class PolicyServer:
             await self._stop_listening()
             raise
         self._sweeper.start(SWEEP_INTERVAL, now=False)
+
+    async def _listen(
+        self, variable: str, description: str, factory: IProtocolFactory
+    ) -> IListeningPort:
+        try:
+            endpoint = serverFromString(self.reactor, description)
+        except (IndexError, KeyError) as e:
+            if not description.startswith("systemd:"):
+                raise CannotListen(variable, description, str(e)) from e
+            raise CannotListen(
+                variable,
+                description,
+                "systemd passed no such socket; start policyd through its "
+                ".socket unit (deploy/systemd/policyd.socket)",
+            ) from e
+        except Exception as e:
+            raise CannotListen(variable, description, str(e)) from e
+        try:
+            port: IListeningPort = await endpoint.listen(factory)
+        except Exception as e:
+            raise CannotListen(variable, description, str(e)) from e
+        return port
 
     def _log_listening(
         self, event: str, description: str, port: IListeningPort

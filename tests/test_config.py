@@ -72,6 +72,8 @@ GOOD: dict[str, list[tuple[str, Any]]] = {
         ("INFO", "info"),
         ("Warn", "warn"),
         (" error ", "error"),
+        ("warning", "warn"),
+        ("WARNING", "warn"),
     ],
     "POLICYD_LOG_FORMAT": [
         ("text", "text"),
@@ -167,7 +169,6 @@ BAD: dict[str, list[tuple[str, str]]] = {
     ],
     "POLICYD_LOG_LEVEL": [
         ("", r"expected one of: debug, info, warn, error"),
-        ("warning", r"expected one of: debug, info, warn, error"),
         ("critical", r"expected one of: debug, info, warn, error"),
         ("verbose", r"expected one of: debug, info, warn, error"),
         ("1", r"expected one of: debug, info, warn, error"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import sys
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -40,6 +41,7 @@ from policyd.protocol import (
     EMPTY_REQUEST,
     LINE_TOO_LONG,
     MALFORMED_LINE,
+    MAX_PIPELINED,
     PROTOCOL_ERROR_REASONS,
     REQUEST_TIMEOUT,
     REQUEST_TOO_LARGE,
@@ -346,13 +348,14 @@ class TestConnection:
         assert not client.protocol.busy
 
     def test_long_pipeline_of_fired_deferreds(self) -> None:
-        """Thousands of queued requests answered by fired Deferreds all get replies.
+        """A full pipeline answered by fired Deferreds gets every reply.
 
         Answering them must not recurse once per request (which would end in
-        RecursionError and a wedged connection).
+        RecursionError and a wedged connection): the recursion limit is set
+        low enough that a frame per request would hit it.
         """
         first: Deferred[Action] = Deferred()
-        count = 3000
+        count = MAX_PIPELINED + 1
 
         class Cached:
             """A miss (pending) for the first request, cache hits after."""
@@ -365,9 +368,37 @@ class TestConnection:
 
         client = Harness(Cached()).connect()
         client.send(MINIMAL * count)
-        first.callback(DUNNO)
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(MAX_PIPELINED * 4)
+        try:
+            first.callback(DUNNO)
+        finally:
+            sys.setrecursionlimit(limit)
         assert len(client.writes) == count
         assert not client.protocol.busy
+
+    def test_pipeline_overflow_closes(self) -> None:
+        """More unanswered requests than MAX_PIPELINED close the connection.
+
+        Postfix waits for each answer; a client that piles up requests behind
+        a slow decision is cut off (no reply, counted) before it costs memory.
+        """
+        pending: Deferred[Action] = Deferred()
+
+        class Slow:
+            """Never answers the first request."""
+
+            def decide(self, request: PolicyRequest) -> Deferred[Action]:
+                return pending
+
+        harness = Harness(Slow())
+        client = harness.connect()
+        client.send(MINIMAL * (MAX_PIPELINED + 1))
+        assert not client.is_closed()
+        client.send(MINIMAL)
+        assert client.is_closed()
+        assert client.writes == []
+        assert harness.protocol_errors("pipeline_overflow") == 1
 
     def test_decider_drops_connection(self) -> None:
         """If the connection is lost while deciding, the rest of the read is dropped."""
@@ -526,7 +557,7 @@ class TestLimits:
         """The warning for a wrong request type names the type, escaped."""
         Harness().connect().send(b"request=junk\x1b\n\n")
         [event] = events_named(logs, "protocol_error")
-        assert event["detail"] == " ('junk\\\\x1b')"
+        assert event["detail"] == " (request=junk\\x1b)"
 
     @pytest.mark.parametrize("how", ["whole", "byte by byte"])
     @pytest.mark.parametrize(

@@ -38,7 +38,7 @@ from policyd.actions import DUNNO, Action
 from policyd.config import Config, load
 from policyd.decision import Decider, DunnoDecider
 from policyd.protocol import Limits
-from policyd.server import CLOSE_TIMEOUT, SWEEP_INTERVAL, PolicyServer
+from policyd.server import CLOSE_TIMEOUT, SWEEP_INTERVAL, CannotListen, PolicyServer
 
 T = TypeVar("T")
 
@@ -379,24 +379,42 @@ class TestStart:
         assert client.is_closed()
 
     @pytest.mark.parametrize(
-        ("refused", "listen", "stopped"),
+        ("refused", "listen", "stopped", "variable"),
         [
-            ("/run/p.sock", "tcp:10040:interface=127.0.0.1 unix:/run/p.sock", 1),
-            (10050, "tcp:10040:interface=127.0.0.1 tcp:10050", 1),
-            (10040, "tcp:10040:interface=127.0.0.1 tcp:10050", 0),
-            (10041, "tcp:10040:interface=127.0.0.1 tcp:10050", 2),
+            (
+                "/run/p.sock",
+                "tcp:10040:interface=127.0.0.1 unix:/run/p.sock",
+                1,
+                "POLICYD_LISTEN",
+            ),
+            (10050, "tcp:10040:interface=127.0.0.1 tcp:10050", 1, "POLICYD_LISTEN"),
+            (10040, "tcp:10040:interface=127.0.0.1 tcp:10050", 0, "POLICYD_LISTEN"),
+            (
+                10041,
+                "tcp:10040:interface=127.0.0.1 tcp:10050",
+                2,
+                "POLICYD_METRICS_LISTEN",
+            ),
         ],
         ids=["second unix", "second tcp", "first", "metrics"],
     )
     def test_listen_failure(
-        self, refused: int | str, listen: str, stopped: int
+        self, refused: int | str, listen: str, stopped: int, variable: str
     ) -> None:
-        """A listener that fails closes the ones already open and raises."""
+        """A listener that fails closes the ones already open and raises.
+
+        The error names the variable whose endpoint failed, and keeps
+        Twisted's own reason.
+        """
         reactor = RecordingReactor()
         reactor.refuse.add(refused)
         server = PolicyServer(make_config(listen=listen), reactor, CollectorRegistry())
         d = Deferred.fromCoroutine(server.start())
-        assert failure_of(d).check(CannotListenError)
+        failure = failure_of(d)
+        assert failure.check(CannotListen)
+        assert str(failure.value).startswith(f"{variable}: cannot listen on ")
+        assert failure.value is not None
+        assert isinstance(failure.value.__cause__, CannotListenError)
         assert len(reactor.ports) == stopped
         assert all(p.stopped for p in reactor.ports)
         assert (server.ports, server.metrics_port) == ([], None)
@@ -553,3 +571,36 @@ class TestStop:
         result_of(Deferred.fromCoroutine(server.stop()))
         result_of(Deferred.fromCoroutine(server.stop()))
         assert [p.stopped for p in reactor.ports] == [True, True]
+
+
+class TestStartMessages:
+    """What start() tells the admin about endpoints that cannot work."""
+
+    def test_systemd_without_socket(self) -> None:
+        """A systemd endpoint with no inherited socket says how to start policyd."""
+        reactor = RecordingReactor()
+        server = PolicyServer(
+            make_config(listen="systemd:domain=INET:index=7"),
+            reactor,
+            CollectorRegistry(),
+        )
+        failure = failure_of(Deferred.fromCoroutine(server.start()))
+        assert failure.check(CannotListen)
+        assert "POLICYD_LISTEN" in str(failure.value)
+        assert ".socket unit" in str(failure.value)
+
+    def test_idle_timeout_below_postfix_max_idle_warns(
+        self, logs: EventLoggingObserver
+    ) -> None:
+        """An idle timeout below Postfix's 300 s max_idle is warned about at start."""
+        started(MemoryReactorClock(), idle_timeout="120s")
+        warnings = [e for e in logs if e.get("event") == "config_warning"]
+        assert len(warnings) == 1
+        assert warnings[0]["log_level"] == LogLevel.warn
+
+    def test_default_idle_timeout_does_not_warn(
+        self, logs: EventLoggingObserver
+    ) -> None:
+        """The default idle timeout (600 s) is above max_idle: no warning."""
+        started(MemoryReactorClock())
+        assert not [e for e in logs if e.get("event") == "config_warning"]
