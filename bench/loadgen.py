@@ -15,29 +15,31 @@ Why the load is driven from C.  The bare Twisted DUNNO server
 (``bench/baseline.py``) spends about 21-25 us of CPU per request, so to keep
 its core saturated a client on the other core must spend clearly less than
 that per request, with headroom for noise.  Measured on the 2-core
-development VM against the baseline at 100 connections, same requests, all
-three engines of this file (``--engine``):
+development VM against the baseline at 100 and 1000 connections (server and
+client pinned to one core each, nice -10, same requests), with the three
+engines of this file (``--engine``):
 
-=========  ===========  ==============  ===========  ====================
-engine     req/s        client cores    client us    server cores
-=========  ===========  ==============  ===========  ====================
-asyncio    30-36k       0.87-0.98       27-29        0.78-0.91 (starved)
-uvloop     ~40k         0.61            15-17        0.99
-c          43-45k       0.36-0.40       9-10         0.98-1.00
-=========  ===========  ==============  ===========  ====================
+=========  ===========  ============  =========  ========================
+engine     req/s        client cores  client us  server cores
+=========  ===========  ============  =========  ========================
+asyncio    34-46k       0.70-1.00     15-28      0.89-0.97 (often starved)
+uvloop     40-47k       0.50-0.57     11-14      1.00
+c          42-46k       0.35-0.38     8-9        1.00
+=========  ===========  ============  =========  ========================
 
-``asyncio`` (a raw ``asyncio.Protocol``, pre-encoded requests) needs a whole
-core and still leaves the server idle part of the time: it is the
-bottleneck.  ``uvloop`` would do, but it is a PyPI package that a fresh
-machine lacks, and it costs 60% of a core, leaving little margin.  The C
-driver (``bench/policyload.c``, one epoll loop) costs 9-10 us per request,
-most of it the kernel's loopback TCP work that any client pays, so it is the
-default: ``cc -O2`` compiles it into a temporary directory at run time, and
-gcc is on every machine we target.  Several Python client processes are no
-way out on 2 cores: each one takes CPU from the server it should saturate.
-The Python engines remain as a fallback (``--engine auto`` uses them when
-no C compiler is found) and for comparison.  Every run reports the client's
-own CPU, so a reader can check that it was not the bottleneck.
+``asyncio`` (a raw ``asyncio.Protocol``, pre-encoded requests) costs about
+as much per request as the server: it usually burns its whole core and
+leaves the server idle part of the time, so it is the bottleneck.
+``uvloop`` would do, but it is a PyPI package a fresh machine lacks, and it
+takes over half a core.  The C driver (``bench/policyload.c``, one epoll
+loop) costs 8-9 us per request, most of it the kernel's loopback TCP work
+that any client pays, so it is the default: ``cc -O2`` compiles it into a
+temporary directory at run time, and gcc is on every machine we target.
+Several Python client processes are no way out on 2 cores: each one takes
+CPU from the server it should saturate.  The Python engines remain as a
+fallback (``--engine auto`` uses them when no C compiler is found) and for
+comparison.  Every run reports the client's own CPU, so a reader can check
+that it was not the bottleneck.
 
 Usage::
 
@@ -55,6 +57,8 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import importlib
+import importlib.util
 import ipaddress
 import json
 import os
@@ -745,6 +749,8 @@ class _AsyncClient(asyncio.Protocol):
         run = self.run
         self.waiting = False
         self.req += 1
+        if run.count_done.is_set():
+            return  # the count is reached: the run is ending
         if run.measuring:
             run.latencies.append(t - self.t_start)
             value = buf[7:nl]
@@ -906,11 +912,7 @@ def resolve_engine(engine: str) -> str:
         return engine
     if find_compiler():
         return "c"
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return "asyncio"
-    return "uvloop"
+    return "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
 
 
 class LoadGenerator:
@@ -980,9 +982,9 @@ class LoadGenerator:
             )  # fmt: skip
         loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
         if self.engine == "uvloop":
-            import uvloop
-
-            loop_factory = uvloop.new_event_loop
+            # Imported by name: uvloop is optional and not among the project's
+            # dependencies, so mypy must not go looking for it.
+            loop_factory = importlib.import_module("uvloop").new_event_loop
         coro = _run_async(
             self.sessions, host=host, port=port, connections=connections,
             warmup=warmup, duration=duration, count=count, timeout=timeout,

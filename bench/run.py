@@ -23,6 +23,10 @@ after waiting for the machine to be idle, and the least noisy attempt counts.
 Rows that stayed noisy are flagged with "!".  Server CPU per request is far
 less sensitive to noise than req/s and latency: compare that first.
 
+Priority.  The runner lowers its nice value to -10 (``--nice``; needs root),
+which its children inherit, so that a neighbour's test suite gets a small
+share of the cores while a run lasts (bounded: minutes).
+
 Placement.  Servers are pinned to the last CPU and the load generator (with
 this runner) to the others (``--no-pin`` to disable): on a 2-vCPU VM the
 single-connection rate doubled whenever the scheduler happened to put client
@@ -111,9 +115,10 @@ class Server:
         """Bind every thread of the process to ``cpus`` (if set)."""
         if self.cpus is None or self.proc is None:
             return
-        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
-            with contextlib.suppress(OSError):  # the thread may be gone
-                os.sched_setaffinity(int(task.name), self.cpus)
+        with contextlib.suppress(OSError):  # the process may be gone
+            for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+                with contextlib.suppress(OSError):  # the thread may be gone
+                    os.sched_setaffinity(int(task.name), self.cpus)
 
     @property
     def pid(self) -> int:
@@ -148,6 +153,25 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def set_priority(nice: int) -> str:
+    """Set this process's nice value (inherited by servers and load generator).
+
+    On a shared box a test suite next door competes for the cores; at nice
+    -10 the scheduler gives our processes about nine times its weight, which
+    cut the run-queue wait from 25-50% of a window to about 1% in our runs.
+    Lowering the nice value needs root (CAP_SYS_NICE); without it the run
+    goes on at the current priority.
+    """
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    if nice == current:
+        return f"nice {current}"
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except PermissionError:
+        return f"nice {current} (not allowed to set {nice})"
+    return f"nice {nice}"
 
 
 def cpu_plan(pin: bool) -> tuple[set[int] | None, set[int] | None]:
@@ -419,6 +443,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="extra environment for the policyd target (repeatable)",
     )
     parser.add_argument(
+        "--nice",
+        type=int,
+        default=-10,
+        help="nice value for the servers and the load generator, so that other "
+        "processes on the box disturb less (below the current value needs "
+        "root; pass the current value, usually 0, to leave it) [-10]",
+    )
+    parser.add_argument(
         "--no-pin", action="store_true", help="do not pin servers and client to CPUs"
     )
     parser.add_argument(
@@ -470,6 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if have < need:
         print(f"warning: RLIMIT_NOFILE is {have}, below the {need} needed", flush=True)
 
+    args.priority = set_priority(args.nice)
     server_cpus, loadgen_cpus = cpu_plan(not args.no_pin)
     if loadgen_cpus is not None:
         # Inherited by the load generator, which runs as this process's child.
@@ -548,7 +581,7 @@ def _run(args: argparse.Namespace, servers: list[Server]) -> int:
         print(
             f"engine {gen.engine}; {args.repeat} x {len(args.levels)} levels x 2 "
             f"servers, {args.warmup:g} s warm-up + {args.duration:g} s each; "
-            f"{args.pinning}",
+            f"{args.pinning}; {args.priority}",
             flush=True,
         )
         results: dict[tuple[str, int], list[loadgen.LoadResult]] = {}
@@ -566,6 +599,13 @@ def _run(args: argparse.Namespace, servers: list[Server]) -> int:
                 print(
                     f"warning: {s.name} has child processes; their CPU is not counted"
                 )
+            tail = [
+                line
+                for line in s.log_tail(6).splitlines()
+                if not line.startswith("baseline listening on")
+            ]
+            if tail:
+                print(f"{s.name} logged (last lines):", *tail, sep="\n  ")
     summaries = [Summary(name, c, runs) for (name, c), runs in results.items()]
     print()
     print(format_table(summaries, baseline.name, target.name, args.max_contention))
@@ -576,6 +616,7 @@ def _run(args: argparse.Namespace, servers: list[Server]) -> int:
             "warmup": args.warmup,
             "repeat": args.repeat,
             "pinning": args.pinning,
+            "priority": args.priority,
             "pool": dataclasses.asdict(loadgen.pool_options(args)),
             "baseline": baseline.name,
             "target": target.name,

@@ -161,6 +161,28 @@ def endpoints(raw: str) -> tuple[str, ...]:
     return descriptions
 
 
+def fraction(raw: str) -> float:
+    """A number from 0 to 1, e.g. 0.7."""
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError("expected a number from 0 to 1, e.g. 0.7") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("expected a number from 0 to 1, e.g. 0.7")
+    return value
+
+
+def positive_number(raw: str) -> float:
+    """A number of zero or more, e.g. 500 or 12.5."""
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError("expected a number of zero or more, e.g. 500") from None
+    if not 0.0 <= value < float("inf"):
+        raise ValueError("expected a number of zero or more, e.g. 500")
+    return value
+
+
 def optional_endpoint(raw: str) -> str | None:
     """One endpoint description, or ``none`` to disable."""
     if raw.strip().lower() == "none":
@@ -255,6 +277,112 @@ class Config:
         "Largest accepted request in bytes; a larger one closes the connection "
         "without a reply.",
     )
+    # -- stress detection (docs/stress.md explains the defaults) --
+    smtpd_capacity: int = _setting(
+        "100",
+        integer(1, 1_000_000),
+        "How many smtpd processes can use policyd at once: the sum of the maxproc "
+        "values of the smtpd services (master.cf) that call it, on every host "
+        "that shares this policyd; count a service twice if it calls policyd "
+        "from two restriction lists with different check_policy_service texts. "
+        "Postfix's default_process_limit is 100.",
+    )
+    busy_window: float = _setting(
+        "10s",
+        duration(0.1, 3600),
+        "A connection that sent a request within this long counts as a busy smtpd "
+        "process (one inside an SMTP transaction counts until "
+        "POLICYD_TRANSACTION_TIMEOUT).",
+    )
+    transaction_timeout: float = _setting(
+        "60s",
+        duration(1, 86400),
+        "A connection whose last request belonged to an SMTP transaction (had an "
+        "instance) counts as busy for this long after it, unless its next request "
+        "shows the transaction ended. Covers the DATA phase, where Postfix asks "
+        "nothing.",
+    )
+    elevated_enter: float = _setting(
+        "0.7",
+        fraction,
+        "Load ratio (busy smtpd processes / POLICYD_SMTPD_CAPACITY, or request "
+        "rate / POLICYD_RATE_CAPACITY, the larger) at which the level becomes "
+        "elevated.",
+    )
+    elevated_exit: float = _setting(
+        "0.5",
+        fraction,
+        "Load ratio below which an elevated level may fall back to normal, after "
+        "POLICYD_LEVEL_MIN_DWELL. Must be below POLICYD_ELEVATED_ENTER.",
+    )
+    overload_enter: float = _setting(
+        "0.9",
+        fraction,
+        "Load ratio at which the level becomes overload. Must be at least "
+        "POLICYD_ELEVATED_ENTER.",
+    )
+    overload_exit: float = _setting(
+        "0.75",
+        fraction,
+        "Load ratio below which overload may fall back to elevated, after "
+        "POLICYD_LEVEL_MIN_DWELL. Must be below POLICYD_OVERLOAD_ENTER.",
+    )
+    level_min_dwell: float = _setting(
+        "30s",
+        duration(0, 3600),
+        "A level is left for a lower one only after the load has stayed below its "
+        "exit threshold this long, so that the level does not flap. Rising is "
+        "immediate.",
+    )
+    rate_capacity: float = _setting(
+        "0",
+        positive_number,
+        "Policy requests per second that count as full load (load ratio 1.0); 0 "
+        "leaves the request rate out of the load. Set it from your own peak "
+        "traffic: requests per second depend on recipients per message.",
+    )
+    rate_window: float = _setting(
+        "10s",
+        duration(1, 300),
+        "The request rate is averaged over this many seconds (whole seconds).",
+    )
+    postfix_stress_hold: float = _setting(
+        "60s",
+        duration(0, 86400),
+        "After a request carrying Postfix's stress=yes, the level stays at least "
+        "POLICYD_POSTFIX_STRESS_LEVEL for this long. Postfix marks smtpd "
+        "processes started while it is at its process limit, for their whole life.",
+    )
+    postfix_stress_level: str = _setting(
+        "overload",
+        choice("overload", "elevated", "ignore"),
+        "The level that Postfix's stress=yes implies: overload, elevated, or ignore "
+        "(policyd's own measure alone decides).",
+    )
+    client_ipv4_prefix: int = _setting(
+        "32",
+        integer(8, 32),
+        "IPv4 clients are counted per address prefix of this length (32: each "
+        "address on its own).",
+    )
+    client_ipv6_prefix: int = _setting(
+        "64",
+        integer(16, 128),
+        "IPv6 clients are counted per prefix of this length (64: one site or "
+        "subscriber).",
+    )
+    max_tracked_clients: int = _setting(
+        "100000",
+        integer(100, 100_000_000),
+        "Most clients (address prefixes) remembered at once; the least recently "
+        "seen is forgotten first. Memory is a few hundred bytes per client.",
+    )
+    client_rate_window: float = _setting(
+        "60s",
+        duration(1, 86400),
+        "Per-client session, message and refusal counts decay exponentially with "
+        "this time constant; rates are reported per minute.",
+    )
 
 
 @attrs.frozen
@@ -304,7 +432,40 @@ def load(env: Mapping[str, str]) -> Config:
             convert(raw)
         except ValueError as e:
             raise ConfigError(name, raw, str(e)) from None
-    return environ.to_config(Config, dict(env))
+    loaded = environ.to_config(Config, dict(env))
+    _check_thresholds(loaded, env)
+    return loaded
+
+
+def _check_thresholds(cfg: Config, env: Mapping[str, str]) -> None:
+    """The level thresholds must nest: exit < enter, elevated <= overload."""
+    rules = [
+        (
+            "elevated_exit",
+            cfg.elevated_exit < cfg.elevated_enter,
+            "must be below POLICYD_ELEVATED_ENTER",
+        ),
+        (
+            "overload_exit",
+            cfg.overload_exit < cfg.overload_enter,
+            "must be below POLICYD_OVERLOAD_ENTER",
+        ),
+        (
+            "overload_enter",
+            cfg.overload_enter >= cfg.elevated_enter,
+            "must be at least POLICYD_ELEVATED_ENTER",
+        ),
+        (
+            "overload_exit",
+            cfg.overload_exit >= cfg.elevated_exit,
+            "must be at least POLICYD_ELEVATED_EXIT",
+        ),
+    ]
+    defaults = {name: default for _, name, default, _ in _declarations()}
+    for field, holds, problem in rules:
+        if not holds:
+            name = f"{PREFIX}_{field.upper()}"
+            raise ConfigError(name, env.get(name, defaults[name]), problem)
 
 
 def unknown_variables(env: Mapping[str, str]) -> list[str]:

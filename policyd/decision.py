@@ -12,6 +12,7 @@ from typing import Protocol
 from twisted.internet.defer import Deferred
 
 from policyd.actions import DUNNO, Action
+from policyd.load import LoadTracker
 from policyd.request import PolicyRequest
 
 
@@ -33,4 +34,21 @@ class DunnoDecider:
 
     def decide(self, request: PolicyRequest) -> Action:
         """Return ``DUNNO``."""
+        return DUNNO
+
+
+class TrackingDecider:
+    """
+    Account for every request in the load tracker, then answer ``DUNNO``.
+
+    Stress detection without decisions: the level and the per-client
+    counters are kept (and exported as metrics), but nobody is refused.
+    """
+
+    def __init__(self, tracker: LoadTracker) -> None:
+        self.tracker = tracker
+
+    def decide(self, request: PolicyRequest) -> Action:
+        """Observe *request*; return ``DUNNO``."""
+        self.tracker.observe(request)
         return DUNNO

@@ -8,16 +8,19 @@ or SMTP code, protocol errors by a fixed set of reasons; never per client.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
 from policyd import __version__
 from policyd.actions import Action
+from policyd.load import LoadTracker
 
 # Decisions are expected in microseconds; the upper buckets show a stalled
 # decider long before Postfix's own policy timeout (reference §1.6).
@@ -169,3 +172,72 @@ class MetricsRoot(Resource):
     def render_GET(self, request: Request) -> bytes:
         """Point a human at the two useful paths."""
         return _plain(request, 200, b"policyd: see /metrics and /healthz\n")
+
+
+class LoadCollector(Collector):
+    """Reads the load tracker at scrape time: no cost on the request path."""
+
+    def __init__(self, tracker: LoadTracker) -> None:
+        self._tracker = tracker
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the load metrics from one snapshot of the tracker."""
+        load = self._tracker.snapshot()
+        gauges = [
+            (
+                "policyd_stress_level",
+                "Stress level: 0 normal, 1 elevated, 2 overload.",
+                load.level,
+            ),
+            (
+                "policyd_load_ratio",
+                "Load as a fraction of capacity (busy smtpd processes or request "
+                "rate, whichever is higher); 1.0 means every process is busy.",
+                load.load_ratio,
+            ),
+            (
+                "policyd_busy_connections",
+                "Policy connections (smtpd processes) busy with a client now.",
+                load.busy_connections,
+            ),
+            (
+                "policyd_transactions_active",
+                "Connections inside an SMTP transaction (MAIL FROM seen, not ended).",
+                load.transactions,
+            ),
+            (
+                "policyd_tracked_clients",
+                "Clients (address prefixes) remembered by the tracker.",
+                load.tracked_clients,
+            ),
+            (
+                "policyd_request_rate",
+                "Policy requests per second over the rate window.",
+                load.request_rate,
+            ),
+            (
+                "policyd_postfix_stress_active",
+                "1 while a recent request carried Postfix's stress=yes.",
+                int(load.postfix_stress),
+            ),
+        ]
+        for name, documentation, value in gauges:
+            yield GaugeMetricFamily(name, documentation, value=value)
+        yield CounterMetricFamily(
+            "policyd_postfix_stress_seen",
+            "Requests carrying Postfix's stress=yes.",
+            value=load.postfix_stress_seen,
+        )
+        yield CounterMetricFamily(
+            "policyd_client_evictions",
+            "Clients forgotten to keep the table within POLICYD_MAX_TRACKED_CLIENTS.",
+            value=load.evictions,
+        )
+        transitions = CounterMetricFamily(
+            "policyd_stress_transitions",
+            "Changes of the stress level, by the level entered.",
+            labels=["level"],
+        )
+        for level, count in load.transitions.items():
+            transitions.add_metric([level], count)
+        yield transitions

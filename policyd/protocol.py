@@ -240,7 +240,7 @@ class PolicyProtocol(Protocol):
         if attributes.get("request") != EXPECTED_REQUEST:
             self._protocol_error(BAD_REQUEST_TYPE, attributes.get("request"))
             return None
-        return PolicyRequest.from_attributes(attributes)
+        return PolicyRequest.from_attributes(attributes, self.connection_id)
 
     def _protocol_error(self, reason: str, detail: str | None = None) -> None:
         self.closing = True

@@ -47,9 +47,13 @@ class PolicyRequest:
     instance: str
     sasl_username: str
     stress: bool
+    # Which policy connection (so which smtpd process) sent it; 0 if unknown.
+    connection: int = 0
 
     @classmethod
-    def from_attributes(cls, attributes: Mapping[str, str]) -> PolicyRequest:
+    def from_attributes(
+        cls, attributes: Mapping[str, str], connection: int = 0
+    ) -> PolicyRequest:
         """Build a request from already-decoded ``name -> value`` pairs."""
         get = attributes.get
         return cls(
@@ -64,4 +68,5 @@ class PolicyRequest:
             instance=get("instance", ""),
             sasl_username=get("sasl_username", ""),
             stress=get("stress", "") == "yes",
+            connection=connection,
         )

@@ -36,8 +36,16 @@ from twisted.web.server import Site
 
 from policyd.actions import Action
 from policyd.config import Config
-from policyd.decision import Decider, DunnoDecider
-from policyd.metrics import MetricsRoot, PolicyMetrics
+from policyd.decision import Decider, TrackingDecider
+from policyd.load import (
+    ELEVATED,
+    NORMAL,
+    OVERLOAD,
+    LoadSettings,
+    LoadTracker,
+    MemoryLoadTracker,
+)
+from policyd.metrics import LoadCollector, MetricsRoot, PolicyMetrics
 from policyd.protocol import (
     DECISION_FAILURE_REASONS,
     PROTOCOL_ERROR_REASONS,
@@ -71,8 +79,10 @@ class PolicyFactory(Factory):
         request_timeout: float,
         idle_timeout: float,
         log_requests: bool = False,
+        tracker: LoadTracker | None = None,
     ) -> None:
         self.clock = clock
+        self.tracker = tracker
         self.decider = decider
         self.metrics = metrics
         self.limits = limits
@@ -95,10 +105,14 @@ class PolicyFactory(Factory):
         """Track a new connection."""
         self.protocols.add(protocol)
         self.metrics.connections.inc()
+        if self.tracker is not None:
+            self.tracker.connection_opened(protocol.connection_id)
 
     def connection_lost(self, protocol: PolicyProtocol) -> None:
         """Forget a closed connection."""
         self.protocols.discard(protocol)
+        if self.tracker is not None:
+            self.tracker.connection_closed(protocol.connection_id)
         self.answered_all(protocol)
         if self._close_waiters and not any(p.closing for p in self.protocols):
             waiters, self._close_waiters = self._close_waiters, []
@@ -113,10 +127,17 @@ class PolicyFactory(Factory):
                 waiter.callback(None)
 
     def sweep(self) -> None:
-        """Close connections whose partial request stalled or that sat idle."""
+        """
+        Close connections whose partial request stalled or that sat idle.
+
+        Also lets the load tracker expire busy connections and re-evaluate
+        the stress level when no request arrives to do it.
+        """
         now = self.clock.seconds()
         for protocol in list(self.protocols):
             protocol.check_timeouts(now)
+        if self.tracker is not None:
+            self.tracker.tick()
 
     def drain(self) -> Deferred[None]:
         """Fire once no connection has a request in flight."""
@@ -138,6 +159,31 @@ class PolicyFactory(Factory):
         """Close every connection that has nothing in flight."""
         for protocol in list(self.protocols):
             protocol.close_when_idle()
+
+
+_STRESS_LEVELS = {"ignore": NORMAL, "elevated": ELEVATED, "overload": OVERLOAD}
+
+
+def load_settings(config: Config) -> LoadSettings:
+    """The load tracker's settings from the configuration."""
+    return LoadSettings(
+        capacity=config.smtpd_capacity,
+        busy_window=config.busy_window,
+        transaction_timeout=config.transaction_timeout,
+        elevated_enter=config.elevated_enter,
+        elevated_exit=config.elevated_exit,
+        overload_enter=config.overload_enter,
+        overload_exit=config.overload_exit,
+        min_dwell=config.level_min_dwell,
+        rate_capacity=config.rate_capacity,
+        rate_window=max(1, round(config.rate_window)),
+        postfix_stress_hold=config.postfix_stress_hold,
+        postfix_stress_level=_STRESS_LEVELS[config.postfix_stress_level],
+        ipv4_prefix=config.client_ipv4_prefix,
+        ipv6_prefix=config.client_ipv6_prefix,
+        max_tracked_clients=config.max_tracked_clients,
+        client_rate_window=config.client_rate_window,
+    )
 
 
 # Postfix's default smtpd_policy_service_max_idle, in seconds.
@@ -189,9 +235,11 @@ class PolicyServer:
         self.metrics = PolicyMetrics(
             registry, PROTOCOL_ERROR_REASONS, DECISION_FAILURE_REASONS
         )
+        self.tracker = MemoryLoadTracker(reactor, load_settings(config))
+        registry.register(LoadCollector(self.tracker))
         self.factory = PolicyFactory(
             clock=reactor,
-            decider=decider if decider is not None else DunnoDecider(),
+            decider=decider if decider is not None else TrackingDecider(self.tracker),
             metrics=self.metrics,
             limits=Limits(
                 max_line_length=config.max_line_length,
@@ -203,6 +251,7 @@ class PolicyServer:
             request_timeout=config.request_timeout,
             idle_timeout=config.idle_timeout,
             log_requests=config.log_level == "debug",
+            tracker=self.tracker,
         )
         self.site = _QuietSite(MetricsRoot(registry, self.health))  # type: ignore[no-untyped-call]
         self.ports: list[IListeningPort] = []

@@ -1,0 +1,538 @@
+"""
+The shared measure of connection load, and what policyd remembers per client.
+
+Postfix is overloaded when more SMTP clients want an smtpd process than there
+are processes.  policyd cannot see master(8)'s process table, but every live
+smtpd process that has used the policy service holds one policy connection,
+so connections approximate processes, and *busy* connections (one that sent
+a request within `LoadSettings.busy_window`, or whose SMTP transaction is
+still open) approximate busy processes.  An idle Postfix holding many open
+connections is therefore not load.
+
+The tracker combines, into one load ratio and a stress level:
+
+1. busy connections / `LoadSettings.capacity` (the smtpd process limit);
+2. the request rate over a short window / `LoadSettings.rate_capacity`
+   (optional: off when the capacity is 0);
+3. Postfix's own ``stress=yes``, a late signal, held for
+   `LoadSettings.postfix_stress_hold` and used as a floor for the level.
+
+Levels move up at once when the load crosses an *enter* threshold, and down
+only after the load has stayed below the *exit* threshold for
+`LoadSettings.min_dwell`, so they do not flap.
+
+Per client (grouped by address prefix: IPv4 /32 and IPv6 /64 by default) it
+keeps the number of smtpd processes the client holds (its busy connections),
+its recent rate of new sessions and new messages, and its recent refusals, in
+an LRU-bounded table: memory stays bounded however many addresses a botnet
+uses, and the cost of a request does not grow with the number of clients.
+
+`LoadTracker` is the interface; `MemoryLoadTracker` keeps everything in this
+process.  A backend shared by several MX hosts implements the same interface
+and passes the same contract tests (tests/load_contract.py).
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Final, Protocol
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from policyd.request import PolicyRequest
+
+log = Logger()
+
+NORMAL: Final = 0
+ELEVATED: Final = 1
+OVERLOAD: Final = 2
+LEVEL_NAMES: Final = ("normal", "elevated", "overload")
+
+# Stages at which Postfix reports a new SMTP session to the policy service
+# (smtpd_client_restrictions with smtpd_delay_reject=no; XCLIENT restarts the
+# session with the presented identity).
+SESSION_STATES: Final = frozenset({"CONNECT", "XCLIENT"})
+
+# The key under which clients without a usable address are counted.
+UNKNOWN_CLIENT: Final = -1
+_IPV6_TAG: Final = 1 << 128  # keeps IPv6 keys apart from IPv4 ones
+
+
+@attrs.frozen
+class LoadSettings:
+    """The thresholds and windows of the load tracker (see docs/stress.md)."""
+
+    capacity: int = 100
+    busy_window: float = 10.0
+    transaction_timeout: float = 60.0
+    elevated_enter: float = 0.7
+    elevated_exit: float = 0.5
+    overload_enter: float = 0.9
+    overload_exit: float = 0.75
+    min_dwell: float = 30.0
+    rate_capacity: float = 0.0
+    rate_window: int = 10
+    postfix_stress_hold: float = 60.0
+    postfix_stress_level: int = OVERLOAD
+    ipv4_prefix: int = 32
+    ipv6_prefix: int = 64
+    max_tracked_clients: int = 100_000
+    client_rate_window: float = 60.0
+
+
+@attrs.frozen
+class LoadSnapshot:
+    """The load as the metrics and the logs show it, at one moment."""
+
+    level: int
+    load_ratio: float
+    connections: int
+    busy_connections: int
+    transactions: int
+    request_rate: float
+    postfix_stress: bool
+    tracked_clients: int
+    postfix_stress_seen: int
+    evictions: int
+    transitions: dict[str, int]
+
+    @property
+    def level_name(self) -> str:
+        """``normal``, ``elevated`` or ``overload``."""
+        return LEVEL_NAMES[self.level]
+
+
+@attrs.frozen
+class ClientStats:
+    """What policyd remembers about one client (an address prefix)."""
+
+    key: str
+    # smtpd processes the client holds now: its busy policy connections.
+    concurrency: int
+    # New sessions (CONNECT/XCLIENT requests) and new messages (instances)
+    # per minute, averaged over about `LoadSettings.client_rate_window`.
+    session_rate: float
+    message_rate: float
+    # Refusals, decayed like the rates, and seconds since the last one.
+    refusals: float
+    since_refusal: float | None
+
+
+class LoadTracker(Protocol):
+    """
+    The shared counter of connection load.
+
+    Every method is synchronous and cheap: it runs on the path of every
+    request.  A backend that shares state between hosts keeps a local view and
+    synchronises it in the background (from `tick`).
+    """
+
+    @property
+    def level(self) -> int:
+        """The current stress level: `NORMAL`, `ELEVATED` or `OVERLOAD`."""
+
+    def connection_opened(self, connection: int) -> None:
+        """A policy connection (an smtpd process) arrived."""
+
+    def connection_closed(self, connection: int) -> None:
+        """A policy connection went away."""
+
+    def observe(self, request: PolicyRequest) -> int:
+        """Account for *request*; return the stress level it is decided at."""
+
+    def client(self, request: PolicyRequest) -> ClientStats:
+        """What is known about the client of *request*."""
+
+    def record_refusal(self, request: PolicyRequest) -> None:
+        """Remember that the client of *request* was refused just now."""
+
+    def tick(self) -> None:
+        """Expire what is stale and re-evaluate the level (about once a second)."""
+
+    def snapshot(self) -> LoadSnapshot:
+        """The current load, for metrics and logs."""
+
+
+def _decay(value: float, then: float, now: float, window: float) -> float:
+    """*value* (a count recorded at *then*) decayed exponentially to *now*."""
+    if now <= then:
+        return value
+    return value * math.exp((then - now) / window)
+
+
+class _Client:
+    """Mutable per-client counters; slots keep a client to a few hundred bytes."""
+
+    __slots__ = (
+        "busy",
+        "messages",
+        "messages_at",
+        "refusals",
+        "refused_at",
+        "sessions",
+        "sessions_at",
+    )
+
+    def __init__(self) -> None:
+        self.busy = 0
+        self.sessions = 0.0
+        self.sessions_at = 0.0
+        self.messages = 0.0
+        self.messages_at = 0.0
+        self.refusals = 0.0
+        self.refused_at = -math.inf
+
+
+class _Connection:
+    """What the tracker knows about one policy connection (one smtpd process)."""
+
+    __slots__ = ("busy", "busy_until", "client", "instance")
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.busy_until = 0.0
+        self.client: int | None = None
+        self.instance = ""
+
+
+class ClientKeys:
+    """Turns client addresses into compact integer keys, grouped by prefix."""
+
+    def __init__(self, ipv4_prefix: int = 32, ipv6_prefix: int = 64) -> None:
+        self.ipv4_prefix = ipv4_prefix
+        self.ipv6_prefix = ipv6_prefix
+        self._v4_mask = ((1 << ipv4_prefix) - 1) << (32 - ipv4_prefix)
+        self._v6_mask = ((1 << ipv6_prefix) - 1) << (128 - ipv6_prefix)
+
+    def key(self, address: str) -> int:
+        """The key of *address*; `UNKNOWN_CLIENT` if it is not an IP address."""
+        try:
+            if ":" in address:
+                packed = socket.inet_pton(socket.AF_INET6, address)
+                return (int.from_bytes(packed, "big") & self._v6_mask) | _IPV6_TAG
+            return int.from_bytes(socket.inet_aton(address), "big") & self._v4_mask
+        except (OSError, ValueError):
+            # inet_aton accepts shorthands such as "10.1"; Postfix never sends
+            # them, and treating them as addresses would be harmless anyway.
+            return UNKNOWN_CLIENT
+
+    def describe(self, key: int) -> str:
+        """The prefix a key stands for, e.g. ``192.0.2.7`` or ``2001:db8::/64``."""
+        if key == UNKNOWN_CLIENT:
+            return "unknown"
+        if key & _IPV6_TAG:
+            packed = (key & ~_IPV6_TAG).to_bytes(16, "big")
+            text = socket.inet_ntop(socket.AF_INET6, packed)
+            return text if self.ipv6_prefix == 128 else f"{text}/{self.ipv6_prefix}"
+        text = socket.inet_ntoa(key.to_bytes(4, "big"))
+        return text if self.ipv4_prefix == 32 else f"{text}/{self.ipv4_prefix}"
+
+
+class MemoryLoadTracker:
+    """A `LoadTracker` that keeps its state in this process."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        settings: LoadSettings = LoadSettings(),
+        on_level_change: Callable[[int, int, LoadSnapshot], None] | None = None,
+    ) -> None:
+        self.clock = clock
+        self.settings = settings
+        self.keys = ClientKeys(settings.ipv4_prefix, settings.ipv6_prefix)
+        self._on_level_change = on_level_change
+        self._connections: dict[int, _Connection] = {}
+        self._clients: OrderedDict[int, _Client] = OrderedDict()
+        self._busy = 0
+        self._transactions = 0
+        self._level = NORMAL
+        now = clock.seconds()
+        # When the load last justified the current level; the level drops
+        # only once this is min_dwell in the past.
+        self._held_at = now
+        self._stress_at = -math.inf
+        self._stress_seen = 0
+        self._evictions = 0
+        self._transitions = dict.fromkeys(LEVEL_NAMES, 0)
+        # Requests per second over rate_window one-second buckets.
+        self._buckets = [0] * settings.rate_window
+        self._bucket_second = int(now)
+        self._window_total = 0
+
+    # -- connections -------------------------------------------------------
+
+    @property
+    def level(self) -> int:
+        """The current stress level."""
+        return self._level
+
+    def connection_opened(self, connection: int) -> None:
+        """Start tracking a connection."""
+        self._connections.setdefault(connection, _Connection())
+
+    def connection_closed(self, connection: int) -> None:
+        """Stop tracking a connection; its smtpd process has gone."""
+        state = self._connections.pop(connection, None)
+        if state is not None and state.busy:
+            self._release(state)
+
+    def _release(self, state: _Connection) -> None:
+        """A busy connection becomes idle."""
+        state.busy = False
+        self._busy -= 1
+        if state.instance:
+            state.instance = ""
+            self._transactions -= 1
+        client = self._clients.get(state.client) if state.client is not None else None
+        if client is not None and client.busy > 0:
+            client.busy -= 1
+
+    # -- requests ----------------------------------------------------------
+
+    def observe(self, request: PolicyRequest) -> int:
+        """Account for one request and return the level to decide it at."""
+        now = self.clock.seconds()
+        settings = self.settings
+        self._count_request(now)
+        if request.stress:
+            self._stress_at = now
+            self._stress_seen += 1
+        state = self._connections.get(request.connection)
+        if state is None:
+            state = self._connections[request.connection] = _Connection()
+        key = self.keys.key(request.client_address)
+        client = self._touch(key)
+
+        instance = request.instance
+        if instance:
+            if instance != state.instance:
+                # A new instance on a connection: the previous transaction on
+                # it has ended, and the client starts a new message.
+                client.messages = (
+                    _decay(
+                        client.messages,
+                        client.messages_at,
+                        now,
+                        settings.client_rate_window,
+                    )
+                    + 1.0
+                )
+                client.messages_at = now
+                if not state.instance:
+                    self._transactions += 1
+                state.instance = instance
+            busy_until = now + settings.transaction_timeout
+        else:
+            if state.instance:
+                state.instance = ""
+                self._transactions -= 1
+            if request.protocol_state in SESSION_STATES:
+                client.sessions = (
+                    _decay(
+                        client.sessions,
+                        client.sessions_at,
+                        now,
+                        settings.client_rate_window,
+                    )
+                    + 1.0
+                )
+                client.sessions_at = now
+            busy_until = now + settings.busy_window
+
+        if not state.busy:
+            state.busy = True
+            self._busy += 1
+            client.busy += 1
+        elif state.client != key:
+            # Same smtpd process, next session: a different client holds it.
+            previous = (
+                self._clients.get(state.client) if state.client is not None else None
+            )
+            if previous is not None and previous.busy > 0:
+                previous.busy -= 1
+            client.busy += 1
+        state.client = key
+        state.busy_until = busy_until
+        return self._evaluate(now)
+
+    def _touch(self, key: int) -> _Client:
+        clients = self._clients
+        client = clients.get(key)
+        if client is None:
+            client = clients[key] = _Client()
+            if len(clients) > self.settings.max_tracked_clients:
+                self._evict()
+        else:
+            clients.move_to_end(key)
+        return client
+
+    def _evict(self) -> None:
+        """Forget the least recently seen client that holds no smtpd process."""
+        clients = self._clients
+        # Clients holding a process are skipped (their counts are live); there
+        # are at most as many as connections, so this loop is bounded.
+        for _ in range(len(self._connections) + 1):
+            key, record = clients.popitem(last=False)
+            if record.busy <= 0:
+                break
+            clients[key] = record
+        else:
+            # Every candidate holds a process: the table is smaller than the
+            # number of smtpd processes.  Evict anyway to stay bounded.
+            clients.popitem(last=False)
+        self._evictions += 1
+
+    def _count_request(self, now: float) -> None:
+        self._advance(now)
+        self._buckets[self._bucket_second % len(self._buckets)] += 1
+        self._window_total += 1
+
+    def _advance(self, now: float) -> None:
+        second = int(now)
+        if second == self._bucket_second:
+            return
+        buckets = self._buckets
+        size = len(buckets)
+        if second - self._bucket_second >= size:
+            buckets[:] = [0] * size
+            self._window_total = 0
+        else:
+            for past in range(self._bucket_second + 1, second + 1):
+                index = past % size
+                self._window_total -= buckets[index]
+                buckets[index] = 0
+        self._bucket_second = second
+
+    def request_rate(self) -> float:
+        """Requests per second over the last `LoadSettings.rate_window` seconds."""
+        self._advance(self.clock.seconds())
+        return self._window_total / len(self._buckets)
+
+    def client(self, request: PolicyRequest) -> ClientStats:
+        """The counters of the client of *request* (zeros if unknown)."""
+        key = self.keys.key(request.client_address)
+        now = self.clock.seconds()
+        window = self.settings.client_rate_window
+        record = self._clients.get(key)
+        if record is None:
+            return ClientStats(self.keys.describe(key), 0, 0.0, 0.0, 0.0, None)
+        per_minute = 60.0 / window
+        return ClientStats(
+            key=self.keys.describe(key),
+            concurrency=record.busy,
+            session_rate=_decay(record.sessions, record.sessions_at, now, window)
+            * per_minute,
+            message_rate=_decay(record.messages, record.messages_at, now, window)
+            * per_minute,
+            refusals=_decay(record.refusals, record.refused_at, now, window),
+            since_refusal=None
+            if record.refused_at == -math.inf
+            else now - record.refused_at,
+        )
+
+    def record_refusal(self, request: PolicyRequest) -> None:
+        """Remember a refusal of the client of *request*."""
+        now = self.clock.seconds()
+        record = self._touch(self.keys.key(request.client_address))
+        if record.refused_at == -math.inf:
+            record.refusals = 1.0
+        else:
+            record.refusals = (
+                _decay(
+                    record.refusals,
+                    record.refused_at,
+                    now,
+                    self.settings.client_rate_window,
+                )
+                + 1.0
+            )
+        record.refused_at = now
+
+    # -- the level ---------------------------------------------------------
+
+    def tick(self) -> None:
+        """Release connections whose busy window or transaction ran out."""
+        now = self.clock.seconds()
+        for state in self._connections.values():
+            if state.busy and state.busy_until <= now:
+                self._release(state)
+        self._evaluate(now)
+
+    def load_ratio(self) -> float:
+        """The load as a fraction of capacity (1.0 = every smtpd process busy)."""
+        settings = self.settings
+        load = self._busy / settings.capacity
+        if settings.rate_capacity > 0:
+            load = max(load, self.request_rate() / settings.rate_capacity)
+        return load
+
+    def _evaluate(self, now: float) -> int:
+        settings = self.settings
+        load = self.load_ratio()
+        current = self._level
+        if load >= settings.overload_enter:
+            target = OVERLOAD
+        elif load >= settings.elevated_enter:
+            target = ELEVATED
+        else:
+            target = NORMAL
+        # Hysteresis: a level is kept while the load stays above its exit
+        # threshold, even below its enter threshold.
+        if current == OVERLOAD and load >= settings.overload_exit:
+            target = OVERLOAD
+        elif (
+            current >= ELEVATED and target < ELEVATED and load >= settings.elevated_exit
+        ):
+            target = ELEVATED
+        if now - self._stress_at < settings.postfix_stress_hold:
+            target = max(target, settings.postfix_stress_level)
+        if target >= current:
+            self._held_at = now
+            if target > current:
+                self._change(current, target)
+        elif now - self._held_at >= settings.min_dwell:
+            self._held_at = now
+            self._change(current, target)
+        return self._level
+
+    def _change(self, old: int, new: int) -> None:
+        self._level = new
+        self._transitions[LEVEL_NAMES[new]] += 1
+        snapshot = self.snapshot()
+        log.info(
+            "Stress level {old_level} -> {new_level} (load {load:.2f}, "
+            "{busy} busy of {capacity}, {rate:.1f} requests/s, Postfix stress "
+            "{postfix_stress})",
+            event="stress_level",
+            old_level=LEVEL_NAMES[old],
+            new_level=LEVEL_NAMES[new],
+            load=snapshot.load_ratio,
+            busy=snapshot.busy_connections,
+            capacity=self.settings.capacity,
+            rate=snapshot.request_rate,
+            postfix_stress="yes" if snapshot.postfix_stress else "no",
+        )
+        if self._on_level_change is not None:
+            self._on_level_change(old, new, snapshot)
+
+    def snapshot(self) -> LoadSnapshot:
+        """The current load."""
+        now = self.clock.seconds()
+        return LoadSnapshot(
+            level=self._level,
+            load_ratio=self.load_ratio(),
+            connections=len(self._connections),
+            busy_connections=self._busy,
+            transactions=self._transactions,
+            request_rate=self.request_rate(),
+            postfix_stress=now - self._stress_at < self.settings.postfix_stress_hold,
+            tracked_clients=len(self._clients),
+            postfix_stress_seen=self._stress_seen,
+            evictions=self._evictions,
+            transitions=dict(self._transitions),
+        )
