@@ -8,11 +8,13 @@ from collections.abc import Iterator
 import pytest
 from postfix_bed import (
     Bed,
+    NetworkNamespace,
     PolicydProcess,
     PostfixConfig,
     PostfixInstance,
     PostfixTools,
     Unavailable,
+    ensure_iproute2,
     ensure_postfix,
     free_port,
 )
@@ -55,11 +57,50 @@ def postfix_config() -> PostfixConfig:
 
 
 @pytest.fixture(scope="module")
+def network_namespace(postfix_tools: PostfixTools) -> Iterator[NetworkNamespace]:
+    """
+    A private network namespace joined to this one by a veth pair.
+
+    iproute2 is installed with apt-get if missing (as root).  Without it,
+    or where namespaces cannot be created, the test is skipped, except under
+    ``CI=true``, where it fails.  The namespace, the veth pair and whatever
+    still runs inside are removed at the end of the module.
+    """
+    try:
+        ip = ensure_iproute2()
+        namespace = NetworkNamespace(ip).create()
+    except Unavailable as e:
+        if _in_ci():
+            pytest.fail(f"CI=true but no network namespace can be made: {e}")
+        pytest.skip(f"network namespace unavailable: {e}")
+    try:
+        yield namespace
+    finally:
+        namespace.destroy()
+
+
+@pytest.fixture(scope="module")
+def postfix_netns() -> NetworkNamespace | None:
+    """
+    The namespace the module's Postfix and policyd run in; None: this one.
+
+    Override in a test module to return the `network_namespace` fixture:
+    Postfix then listens on a non-loopback address, where master(8) can
+    enter stress mode (reference §5.2).
+    """
+    return None
+
+
+@pytest.fixture(scope="module")
 def postfix_instance(
-    postfix_tools: PostfixTools, postfix_config: PostfixConfig
+    postfix_tools: PostfixTools,
+    postfix_config: PostfixConfig,
+    postfix_netns: NetworkNamespace | None,
 ) -> Iterator[PostfixInstance]:
     """A private Postfix instance shared by the tests of one module."""
-    with PostfixInstance(postfix_config, postfix_tools) as instance:
+    with PostfixInstance(
+        postfix_config, postfix_tools, netns=postfix_netns
+    ) as instance:
         yield instance
 
 
@@ -82,7 +123,7 @@ def postfix_bed(
     from before is gone, so no policy connection or request leaks between
     tests.  policyd is killed at the end if the test left it running.
     """
-    policyd = PolicydProcess(policyd_env)
+    policyd = PolicydProcess(policyd_env, netns=postfix_instance.netns)
     try:
         policyd.start()
         postfix_instance.ensure_running()  # in case a test stopped it

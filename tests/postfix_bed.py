@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ipaddress
 import json
 import os
 import pwd
@@ -140,20 +141,10 @@ def _run(argv: Sequence[str], timeout: float = 60.0) -> str:
     return stdout
 
 
-def _apt_install_postfix() -> None:
-    """Install Debian's postfix without configuring or starting the system MTA."""
+def _apt_install(package: str) -> None:
+    """``apt-get install`` *package*, running ``apt-get update`` if that fails."""
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    # "No configuration" keeps the package from writing /etc/postfix/main.cf
-    # and from starting the system instance; the bed brings its own config.
-    if shutil.which("debconf-set-selections"):
-        subprocess.run(
-            ["debconf-set-selections"],
-            input="postfix postfix/main_mailer_type select No configuration\n",
-            text=True,
-            check=False,
-            timeout=60,
-        )
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "postfix"]
+    install = ["apt-get", "install", "-y", "--no-install-recommends", package]
     first = subprocess.run(
         install, env=env, capture_output=True, text=True, timeout=900, check=False
     )
@@ -172,9 +163,24 @@ def _apt_install_postfix() -> None:
     )
     if second.returncode != 0:
         raise Unavailable(
-            "apt-get install postfix failed (after apt-get update, which exited "
+            f"apt-get install {package} failed (after apt-get update, which exited "
             f"{update.returncode}): {second.stderr.strip()[-500:]}"
         )
+
+
+def _apt_install_postfix() -> None:
+    """Install Debian's postfix without configuring or starting the system MTA."""
+    # "No configuration" keeps the package from writing /etc/postfix/main.cf
+    # and from starting the system instance; the bed brings its own config.
+    if shutil.which("debconf-set-selections"):
+        subprocess.run(
+            ["debconf-set-selections"],
+            input="postfix postfix/main_mailer_type select No configuration\n",
+            text=True,
+            check=False,
+            timeout=60,
+        )
+    _apt_install("postfix")
 
 
 def ensure_postfix(*, install: bool = True) -> PostfixTools:
@@ -283,6 +289,216 @@ def _poll(
         if time.monotonic() >= deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what()}")
         time.sleep(_POLL_INTERVAL)
+
+
+# --------------------------------------------------------------------------
+# Network namespaces
+# --------------------------------------------------------------------------
+
+#: Where `NetworkNamespace` takes its /30 subnets from.  Private, and used
+#: only on the veth pairs between this namespace and the bed's own ones.
+NETNS_SUPERNET: Final = ipaddress.IPv4Network("10.200.0.0/16")
+
+# Namespaces are called pfbed-<creator pid>-<tag>, their veth ends
+# pfb<tag>h (here) and pfb<tag>n (inside), so that a later run can tell
+# leftovers of a killed run from a namespace another run is still using.
+_NETNS_NAME: Final = re.compile(r"pfbed-(\d+)-([0-9a-f]{6})")
+
+
+def ensure_iproute2(*, install: bool = True) -> str:
+    """
+    The path of ip(8), installing Debian's iproute2 if it is missing.
+
+    Network namespaces need root; iproute2 is installed with apt-get only
+    when *install* is true, we are root and apt-get exists.
+    """
+    if os.geteuid() != 0:
+        raise Unavailable("network namespaces need root (ip netns add)")
+    if _which("ip") is None and install:
+        if shutil.which("apt-get") is None:
+            raise Unavailable("ip(8) is not installed and apt-get is not available")
+        _apt_install("iproute2")
+    ip = _which("ip")
+    if ip is None:
+        raise Unavailable("ip(8) (Debian package iproute2) is not installed")
+    return ip
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class NetworkNamespace:
+    """
+    A private network namespace, joined to this one by a veth pair.
+
+    The layout, with a /30 from `NETNS_SUPERNET`::
+
+        this namespace                  the private namespace ("ip netns")
+        pfb<tag>h  10.200.X.Y+1/30 <--> pfb<tag>n  10.200.X.Y+2/30 (address)
+                                        lo         127.0.0.1 (up)
+
+    Programs run inside through `wrap` (``ip netns exec NAME ...``, which
+    execs the program, so its pid is the program's).  A server inside that
+    listens on every address is reachable from here at `address`; one on
+    the namespace's 127.0.0.1 only from inside.  There is no route beyond
+    the veth pair: nothing inside can reach any other network.
+
+    `destroy` (also registered with atexit) kills what still runs inside,
+    deletes the namespace and the veth pair; it is safe to call twice and
+    after a failed `create`.
+    """
+
+    def __init__(self, ip: str = "ip") -> None:
+        self.ip = ip
+        tag = secrets.token_hex(3)
+        self.name = f"pfbed-{os.getpid()}-{tag}"
+        self.host_veth = f"pfb{tag}h"
+        self.ns_veth = f"pfb{tag}n"
+        self.subnet = NETNS_SUPERNET  # replaced by a /30 in `create`
+        self.host_address = ""
+        self.address = ""
+        self.created = False
+
+    def _ip(self, *args: str) -> str:
+        return _run([self.ip, *args], timeout=30.0)
+
+    def wrap(self, argv: Sequence[str]) -> list[str]:
+        """*argv* run inside the namespace."""
+        return [self.ip, "netns", "exec", self.name, *argv]
+
+    def _pick_subnet(self) -> ipaddress.IPv4Network:
+        """A random /30 that overlaps no address or route of this namespace."""
+        taken: list[ipaddress.IPv4Network] = []
+        for entry in json.loads(self._ip("-j", "-4", "addr", "show") or "[]"):
+            for info in entry.get("addr_info", []):
+                taken.append(
+                    ipaddress.IPv4Network(
+                        f"{info['local']}/{info['prefixlen']}", strict=False
+                    )
+                )
+        for route in json.loads(self._ip("-j", "-4", "route", "show") or "[]"):
+            if route.get("dst", "default") != "default":
+                taken.append(ipaddress.IPv4Network(route["dst"], strict=False))
+        subnets = NETNS_SUPERNET.num_addresses // 4
+        for _ in range(100):
+            candidate = ipaddress.IPv4Network(
+                (
+                    int(NETNS_SUPERNET.network_address)
+                    + 4 * secrets.randbelow(subnets),
+                    30,
+                )
+            )
+            if not any(candidate.overlaps(net) for net in taken):
+                return candidate
+        raise Unavailable(f"no free /30 in {NETNS_SUPERNET} for a veth pair")
+
+    @classmethod
+    def sweep(cls, ip: str = "ip") -> list[str]:
+        """
+        Delete namespaces (and veth pairs) left behind by killed runs.
+
+        Only a namespace whose creator process is gone and that has no
+        process inside is deleted; return the names deleted.
+        """
+        deleted = []
+        for line in _run([ip, "netns", "list"]).splitlines():
+            match = _NETNS_NAME.fullmatch(line.split(" ", 1)[0])
+            if match is None or _pid_exists(int(match.group(1))):
+                continue
+            name = match.group(0)
+            if _run([ip, "netns", "pids", name]).split():
+                continue
+            with contextlib.suppress(RuntimeError):
+                _run([ip, "netns", "del", name])
+                deleted.append(name)
+            with contextlib.suppress(RuntimeError):
+                _run([ip, "link", "del", f"pfb{match.group(2)}h"])
+        return deleted
+
+    def create(self) -> NetworkNamespace:
+        """Create the namespace and the veth pair, bring them up."""
+        with contextlib.suppress(RuntimeError):
+            self.sweep(self.ip)
+        self.subnet = self._pick_subnet()
+        host, inside = list(self.subnet.hosts())
+        self.host_address, self.address = str(host), str(inside)
+        try:
+            self._ip("netns", "add", self.name)
+        except RuntimeError as e:
+            raise Unavailable(f"cannot create a network namespace: {e}") from None
+        self.created = True
+        atexit.register(self.destroy)
+        try:
+            # Both ends in one command: the pair never exists half-configured
+            # in this namespace.
+            self._ip(
+                "link", "add", self.host_veth, "type", "veth",
+                "peer", "name", self.ns_veth, "netns", self.name,
+            )  # fmt: skip
+            self._ip("addr", "add", f"{host}/30", "dev", self.host_veth)
+            self._ip("link", "set", self.host_veth, "up")
+            self._ip(
+                "-n", self.name, "addr", "add", f"{inside}/30", "dev", self.ns_veth
+            )
+            self._ip("-n", self.name, "link", "set", self.ns_veth, "up")
+            self._ip("-n", self.name, "link", "set", "lo", "up")
+        except BaseException:
+            self.destroy()
+            raise
+        return self
+
+    def pids(self) -> list[int]:
+        """The processes running inside the namespace."""
+        if not self.created:
+            return []
+        try:
+            return [int(pid) for pid in self._ip("netns", "pids", self.name).split()]
+        except RuntimeError:
+            return []
+
+    def destroy(self) -> None:
+        """Kill what still runs inside, delete the namespace and the veth pair."""
+        if not self.created:
+            return
+        # Everything inside was started by the bed (Postfix, policyd); a
+        # process left there would keep the namespace, and the veth pair in
+        # it, alive after "ip netns del".
+        leftovers = self.pids()
+        for pid in leftovers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(TimeoutError):
+            _poll(
+                lambda: not any(_alive(pid) for pid in leftovers),
+                5.0,
+                lambda: f"processes {leftovers} in {self.name} to die",
+            )
+        with contextlib.suppress(RuntimeError):
+            self._ip("netns", "del", self.name)
+        # Deleting the namespace destroys the pair once nothing holds it;
+        # delete this end explicitly in case something still does.
+        with contextlib.suppress(RuntimeError):
+            self._ip("link", "del", self.host_veth)
+        self.created = False
+        atexit.unregister(self.destroy)
+
+    def __enter__(self) -> NetworkNamespace:
+        return self.create()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.destroy()
 
 
 # --------------------------------------------------------------------------
@@ -577,6 +793,13 @@ class PostfixInstance:
     Use as a context manager, or call `start` and `stop` (which is safe to
     call more than once, also after a failed start).  The directory is
     removed on `close` unless *keep* is true.
+
+    With *netns*, master(8) and so every daemon runs inside that network
+    namespace, and clients here reach the listeners at the namespace's veth
+    address.  With ``listen_address="all"`` the listeners are then not
+    loopback-only, so master puts smtpd into stress mode when a listener
+    reaches its process limit (reference §5.2), which it never does on the
+    default loopback-only instance.
     """
 
     def __init__(
@@ -586,10 +809,12 @@ class PostfixInstance:
         *,
         root: Path | None = None,
         keep: bool = False,
+        netns: NetworkNamespace | None = None,
     ) -> None:
         self.config = config
         self.tools = tools
         self.keep = keep
+        self.netns = netns
         self.root = Path(root or tempfile.mkdtemp(prefix="policyd-postfix-"))
         self.config_dir = self.root / "etc"
         self.queue_dir = self.root / "spool"
@@ -633,10 +858,11 @@ class PostfixInstance:
     # -- life cycle --------------------------------------------------------------
 
     def postfix(self, command: str, timeout: float = 30.0) -> str:
-        """Run ``postfix -c DIR <command>``; raise if it fails."""
-        return _run(
-            [self.tools.postfix, "-c", str(self.config_dir), command], timeout=timeout
-        )
+        """Run ``postfix -c DIR <command>`` (in the namespace); raise if it fails."""
+        argv = [self.tools.postfix, "-c", str(self.config_dir), command]
+        if self.netns is not None:
+            argv = self.netns.wrap(argv)
+        return _run(argv, timeout=timeout)
 
     def start(self, timeout: float = DEFAULT_TIMEOUT) -> None:
         """Start the instance and wait until every listener greets with 220."""
@@ -663,7 +889,7 @@ class PostfixInstance:
         at CONNECT stage (``smtpd_delay_reject=no``) it is also one request.
         """
         for listener in self.config.listeners:
-            wait_for_smtp_greeting(self.config.connect_host, listener.port, timeout)
+            wait_for_smtp_greeting(*self.address(listener.name), timeout)
 
     def _is_master(self, pid: int | None) -> bool:
         """Whether *pid* is this instance's master (not a recycled pid)."""
@@ -819,8 +1045,9 @@ class PostfixInstance:
     # -- clients -----------------------------------------------------------
 
     def address(self, listener: str = "smtp") -> tuple[str, int]:
-        """(host, port) where a local client reaches *listener*."""
-        return self.config.connect_host, self.config.listener(listener).port
+        """(host, port) where a client in this namespace reaches *listener*."""
+        host = self.config.connect_host if self.netns is None else self.netns.address
+        return host, self.config.listener(listener).port
 
     def send(self, listener: str = "smtp", **kwargs: Any) -> SmtpTranscript:
         """`send_message` to *listener*."""
@@ -831,6 +1058,13 @@ class PostfixInstance:
         """`run_smtp_source` against *listener*."""
         host, port = self.address(listener)
         return run_smtp_source(self.tools.smtp_source, host, port, **kwargs)
+
+    def start_smtp_source(
+        self, listener: str = "smtp", **kwargs: Any
+    ) -> SmtpSourceProcess:
+        """`start_smtp_source` against *listener* (runs in the background)."""
+        host, port = self.address(listener)
+        return start_smtp_source(self.tools.smtp_source, host, port, **kwargs)
 
 
 # --------------------------------------------------------------------------
@@ -847,6 +1081,11 @@ class PolicydProcess:
     Its stdout is read in a background thread; every JSON line becomes an
     event in `events`.  Lines that are not JSON go to `stray_lines` (there
     should be none), stderr to `stderr_lines`.
+
+    With *netns*, policyd runs inside that network namespace: the policy
+    listener on the namespace's own 127.0.0.1 (where a Postfix instance in
+    the same namespace asks it), the metrics listener, unless given, on the
+    namespace's veth address so that `http_get` reaches it from here.
     """
 
     def __init__(
@@ -854,13 +1093,21 @@ class PolicydProcess:
         env: Mapping[str, str] | None = None,
         *,
         listen: str = "tcp:0:interface=127.0.0.1",
-        metrics_listen: str = "tcp:0:interface=127.0.0.1",
+        metrics_listen: str | None = None,
         python: str = sys.executable,
         source_root: Path | None = None,
+        netns: NetworkNamespace | None = None,
     ) -> None:
         self.extra_env = dict(env or {})
         self.listen = listen
+        self.netns = netns
+        if metrics_listen is None:
+            host = "127.0.0.1" if netns is None else netns.address
+            metrics_listen = f"tcp:0:interface={host}"
         self.metrics_listen = metrics_listen
+        interface = re.search(r"(?:^|:)interface=([^:]+)", metrics_listen)
+        #: Where `http_get` connects: the metrics listener's interface.
+        self.metrics_host = interface.group(1) if interface else "127.0.0.1"
         self.python = python
         self.source_root = source_root or Path(__file__).resolve().parents[1]
         self.events: list[Event] = []
@@ -904,8 +1151,9 @@ class PolicydProcess:
             self.events.clear()
             self.stray_lines.clear()
             self.stderr_lines.clear()
+        argv = [self.python, "-m", "policyd", "serve"]
         process = subprocess.Popen(
-            [self.python, "-m", "policyd", "serve"],
+            argv if self.netns is None else self.netns.wrap(argv),
             env=self.environment(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -1109,9 +1357,12 @@ class PolicydProcess:
 
     def http_get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
         """GET *path* from the metrics listener; (status, body) even for errors."""
-        url = f"http://127.0.0.1:{self.metrics_port}{path}"
+        url = f"http://{self.metrics_host}:{self.metrics_port}{path}"
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
+            # No proxy from the environment: the listener is on this host (or
+            # in the bed's namespace), never behind an HTTP proxy.
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with opener.open(url, timeout=timeout) as response:
                 return int(response.status), response.read().decode("utf-8")
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode("utf-8", "replace")
@@ -1309,7 +1560,7 @@ class SmtpSourceResult:
         return self
 
 
-def run_smtp_source(
+def smtp_source_argv(
     program: str,
     host: str,
     port: int,
@@ -1323,18 +1574,20 @@ def run_smtp_source(
     keep_open: bool = False,
     number_recipients: bool = False,
     tolerant: bool = False,
+    delay: int = 0,
     extra_args: Sequence[str] = (),
-    timeout: float = 60.0,
-) -> SmtpSourceResult:
+) -> list[str]:
     """
-    Run smtp-source against *host*:*port* and wait (at most *timeout*).
+    The smtp-source command line for *host*:*port*.
 
     *sessions* is ``-s`` (parallel sessions), *messages* ``-m`` (total, not per
     session), *recipients* ``-r``; *keep_open* adds ``-d`` (several messages
     per connection), *number_recipients* ``-N`` (smtp-source 3.7 *prepends*
     a sequence number to the recipient localpart), *tolerant* ``-A`` (don't
-    abort on a non-2xx reply).  Without ``-A`` any rejection makes
-    smtp-source exit non-zero.
+    abort on a non-2xx reply), *delay* ``-w`` (whole seconds to wait before
+    each next message of a session; with *keep_open* the session stays
+    connected, holding its smtpd process, while it waits).  Without ``-A``
+    any rejection makes smtp-source exit non-zero.
     """
     argv = [
         program,
@@ -1346,15 +1599,93 @@ def run_smtp_source(
         "-M", helo,
     ]  # fmt: skip
     argv += ["-d"] * keep_open + ["-N"] * number_recipients + ["-A"] * tolerant
+    if delay > 0:
+        argv += ["-w", str(delay)]
     argv += [*extra_args, f"inet:{host}:{port}"]
-    started = time.monotonic()
-    done = subprocess.run(
-        argv, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    return SmtpSourceResult(
-        tuple(argv), done.returncode, done.stdout, done.stderr,
-        time.monotonic() - started,
-    )  # fmt: skip
+    return argv
+
+
+class SmtpSourceProcess:
+    """
+    smtp-source(1) running in the background; `wait` for its result.
+
+    Use as a context manager: leaving the block kills a run still going, so
+    a failing test never leaves load generators behind.
+    """
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.argv = tuple(argv)
+        self.started = time.monotonic()
+        #: Wall-clock start, comparable with policyd's event times.
+        self.started_at = time.time()
+        self._process = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        atexit.register(self.kill)
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        return self._process.pid
+
+    def running(self) -> bool:
+        """Whether smtp-source is still running."""
+        return self._process.poll() is None
+
+    def wait(self, timeout: float = 60.0) -> SmtpSourceResult:
+        """Wait for the exit (killing it after *timeout* and raising)."""
+        try:
+            stdout, stderr = self._process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        atexit.unregister(self.kill)
+        return SmtpSourceResult(
+            self.argv, self._process.returncode, stdout, stderr,
+            time.monotonic() - self.started,
+        )  # fmt: skip
+
+    def kill(self) -> None:
+        """SIGKILL smtp-source if it still runs, and reap it."""
+        if self._process.returncode is None:  # not reaped by `wait` yet
+            if self._process.poll() is None:
+                self._process.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.communicate(timeout=10.0)
+        atexit.unregister(self.kill)
+
+    def __enter__(self) -> SmtpSourceProcess:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.kill()
+
+
+def start_smtp_source(
+    program: str, host: str, port: int, **options: Any
+) -> SmtpSourceProcess:
+    """Start smtp-source against *host*:*port* (options of `smtp_source_argv`)."""
+    return SmtpSourceProcess(smtp_source_argv(program, host, port, **options))
+
+
+def run_smtp_source(
+    program: str, host: str, port: int, *, timeout: float = 60.0, **options: Any
+) -> SmtpSourceResult:
+    """
+    Run smtp-source against *host*:*port* and wait (at most *timeout*).
+
+    *options* are those of `smtp_source_argv`.
+    """
+    return start_smtp_source(program, host, port, **options).wait(timeout)
 
 
 @attrs.frozen
@@ -1376,15 +1707,18 @@ def running_bed(
     tools: PostfixTools,
     policyd_env: Mapping[str, str] | None = None,
     config: PostfixConfig | None = None,
+    netns: NetworkNamespace | None = None,
 ) -> Iterator[Bed]:
     """
     Run policyd and a Postfix instance that asks it (for scripts, benchmarks).
 
     *config*'s ``policy_port`` is replaced by the port policyd listens on.
+    With *netns*, both run inside that network namespace (see
+    `PostfixInstance` and `PolicydProcess`).
     """
-    with PolicydProcess(policyd_env) as policyd:
+    with PolicydProcess(policyd_env, netns=netns) as policyd:
         config = attrs.evolve(
             config or PostfixConfig(policy_port=policyd.port), policy_port=policyd.port
         )
-        with PostfixInstance(config, tools) as postfix:
+        with PostfixInstance(config, tools, netns=netns) as postfix:
             yield Bed(postfix, policyd, postfix.log_marker("begin"))
