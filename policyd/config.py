@@ -295,12 +295,13 @@ class Config:
         "POLICYD_TRANSACTION_TIMEOUT).",
     )
     transaction_timeout: float = _setting(
-        "60s",
+        "30s",
         duration(1, 86400),
         "A connection whose last request belonged to an SMTP transaction (had an "
-        "instance) counts as busy for this long after it, unless its next request "
-        "shows the transaction ended. Covers the DATA phase, where Postfix asks "
-        "nothing.",
+        "instance) counts as busy for this long after it, unless a later request "
+        "shows the transaction ended (a new instance, none, or END-OF-MESSAGE). "
+        "Covers the DATA phase, where Postfix asks nothing with the default "
+        "wiring.",
     )
     elevated_enter: float = _setting(
         "0.7",
@@ -459,6 +460,11 @@ def _check_thresholds(cfg: Config, env: Mapping[str, str]) -> None:
             "overload_exit",
             cfg.overload_exit >= cfg.elevated_exit,
             "must be at least POLICYD_ELEVATED_EXIT",
+        ),
+        (
+            "elevated_exit",
+            cfg.elevated_exit > 0,
+            "must be above 0, or the elevated level could never be left",
         ),
     ]
     defaults = {name: default for _, name, default, _ in _declarations()}

@@ -58,6 +58,8 @@ LEVEL_NAMES: Final = ("normal", "elevated", "overload")
 # session with the presented identity).
 SESSION_STATES: Final = frozenset({"CONNECT", "XCLIENT"})
 
+END_OF_MESSAGE: Final = "END-OF-MESSAGE"
+
 # The key under which clients without a usable address are counted.
 UNKNOWN_CLIENT: Final = -1
 _IPV6_TAG: Final = 1 << 128  # keeps IPv6 keys apart from IPv4 ones
@@ -69,7 +71,7 @@ class LoadSettings:
 
     capacity: int = 100
     busy_window: float = 10.0
-    transaction_timeout: float = 60.0
+    transaction_timeout: float = 30.0
     elevated_enter: float = 0.7
     elevated_exit: float = 0.5
     overload_enter: float = 0.9
@@ -326,7 +328,14 @@ class MemoryLoadTracker:
                 if not state.instance:
                     self._transactions += 1
                 state.instance = instance
-            busy_until = now + settings.transaction_timeout
+            if request.protocol_state == END_OF_MESSAGE:
+                # Wired into smtpd_end_of_data_restrictions, Postfix tells us
+                # when the message is complete: the transaction ends here.
+                state.instance = ""
+                self._transactions -= 1
+                busy_until = now + settings.busy_window
+            else:
+                busy_until = now + settings.transaction_timeout
         else:
             if state.instance:
                 state.instance = ""
@@ -364,9 +373,11 @@ class MemoryLoadTracker:
         clients = self._clients
         client = clients.get(key)
         if client is None:
-            client = clients[key] = _Client()
-            if len(clients) > self.settings.max_tracked_clients:
+            # Make room first: evicting after the insert could forget the
+            # newcomer itself (it holds no process yet), losing this request.
+            if len(clients) >= self.settings.max_tracked_clients:
                 self._evict()
+            client = clients[key] = _Client()
         else:
             clients.move_to_end(key)
         return client
@@ -375,8 +386,10 @@ class MemoryLoadTracker:
         """Forget the least recently seen client that holds no smtpd process."""
         clients = self._clients
         # Clients holding a process are skipped (their counts are live); there
-        # are at most as many as connections, so this loop is bounded.
-        for _ in range(len(self._connections) + 1):
+        # are at most as many as connections, so this loop is bounded.  It
+        # goes round the table at most once, so that if every client holds a
+        # process the order is back as it was and the least recent one goes.
+        for _ in range(min(len(clients), len(self._connections) + 1)):
             key, record = clients.popitem(last=False)
             if record.busy <= 0:
                 break

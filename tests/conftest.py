@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+import attrs
 import pytest
 from postfix_bed import (
     Bed,
@@ -104,6 +105,19 @@ def postfix_instance(
         yield instance
 
 
+@pytest.fixture(scope="module")
+def postfix_fresh_master() -> bool:
+    """
+    Whether `postfix_bed` restarts Postfix for every test instead of reloading.
+
+    Override to return True in modules that drive master(8) into stress
+    mode: master keeps starting smtpd with ``stress=yes`` for 1000 s after
+    the last time a service hit its process limit, across reloads, so only
+    a restart gives the next test an unstressed Postfix.
+    """
+    return False
+
+
 @pytest.fixture
 def policyd_env() -> dict[str, str]:
     """Extra ``POLICYD_*`` settings for `postfix_bed`'s policyd (override)."""
@@ -114,20 +128,27 @@ def policyd_env() -> dict[str, str]:
 def postfix_bed(
     postfix_instance: PostfixInstance,
     policyd_env: dict[str, str],
+    postfix_fresh_master: bool,
     request: pytest.FixtureRequest,
 ) -> Iterator[Bed]:
     """
     A fresh policyd process and the module's Postfix instance asking it.
 
-    Postfix is reloaded onto the new policyd's port and every smtpd process
-    from before is gone, so no policy connection or request leaks between
-    tests.  policyd is killed at the end if the test left it running.
+    Postfix is reloaded (or, with `postfix_fresh_master`, restarted) onto
+    the new policyd's port and every smtpd process from before is gone, so
+    no policy connection or request leaks between tests.  policyd is killed
+    at the end if the test left it running.
     """
     policyd = PolicydProcess(policyd_env, netns=postfix_instance.netns)
     try:
         policyd.start()
-        postfix_instance.ensure_running()  # in case a test stopped it
-        postfix_instance.use_policy_port(policyd.port)
+        if postfix_fresh_master:
+            postfix_instance.restart(
+                attrs.evolve(postfix_instance.config, policy_port=policyd.port)
+            )
+        else:
+            postfix_instance.ensure_running()  # in case a test stopped it
+            postfix_instance.use_policy_port(policyd.port)
         mark = postfix_instance.log_marker(f"begin {request.node.nodeid}")
         yield Bed(postfix_instance, policyd, mark)
     finally:

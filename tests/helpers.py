@@ -24,6 +24,12 @@ from twisted.python.failure import Failure
 
 from policyd.actions import DUNNO, Action
 from policyd.decision import Decider
+from policyd.load import (
+    NORMAL,
+    ClientStats,
+    LoadSnapshot,
+    LoadTracker,
+)
 from policyd.metrics import PolicyMetrics
 from policyd.protocol import (
     DECISION_FAILURE_REASONS,
@@ -147,6 +153,65 @@ class WrongTypeDecider:
         return cast(Action, "DUNNO")
 
 
+IDLE_SNAPSHOT = LoadSnapshot(
+    level=NORMAL,
+    load_ratio=0.0,
+    connections=0,
+    busy_connections=0,
+    transactions=0,
+    request_rate=0.0,
+    postfix_stress=False,
+    tracked_clients=0,
+    postfix_stress_seen=0,
+    evictions=0,
+    transitions={"normal": 0, "elevated": 0, "overload": 0},
+)
+
+
+class RecordingTracker:
+    """A `LoadTracker` that records what it is told and reports a fixed load."""
+
+    def __init__(self, load: LoadSnapshot = IDLE_SNAPSHOT) -> None:
+        self.load = load
+        self.calls: list[tuple[str, object]] = []
+        self.snapshots = 0
+
+    @property
+    def level(self) -> int:
+        """The level of the fixed load."""
+        return self.load.level
+
+    def connection_opened(self, connection: int) -> None:
+        """Record ``("opened", connection)``."""
+        self.calls.append(("opened", connection))
+
+    def connection_closed(self, connection: int) -> None:
+        """Record ``("closed", connection)``."""
+        self.calls.append(("closed", connection))
+
+    def observe(self, request: PolicyRequest) -> int:
+        """Record ``("observe", request)``; the fixed level."""
+        self.calls.append(("observe", request))
+        return self.load.level
+
+    def client(self, request: PolicyRequest) -> ClientStats:
+        """Nothing known about anyone."""
+        return ClientStats(request.client_address, 0, 0.0, 0.0, 0.0, None)
+
+    def record_refusal(self, request: PolicyRequest) -> None:
+        """Record ``("refusal", request)``."""
+        self.calls.append(("refusal", request))
+
+    def tick(self) -> None:
+        """Record ``("tick", None)``."""
+        self.calls.append(("tick", None))
+
+    def snapshot(self) -> LoadSnapshot:
+        """The fixed load; counts the calls."""
+        self.snapshots += 1
+        return self.load
+
+
 class RecordingTransport(StringTransportWithDisconnection):
     """A transport that keeps each ``write`` call apart, not just their sum."""
 
@@ -225,6 +290,7 @@ class Harness:
         limits: Limits = Limits(),  # noqa: B008 - immutable
         log_requests: bool = False,
         clock: Clock | None = None,
+        tracker: LoadTracker | None = None,
     ) -> None:
         self.clock = clock if clock is not None else Clock()
         self.registry = CollectorRegistry()
@@ -242,6 +308,7 @@ class Harness:
             request_timeout=request_timeout,
             idle_timeout=idle_timeout,
             log_requests=log_requests,
+            tracker=tracker,
         )
 
     def connect(self) -> Client:

@@ -12,7 +12,13 @@ nothing here depends on pytest.  The pieces:
 - `PolicydProcess` runs ``python -m policyd serve`` with JSON logging and
   collects its log events from stdout in a background thread.
 - `send_message` (smtplib, optionally with XCLIENT) and `run_smtp_source`
-  drive mail through the instance; `MailLog` reads the instance's own log.
+  (or `start_smtp_source`, in the background) drive mail through the
+  instance; `MailLog` reads the instance's own log.
+- `NetworkNamespace` (with `ensure_iproute2`) is a private network
+  namespace joined to this one by a veth pair.  Given one, `PostfixInstance`
+  and `PolicydProcess` run inside it; clients stay here.  This is the mode
+  in which master(8) can enter stress mode: it never does for a listener
+  bound only to loopback (reference §5.2), and the default instance is.
 
 What ``postfix -c DIR`` needs, found by trying on Debian 12 / Postfix 3.7:
 
@@ -40,10 +46,27 @@ What ``postfix -c DIR`` needs, found by trying on Debian 12 / Postfix 3.7:
   reload and stop then take well under a second each.
 
 The listeners are named (``smtp``, ``stress``, ...) so that a scenario runner
-can add more, and everything that a later network-namespace mode needs to
-change (listen address, ports, process limits, which restriction list the
-policy check sits in, ``smtpd_delay_reject``, extra main.cf/master.cf lines)
-is a field of `PostfixConfig`.
+can add more, and everything that differs between scenarios (listen
+address, ports, process limits, which restriction list the policy check
+sits in, ``smtpd_delay_reject``, extra main.cf/master.cf lines) is a field
+of `PostfixConfig`.
+
+What the network-namespace mode needs, found the same way:
+
+- ``inet_interfaces = all`` in the namespace (the listener is the wildcard
+  address, not loopback), ``maxproc`` > 1: master then passes
+  ``-o stress=`` to smtpd and, when a connection needs the last process,
+  ``-o stress=yes`` (visible in ``/proc/PID/cmdline``).  It also logs
+  ``warning: service "PORT" (PORT) has reached its process limit "N"``
+  (the service is named by its port, there being no host part).
+- master keeps stressing new smtpd processes for 1000 s after a service
+  last hit its limit, also across ``postfix reload``; only a restart
+  (`PostfixInstance.restart`) forgets it.
+- ``ip netns exec`` execs its command, so policyd's pid is the one Popen
+  returns; ``postfix -c DIR start`` inside leaves master and every daemon
+  there.  postlog and the daemons' unix sockets are files, reachable from
+  either namespace.  The namespace's ``lo`` must be brought up (policyd
+  and Postfix talk over its 127.0.0.1).
 """
 
 from __future__ import annotations
@@ -67,7 +90,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final
@@ -289,6 +312,15 @@ def _poll(
         if time.monotonic() >= deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what()}")
         time.sleep(_POLL_INTERVAL)
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    timeout: float = DEFAULT_TIMEOUT,
+    what: str = "a condition",
+) -> None:
+    """Wait until *condition* holds (checked every few ms); TimeoutError if not."""
+    _poll(condition, timeout, lambda: what)
 
 
 # --------------------------------------------------------------------------
@@ -526,6 +558,10 @@ class SmtpListener:
     options: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_pairs)
 
 
+def _listeners(value: Iterable[SmtpListener]) -> tuple[SmtpListener, ...]:
+    return tuple(value)
+
+
 def default_listeners(maxproc: int = 10) -> tuple[SmtpListener, ...]:
     """A normal listener and one forced into stress mode, on free ports."""
     return (
@@ -546,7 +582,7 @@ class PostfixConfig:
     #: Port of the policy server on *policy_host*.
     policy_port: int
     listeners: tuple[SmtpListener, ...] = attrs.field(
-        factory=default_listeners, converter=tuple
+        factory=default_listeners, converter=_listeners
     )
     #: Address the listeners bind to; ``"all"`` binds every interface (for
     #: a private network namespace, where master may enter stress mode).
@@ -963,6 +999,21 @@ class PostfixInstance:
                 f"old smtpd processes {sorted(old & set(self.smtpd_pids()))} to exit"
             ),
         )
+
+    def restart(
+        self, config: PostfixConfig | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        """
+        Stop and start again (with *config*, if given): a fresh master(8).
+
+        Unlike a reload, this forgets master's stress state: once a service
+        has hit its process limit, master starts every new smtpd process of
+        it with ``stress=yes`` for 1000 s, across ``postfix reload``.
+        """
+        self.stop()
+        if config is not None:
+            self.config = config
+        self.start(timeout)
 
     def use_policy_port(self, port: int, timeout: float = DEFAULT_TIMEOUT) -> None:
         """Point the policy check at *port* (reload only if it changed)."""

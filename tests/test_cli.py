@@ -61,6 +61,25 @@ BAD = {
     "POLICYD_MAX_LINE_LENGTH": ("8k", "expected a whole number from 64"),
     "POLICYD_MAX_ATTRIBUTES": ("1", "expected a whole number from 8"),
     "POLICYD_MAX_REQUEST_BYTES": ("-1", "expected a whole number from 256"),
+    "POLICYD_SMTPD_CAPACITY": ("0", "expected a whole number from 1 to 1000000"),
+    "POLICYD_BUSY_WINDOW": ("50ms", "expected a duration between 0.1s and 3600s"),
+    "POLICYD_TRANSACTION_TIMEOUT": ("1d", "expected a duration such as"),
+    "POLICYD_ELEVATED_ENTER": ("70%", "expected a number from 0 to 1"),
+    "POLICYD_ELEVATED_EXIT": ("1.5", "expected a number from 0 to 1"),
+    "POLICYD_OVERLOAD_ENTER": ("-0.9", "expected a number from 0 to 1"),
+    "POLICYD_OVERLOAD_EXIT": ("high", "expected a number from 0 to 1"),
+    "POLICYD_LEVEL_MIN_DWELL": ("2h", "expected a duration between 0s and 3600s"),
+    "POLICYD_RATE_CAPACITY": ("-5", "expected a number of zero or more"),
+    "POLICYD_RATE_WINDOW": ("0", "expected a duration between 1s and 300s"),
+    "POLICYD_POSTFIX_STRESS_HOLD": ("forever", "expected a duration such as"),
+    "POLICYD_POSTFIX_STRESS_LEVEL": (
+        "yes",
+        "expected one of: overload, elevated, ignore",
+    ),
+    "POLICYD_CLIENT_IPV4_PREFIX": ("33", "expected a whole number from 8 to 32"),
+    "POLICYD_CLIENT_IPV6_PREFIX": ("/64", "expected a whole number from 16 to 128"),
+    "POLICYD_MAX_TRACKED_CLIENTS": ("1e6", "expected a whole number from 100"),
+    "POLICYD_CLIENT_RATE_WINDOW": ("0", "expected a duration between 1s and 86400s"),
 }
 
 _TEXT_LINE = re.compile(
@@ -217,6 +236,19 @@ class TestConfigErrors:
         assert err.startswith(f"policyd: {name}={value!r} is invalid: ")
         assert form in err
         assert "Traceback" not in err
+
+    @pytest.mark.parametrize("command", ["config", "serve"])
+    def test_thresholds_do_not_nest(
+        self, capsys: pytest.CaptureFixture[str], command: str
+    ) -> None:
+        """Thresholds that do not nest: status 2, one line naming both variables."""
+        env = {"POLICYD_ELEVATED_EXIT": "0.8", "POLICYD_OVERLOAD_EXIT": "0.85"}
+        code, out, err = _run_main(capsys, [command], env)
+        assert (code, out) == (2, "")
+        assert err == (
+            "policyd: POLICYD_ELEVATED_EXIT='0.8' is invalid: "
+            "must be below POLICYD_ELEVATED_ENTER\n"
+        )
 
     def test_unknown_variable_warns(self, capsys: pytest.CaptureFixture[str]) -> None:
         """A POLICYD_ typo is reported on stderr, and the command still works."""

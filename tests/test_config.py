@@ -24,6 +24,22 @@ DOCUMENTED_DEFAULTS = {
     "POLICYD_MAX_LINE_LENGTH": "8192",
     "POLICYD_MAX_ATTRIBUTES": "128",
     "POLICYD_MAX_REQUEST_BYTES": "65536",
+    "POLICYD_SMTPD_CAPACITY": "100",
+    "POLICYD_BUSY_WINDOW": "10s",
+    "POLICYD_TRANSACTION_TIMEOUT": "30s",
+    "POLICYD_ELEVATED_ENTER": "0.7",
+    "POLICYD_ELEVATED_EXIT": "0.5",
+    "POLICYD_OVERLOAD_ENTER": "0.9",
+    "POLICYD_OVERLOAD_EXIT": "0.75",
+    "POLICYD_LEVEL_MIN_DWELL": "30s",
+    "POLICYD_RATE_CAPACITY": "0",
+    "POLICYD_RATE_WINDOW": "10s",
+    "POLICYD_POSTFIX_STRESS_HOLD": "60s",
+    "POLICYD_POSTFIX_STRESS_LEVEL": "overload",
+    "POLICYD_CLIENT_IPV4_PREFIX": "32",
+    "POLICYD_CLIENT_IPV6_PREFIX": "64",
+    "POLICYD_MAX_TRACKED_CLIENTS": "100000",
+    "POLICYD_CLIENT_RATE_WINDOW": "60s",
 }
 
 # Good forms: variable -> [(raw value, the Config attribute it loads as)].
@@ -122,10 +138,102 @@ GOOD: dict[str, list[tuple[str, Any]]] = {
         ("65536", 65536),
         ("16777216", 1 << 24),
     ],
+    # Stress detection.  Each threshold is set alone, so its good values are
+    # those that still nest with the other three defaults (0.7/0.5, 0.9/0.75).
+    "POLICYD_SMTPD_CAPACITY": [
+        ("100", 100),
+        ("1", 1),
+        (" 2500 ", 2500),
+        ("1000000", 1_000_000),
+    ],
+    "POLICYD_BUSY_WINDOW": [
+        ("10s", 10.0),
+        ("100ms", 0.1),
+        ("2.5", 2.5),
+        ("1m", 60.0),
+        ("1h", 3600.0),
+    ],
+    "POLICYD_TRANSACTION_TIMEOUT": [
+        ("60s", 60.0),
+        ("1", 1.0),
+        ("10m", 600.0),
+        ("24h", 86400.0),
+    ],
+    "POLICYD_ELEVATED_ENTER": [
+        ("0.7", 0.7),
+        ("0.51", 0.51),
+        ("0.9", 0.9),
+        (" .8 ", 0.8),
+    ],
+    "POLICYD_ELEVATED_EXIT": [
+        ("0.5", 0.5),
+        ("0.01", 0.01),
+        ("0.69", 0.69),
+        ("5e-1", 0.5),
+    ],
+    "POLICYD_OVERLOAD_ENTER": [
+        ("0.9", 0.9),
+        ("0.76", 0.76),
+        ("1", 1.0),
+        ("1.0", 1.0),
+    ],
+    "POLICYD_OVERLOAD_EXIT": [
+        ("0.75", 0.75),
+        ("0.5", 0.5),
+        ("0.89", 0.89),
+    ],
+    "POLICYD_LEVEL_MIN_DWELL": [
+        ("30s", 30.0),
+        ("0", 0.0),
+        ("500ms", 0.5),
+        ("1h", 3600.0),
+    ],
+    "POLICYD_RATE_CAPACITY": [
+        ("0", 0.0),
+        ("500", 500.0),
+        ("12.5", 12.5),
+        (" 1e3 ", 1000.0),
+    ],
+    "POLICYD_RATE_WINDOW": [
+        ("10s", 10.0),
+        ("1", 1.0),
+        ("1.5s", 1.5),
+        ("5m", 300.0),
+    ],
+    "POLICYD_POSTFIX_STRESS_HOLD": [
+        ("60s", 60.0),
+        ("0", 0.0),
+        ("1000", 1000.0),
+        ("24h", 86400.0),
+    ],
+    "POLICYD_POSTFIX_STRESS_LEVEL": [
+        ("overload", "overload"),
+        ("elevated", "elevated"),
+        ("ignore", "ignore"),
+        ("OVERLOAD", "overload"),
+        (" Elevated ", "elevated"),
+    ],
+    "POLICYD_CLIENT_IPV4_PREFIX": [("32", 32), ("24", 24), ("8", 8)],
+    "POLICYD_CLIENT_IPV6_PREFIX": [("64", 64), ("48", 48), ("16", 16), ("128", 128)],
+    "POLICYD_MAX_TRACKED_CLIENTS": [
+        ("100000", 100_000),
+        ("100", 100),
+        ("100000000", 100_000_000),
+    ],
+    "POLICYD_CLIENT_RATE_WINDOW": [
+        ("60s", 60.0),
+        ("1", 1.0),
+        ("10m", 600.0),
+        ("24h", 86400.0),
+    ],
 }
 
 _ENDPOINT_FORM = r"e\.g\. (tcp|unix|systemd):"
 _DURATION = "expected a duration"
+_FRACTION = r"expected a number from 0 to 1, e\.g\. 0\.7"
+_NUMBER = r"expected a number of zero or more"
+_CAPACITY = r"whole number from 1 to 1000000"
+_LEVEL = r"expected one of: overload, elevated, ignore"
 
 # Bad values: variable -> [(raw value, regex the message must contain, saying
 # which form is accepted)].
@@ -253,6 +361,102 @@ BAD: dict[str, list[tuple[str, str]]] = {
         ("16777217", r"whole number from 256 to 16777216"),
         ("64k", r"whole number from 256 to 16777216"),
     ],
+    "POLICYD_SMTPD_CAPACITY": [
+        ("", _CAPACITY),
+        ("0", _CAPACITY),
+        ("-1", _CAPACITY),
+        ("1000001", _CAPACITY),
+        ("100.0", _CAPACITY),
+        ("1e3", _CAPACITY),
+        ("lots", _CAPACITY),
+    ],
+    "POLICYD_BUSY_WINDOW": [
+        ("", _DURATION),
+        ("0", _DURATION + r" between 0\.1s and 3600s"),
+        ("50ms", _DURATION),
+        ("2h", _DURATION),
+        ("soon", _DURATION),
+    ],
+    "POLICYD_TRANSACTION_TIMEOUT": [
+        ("", _DURATION),
+        ("0", _DURATION + r" between 1s and 86400s"),
+        ("500ms", _DURATION),
+        ("25h", _DURATION),
+        ("1d", _DURATION),
+    ],
+    "POLICYD_ELEVATED_ENTER": [
+        ("", _FRACTION),
+        ("70%", _FRACTION),
+        ("-0.1", _FRACTION),
+        ("1.1", _FRACTION),
+        ("high", _FRACTION),
+        ("nan", _FRACTION),
+        ("inf", _FRACTION),
+    ],
+    "POLICYD_ELEVATED_EXIT": [("", _FRACTION), ("1.5", _FRACTION), ("-1", _FRACTION)],
+    "POLICYD_OVERLOAD_ENTER": [("", _FRACTION), ("2", _FRACTION), ("0,9", _FRACTION)],
+    "POLICYD_OVERLOAD_EXIT": [("", _FRACTION), ("75", _FRACTION), ("x", _FRACTION)],
+    "POLICYD_LEVEL_MIN_DWELL": [
+        ("", _DURATION),
+        ("-1", _DURATION),
+        ("2h", _DURATION + r" between 0s and 3600s"),
+        ("forever", _DURATION),
+    ],
+    "POLICYD_RATE_CAPACITY": [
+        ("", _NUMBER),
+        ("-5", _NUMBER),
+        ("-0.1", _NUMBER),
+        ("inf", _NUMBER),
+        ("nan", _NUMBER),
+        ("10/s", _NUMBER),
+        ("many", _NUMBER),
+    ],
+    "POLICYD_RATE_WINDOW": [
+        ("", _DURATION),
+        ("0", _DURATION + r" between 1s and 300s"),
+        ("500ms", _DURATION),
+        ("6m", _DURATION),
+        ("10x", _DURATION),
+    ],
+    "POLICYD_POSTFIX_STRESS_HOLD": [
+        ("", _DURATION),
+        ("-1", _DURATION),
+        ("25h", _DURATION + r" between 0s and 86400s"),
+        ("1d", _DURATION),
+    ],
+    "POLICYD_POSTFIX_STRESS_LEVEL": [
+        ("", _LEVEL),
+        ("yes", _LEVEL),
+        ("normal", _LEVEL),
+        ("2", _LEVEL),
+        ("off", _LEVEL),
+    ],
+    "POLICYD_CLIENT_IPV4_PREFIX": [
+        ("", r"whole number from 8 to 32"),
+        ("7", r"whole number from 8 to 32"),
+        ("33", r"whole number from 8 to 32"),
+        ("/24", r"whole number from 8 to 32"),
+        ("24.0", r"whole number from 8 to 32"),
+    ],
+    "POLICYD_CLIENT_IPV6_PREFIX": [
+        ("", r"whole number from 16 to 128"),
+        ("15", r"whole number from 16 to 128"),
+        ("129", r"whole number from 16 to 128"),
+        ("/64", r"whole number from 16 to 128"),
+    ],
+    "POLICYD_MAX_TRACKED_CLIENTS": [
+        ("", r"whole number from 100 to 100000000"),
+        ("99", r"whole number from 100 to 100000000"),
+        ("100000001", r"whole number from 100 to 100000000"),
+        ("1e6", r"whole number from 100 to 100000000"),
+        ("100k", r"whole number from 100 to 100000000"),
+    ],
+    "POLICYD_CLIENT_RATE_WINDOW": [
+        ("", _DURATION),
+        ("0", _DURATION + r" between 1s and 86400s"),
+        ("500ms", _DURATION),
+        ("25h", _DURATION),
+    ],
 }
 
 
@@ -295,6 +499,21 @@ class TestDefaults:
         assert cfg.max_line_length == 8192
         assert cfg.max_attributes == 128
         assert cfg.max_request_bytes == 65536
+
+    def test_load_empty_stress(self) -> None:
+        """The stress detection defaults load as the numbers docs/stress.md gives."""
+        cfg = config.load({})
+        assert cfg.smtpd_capacity == 100
+        assert (cfg.busy_window, cfg.transaction_timeout) == (10.0, 30.0)
+        assert (cfg.elevated_enter, cfg.elevated_exit) == (0.7, 0.5)
+        assert (cfg.overload_enter, cfg.overload_exit) == (0.9, 0.75)
+        assert cfg.level_min_dwell == 30.0
+        assert (cfg.rate_capacity, cfg.rate_window) == (0.0, 10.0)
+        assert cfg.postfix_stress_hold == 60.0
+        assert cfg.postfix_stress_level == "overload"
+        assert (cfg.client_ipv4_prefix, cfg.client_ipv6_prefix) == (32, 64)
+        assert cfg.max_tracked_clients == 100_000
+        assert cfg.client_rate_window == 60.0
 
     def test_loopback_only(self) -> None:
         """By default nothing listens beyond the loopback interface."""
@@ -513,3 +732,144 @@ class TestDescribe:
             if s.variable == "POLICYD_MAX_ATTRIBUTES"
         ]
         assert setting.value == "lots"
+
+
+# Threshold sets that nest (exit < enter, elevated <= overload), as raw values.
+NESTED = [
+    pytest.param({}, id="defaults"),
+    pytest.param(
+        {"POLICYD_ELEVATED_ENTER": "0.9", "POLICYD_OVERLOAD_ENTER": "0.9"},
+        id="equal enters: straight to overload",
+    ),
+    pytest.param(
+        {"POLICYD_ELEVATED_EXIT": "0.6", "POLICYD_OVERLOAD_EXIT": "0.6"},
+        id="equal exits",
+    ),
+    pytest.param(
+        {
+            "POLICYD_ELEVATED_ENTER": "0.3",
+            "POLICYD_ELEVATED_EXIT": "0.2",
+            "POLICYD_OVERLOAD_ENTER": "0.5",
+            "POLICYD_OVERLOAD_EXIT": "0.4",
+        },
+        id="all lower",
+    ),
+    pytest.param(
+        {
+            "POLICYD_ELEVATED_ENTER": "1",
+            "POLICYD_ELEVATED_EXIT": "0.99",
+            "POLICYD_OVERLOAD_ENTER": "1",
+            "POLICYD_OVERLOAD_EXIT": "0.99",
+        },
+        id="all at the top",
+    ),
+]
+
+# Threshold sets that do not nest: the variable named, the value shown (as
+# written, or the default when the variable was not set), and the problem.
+TANGLED = [
+    pytest.param(
+        {"POLICYD_ELEVATED_EXIT": "0"},
+        "POLICYD_ELEVATED_EXIT",
+        "0",
+        "must be above 0, or the elevated level could never be left",
+        id="elevated exit at zero traps the level",
+    ),
+    pytest.param(
+        {"POLICYD_ELEVATED_EXIT": "0.7"},
+        "POLICYD_ELEVATED_EXIT",
+        "0.7",
+        "must be below POLICYD_ELEVATED_ENTER",
+        id="elevated exit at its enter",
+    ),
+    pytest.param(
+        {"POLICYD_ELEVATED_EXIT": "0.70", "POLICYD_ELEVATED_ENTER": "0.70"},
+        "POLICYD_ELEVATED_EXIT",
+        "0.70",
+        "must be below POLICYD_ELEVATED_ENTER",
+        id="value shown as written",
+    ),
+    pytest.param(
+        {"POLICYD_ELEVATED_ENTER": "0.4"},
+        "POLICYD_ELEVATED_EXIT",
+        "0.5",
+        "must be below POLICYD_ELEVATED_ENTER",
+        id="elevated enter below the default exit",
+    ),
+    pytest.param(
+        {"POLICYD_OVERLOAD_EXIT": "0.9"},
+        "POLICYD_OVERLOAD_EXIT",
+        "0.9",
+        "must be below POLICYD_OVERLOAD_ENTER",
+        id="overload exit at its enter",
+    ),
+    pytest.param(
+        {"POLICYD_OVERLOAD_EXIT": "0.95"},
+        "POLICYD_OVERLOAD_EXIT",
+        "0.95",
+        "must be below POLICYD_OVERLOAD_ENTER",
+        id="overload exit above its enter",
+    ),
+    pytest.param(
+        {"POLICYD_OVERLOAD_ENTER": "0.6"},
+        "POLICYD_OVERLOAD_EXIT",
+        "0.75",
+        "must be below POLICYD_OVERLOAD_ENTER",
+        id="overload enter below the default exit",
+    ),
+    pytest.param(
+        {"POLICYD_OVERLOAD_ENTER": "0.6", "POLICYD_OVERLOAD_EXIT": "0.55"},
+        "POLICYD_OVERLOAD_ENTER",
+        "0.6",
+        "must be at least POLICYD_ELEVATED_ENTER",
+        id="overload enter below elevated enter",
+    ),
+    pytest.param(
+        {"POLICYD_ELEVATED_EXIT": "0.6", "POLICYD_OVERLOAD_EXIT": "0.55"},
+        "POLICYD_OVERLOAD_EXIT",
+        "0.55",
+        "must be at least POLICYD_ELEVATED_EXIT",
+        id="overload exit below elevated exit",
+    ),
+]
+
+
+class TestThresholds:
+    """The level thresholds must nest; the error names a variable to change."""
+
+    @pytest.mark.parametrize("env", NESTED)
+    def test_nested(self, env: dict[str, str]) -> None:
+        """Thresholds that nest load as written."""
+        cfg = config.load(env)
+        for name, raw in env.items():
+            assert getattr(cfg, _attribute(name)) == float(raw)
+
+    @pytest.mark.parametrize(("env", "variable", "value", "problem"), TANGLED)
+    def test_tangled(
+        self, env: dict[str, str], variable: str, value: str, problem: str
+    ) -> None:
+        """
+        Thresholds that do not nest raise ConfigError naming one variable.
+
+        The problem names the other variable of the pair, so that an admin
+        who set either one sees it named and knows what to change.
+        """
+        with pytest.raises(config.ConfigError) as info:
+            config.load(env)
+        error = info.value
+        assert (error.variable, error.value, error.problem) == (
+            variable,
+            value,
+            problem,
+        )
+        assert str(error) == f"{variable}={value!r} is invalid: {problem}"
+        mentioned = {variable, *re.findall(r"POLICYD_[A-Z_]+", problem)}
+        assert set(env) & mentioned  # something the admin set is named
+
+    def test_form_errors_first(self) -> None:
+        """A value that does not even convert is reported before any relation."""
+        with pytest.raises(config.ConfigError) as info:
+            config.load(
+                {"POLICYD_ELEVATED_EXIT": "0.9", "POLICYD_MAX_TRACKED_CLIENTS": "1"}
+            )
+        assert info.value.variable == "POLICYD_MAX_TRACKED_CLIENTS"

@@ -5,23 +5,28 @@ from __future__ import annotations
 from typing import cast
 
 import pytest
+from helpers import IDLE_SNAPSHOT, MINIMAL, Client, RecordingTracker
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web.server import Request, Site
 from twisted.web.test.requesthelper import DummyRequest
 
 from policyd import __version__
 from policyd.actions import Action
+from policyd.config import load
+from policyd.load import LoadSnapshot
 from policyd.metrics import (
     DURATION_BUCKETS,
     HealthResource,
+    LoadCollector,
     MetricsResource,
     MetricsRoot,
     PolicyMetrics,
 )
 from policyd.protocol import DECISION_FAILURE_REASONS, PROTOCOL_ERROR_REASONS
+from policyd.server import PolicyServer
 
 # Sample names as Prometheus scrapes them (counters get _total).
 FIXED_SAMPLES = (
@@ -350,3 +355,95 @@ class TestMetricsRoot:
     def test_not_found(self, path: bytes) -> None:
         """Any other path is 404."""
         assert _http_get(self._root(), path)[0] == 404
+
+
+# A load in which every value differs, so that no two metrics can be swapped
+# unnoticed.
+BUSY_LOAD = LoadSnapshot(
+    level=1,
+    load_ratio=0.75,
+    connections=40,
+    busy_connections=15,
+    transactions=4,
+    request_rate=12.5,
+    postfix_stress=True,
+    tracked_clients=1234,
+    postfix_stress_seen=42,
+    evictions=7,
+    transitions={"normal": 3, "elevated": 5, "overload": 2},
+)
+
+# Sample name, labels, and its value for BUSY_LOAD.
+LOAD_SAMPLES: list[tuple[str, dict[str, str], float]] = [
+    ("policyd_stress_level", {}, 1),
+    ("policyd_load_ratio", {}, 0.75),
+    ("policyd_busy_connections", {}, 15),
+    ("policyd_transactions_active", {}, 4),
+    ("policyd_tracked_clients", {}, 1234),
+    ("policyd_request_rate", {}, 12.5),
+    ("policyd_postfix_stress_active", {}, 1),
+    ("policyd_postfix_stress_seen_total", {}, 42),
+    ("policyd_client_evictions_total", {}, 7),
+    ("policyd_stress_transitions_total", {"level": "normal"}, 3),
+    ("policyd_stress_transitions_total", {"level": "elevated"}, 5),
+    ("policyd_stress_transitions_total", {"level": "overload"}, 2),
+]
+
+
+class TestLoadCollector:
+    """`LoadCollector` exports the tracker's snapshot at scrape time."""
+
+    @pytest.mark.parametrize(("name", "labels", "value"), LOAD_SAMPLES)
+    def test_values(
+        self,
+        registry: CollectorRegistry,
+        name: str,
+        labels: dict[str, str],
+        value: float,
+    ) -> None:
+        """Each load metric shows the tracker's value, on the registry passed in."""
+        registry.register(LoadCollector(RecordingTracker(BUSY_LOAD)))
+        assert registry.get_sample_value(name, labels) == value
+        assert REGISTRY.get_sample_value(name, labels) is None
+
+    def test_no_other_samples(self, registry: CollectorRegistry) -> None:
+        """The collector exports exactly the documented samples."""
+        registry.register(LoadCollector(RecordingTracker(BUSY_LOAD)))
+        assert _sample_names(registry) == {name for name, _, _ in LOAD_SAMPLES}
+
+    def test_types(self, registry: CollectorRegistry) -> None:
+        """Counts that only grow are counters; the rest are gauges."""
+        registry.register(LoadCollector(RecordingTracker(BUSY_LOAD)))
+        types = {family.name: family.type for family in registry.collect()}
+        counters = {
+            "policyd_postfix_stress_seen",
+            "policyd_client_evictions",
+            "policyd_stress_transitions",
+        }
+        assert {n for n, t in types.items() if t == "counter"} == counters
+        assert {t for n, t in types.items() if n not in counters} == {"gauge"}
+
+    def test_read_at_scrape(self, registry: CollectorRegistry) -> None:
+        """Every scrape reads the tracker anew, once: one consistent snapshot."""
+        tracker = RecordingTracker(IDLE_SNAPSHOT)
+        registry.register(LoadCollector(tracker))
+        tracker.snapshots = 0
+        assert _value(registry, "policyd_postfix_stress_active") == 0
+        assert _value(registry, "policyd_stress_level") == 0
+        tracker.load = BUSY_LOAD
+        assert _value(registry, "policyd_postfix_stress_active") == 1
+        assert _value(registry, "policyd_stress_level") == 1
+        list(registry.collect())
+        assert tracker.snapshots == 5  # get_sample_value collects once per call
+        assert tracker.calls == []  # scraping changes nothing
+
+    def test_server_registers_it(self, registry: CollectorRegistry) -> None:
+        """A PolicyServer exports its tracker's load on the registry it is given."""
+        server = PolicyServer(load({}), MemoryReactorClock(), registry)
+        assert _value(registry, "policyd_busy_connections") == 0
+        Client(server.factory).send(MINIMAL)
+        assert _value(registry, "policyd_busy_connections") == 1
+        assert _value(registry, "policyd_stress_level") == 0
+        for name in ("normal", "elevated", "overload"):
+            assert _value(registry, "policyd_stress_transitions_total", level=name) == 0
+        assert REGISTRY.get_sample_value("policyd_stress_level") is None

@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import attrs
 import pytest
 from helpers import (
     DUNNO_REPLY,
+    IDLE_SNAPSHOT,
     MINIMAL,
+    TYPICAL,
     Client,
     DeferredDecider,
     FixedDecider,
     FlushingTransport,
     Harness,
+    RecordingTracker,
     capture_logs,
+    encode_request,
     events_named,
 )
 from prometheus_client import CollectorRegistry
@@ -36,9 +41,17 @@ from zope.interface import implementer
 
 from policyd.actions import DUNNO, Action
 from policyd.config import Config, load
-from policyd.decision import Decider, DunnoDecider
+from policyd.decision import Decider, TrackingDecider
+from policyd.load import ELEVATED, NORMAL, OVERLOAD, LoadSettings, MemoryLoadTracker
 from policyd.protocol import Limits
-from policyd.server import CLOSE_TIMEOUT, SWEEP_INTERVAL, CannotListen, PolicyServer
+from policyd.request import PolicyRequest
+from policyd.server import (
+    CLOSE_TIMEOUT,
+    SWEEP_INTERVAL,
+    CannotListen,
+    PolicyServer,
+    load_settings,
+)
 
 T = TypeVar("T")
 
@@ -295,7 +308,9 @@ class TestWiring:
             factory.idle_timeout,
         ) == (0.25, 5.0, 120.0)
         assert factory.fallback == Action.parse("DEFER_IF_PERMIT Service busy")
-        assert isinstance(factory.decider, DunnoDecider)
+        # Without a decider passed in, requests only feed the load tracker.
+        assert isinstance(factory.decider, TrackingDecider)
+        assert factory.decider.tracker is server.tracker
         assert factory.log_requests is False
 
     @pytest.mark.parametrize(
@@ -604,3 +619,165 @@ class TestStartMessages:
         """The default idle timeout (600 s) is above max_idle: no warning."""
         started(MemoryReactorClock())
         assert not [e for e in logs if e.get("event") == "config_warning"]
+
+
+# Each stress variable (without POLICYD_), a value, the LoadSettings field it
+# sets, and the value it sets it to.
+LOAD_SETTINGS: list[tuple[str, str, str, Any]] = [
+    ("smtpd_capacity", "250", "capacity", 250),
+    ("busy_window", "5s", "busy_window", 5.0),
+    ("transaction_timeout", "2m", "transaction_timeout", 120.0),
+    ("elevated_enter", "0.6", "elevated_enter", 0.6),
+    ("elevated_exit", "0.4", "elevated_exit", 0.4),
+    ("overload_enter", "0.95", "overload_enter", 0.95),
+    ("overload_exit", "0.8", "overload_exit", 0.8),
+    ("level_min_dwell", "1m", "min_dwell", 60.0),
+    ("rate_capacity", "500", "rate_capacity", 500.0),
+    ("rate_window", "30s", "rate_window", 30),
+    ("rate_window", "2.4", "rate_window", 2),  # whole seconds
+    ("rate_window", "2.6", "rate_window", 3),
+    ("postfix_stress_hold", "15m", "postfix_stress_hold", 900.0),
+    ("postfix_stress_level", "overload", "postfix_stress_level", OVERLOAD),
+    ("postfix_stress_level", "elevated", "postfix_stress_level", ELEVATED),
+    ("postfix_stress_level", "ignore", "postfix_stress_level", NORMAL),
+    ("client_ipv4_prefix", "24", "ipv4_prefix", 24),
+    ("client_ipv6_prefix", "48", "ipv6_prefix", 48),
+    ("max_tracked_clients", "5000", "max_tracked_clients", 5000),
+    ("client_rate_window", "5m", "client_rate_window", 300.0),
+]
+
+
+class TestLoadWiring:
+    """The factory keeps the load tracker informed; the server builds it."""
+
+    def test_connections_reported(self) -> None:
+        """Each connection is reported opened, then closed, under its id."""
+        tracker = RecordingTracker()
+        harness = Harness(tracker=tracker)
+        first, second = harness.connect(), harness.connect()
+        second.drop()
+        first.drop()
+        assert tracker.calls == [
+            ("opened", 1),
+            ("opened", 2),
+            ("closed", 2),
+            ("closed", 1),
+        ]
+
+    def test_closed_by_policyd_reported(self) -> None:
+        """A connection policyd closes itself (idle, stalled) is reported closed."""
+        tracker = RecordingTracker()
+        harness = Harness(tracker=tracker, idle_timeout=20, request_timeout=10)
+        idle, stalled = harness.connect(), harness.connect()
+        stalled.send(MINIMAL[:5])
+        harness.clock.advance(20)
+        harness.factory.sweep()
+        assert (idle.is_closed(), stalled.is_closed()) == (True, True)
+        assert sorted(c for c in tracker.calls if c[0] == "closed") == [
+            ("closed", 1),
+            ("closed", 2),
+        ]
+
+    def test_sweep_ticks(self) -> None:
+        """Every sweep ticks the tracker once, after closing what timed out."""
+        tracker = RecordingTracker()
+        harness = Harness(tracker=tracker, idle_timeout=1)
+        harness.connect()
+        harness.clock.advance(1)
+        harness.factory.sweep()
+        assert tracker.calls == [("opened", 1), ("closed", 1), ("tick", None)]
+        harness.factory.sweep()
+        harness.factory.sweep()
+        assert tracker.calls[3:] == [("tick", None), ("tick", None)]
+
+    def test_requests_observed_with_connection(self) -> None:
+        """TrackingDecider observes every request, tagged with its connection id."""
+        tracker = RecordingTracker()
+        harness = Harness(TrackingDecider(tracker), tracker=tracker)
+        first, second = harness.connect(), harness.connect()
+        second.send(encode_request(TYPICAL))
+        first.send(MINIMAL)
+        observed = [
+            (request.connection, request.client_address)
+            for kind, request in tracker.calls
+            if kind == "observe" and isinstance(request, PolicyRequest)
+        ]
+        assert observed == [(2, "192.0.2.10"), (1, "")]
+        assert (first.writes, second.writes) == ([DUNNO_REPLY], [DUNNO_REPLY])
+
+    @pytest.mark.parametrize("level", [NORMAL, ELEVATED, OVERLOAD])
+    def test_tracking_decider(self, level: int) -> None:
+        """TrackingDecider observes the request and answers DUNNO at any level."""
+        tracker = RecordingTracker(attrs.evolve(IDLE_SNAPSHOT, level=level))
+        request = PolicyRequest.from_attributes(TYPICAL, 7)
+        assert TrackingDecider(tracker).decide(request) == DUNNO
+        assert tracker.calls == [("observe", request)]
+
+    def test_server_tracks_its_connections(self) -> None:
+        """A PolicyServer's own tracker sees its connections and requests."""
+        server = PolicyServer(make_config(), MemoryReactorClock(), CollectorRegistry())
+        assert isinstance(server.tracker, MemoryLoadTracker)
+        assert server.factory.tracker is server.tracker
+        client = Client(server.factory)
+        client.send(encode_request(TYPICAL))
+        snapshot = server.tracker.snapshot()
+        assert (snapshot.connections, snapshot.busy_connections) == (1, 1)
+        assert snapshot.transactions == 1
+        request = PolicyRequest.from_attributes(TYPICAL)
+        assert server.tracker.client(request).concurrency == 1
+        client.drop()
+        snapshot = server.tracker.snapshot()
+        assert (snapshot.connections, snapshot.busy_connections) == (0, 0)
+        assert snapshot.transactions == 0
+        assert server.tracker.client(request).concurrency == 0
+
+    def test_sweeper_lets_level_fall(self) -> None:
+        """
+        Once started, the sweeper ticks the tracker: the level falls unasked.
+
+        One busy connection against a capacity of 1 is overload; with no
+        further request the level is normal again after the busy window
+        (10 s) and the dwell (30 s), within a sweep.
+        """
+        reactor = MemoryReactorClock()
+        server = started(
+            reactor, smtpd_capacity="1", busy_window="10s", level_min_dwell="30s"
+        )
+        client = Client(server.factory)
+        client.send(MINIMAL)
+        assert server.tracker.level == OVERLOAD
+        for _ in range(38):
+            reactor.advance(SWEEP_INTERVAL)
+        assert server.tracker.level == OVERLOAD
+        for _ in range(3):
+            reactor.advance(SWEEP_INTERVAL)
+        assert server.tracker.level == NORMAL
+        assert not client.is_closed()  # an idle smtpd keeps its connection
+        assert server.tracker.snapshot().connections == 1
+
+    def test_tracker_settings_from_config(self) -> None:
+        """The server's tracker runs on the settings the Config gives."""
+        config = make_config(smtpd_capacity="7", postfix_stress_level="ignore")
+        server = PolicyServer(config, MemoryReactorClock(), CollectorRegistry())
+        assert server.tracker.settings == load_settings(config)
+        assert server.tracker.settings.capacity == 7
+
+    def test_default_settings(self) -> None:
+        """The default Config gives LoadSettings' own defaults: one set of numbers."""
+        assert load_settings(load({})) == LoadSettings()
+
+    def test_table_covers_every_setting(self) -> None:
+        """The table below sets every LoadSettings field."""
+        assert {field for _, _, field, _ in LOAD_SETTINGS} == set(
+            attrs.fields_dict(LoadSettings)
+        )
+
+    @pytest.mark.parametrize(("variable", "raw", "field", "value"), LOAD_SETTINGS)
+    def test_load_settings(
+        self, variable: str, raw: str, field: str, value: Any
+    ) -> None:
+        """Each stress variable sets its LoadSettings field, and nothing else."""
+        settings = load_settings(make_config(**{variable: raw}))
+        assert getattr(settings, field) == value
+        default = getattr(LoadSettings(), field)
+        assert attrs.evolve(settings, **{field: default}) == LoadSettings()
