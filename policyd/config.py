@@ -8,6 +8,7 @@ docs and ``policyd config`` are generated from these declarations.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
@@ -18,6 +19,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 
 from policyd.actions import Action, InvalidAction
+from policyd.policy import SIGNALS as _ALL_REASONS
 
 PREFIX = "POLICYD"
 
@@ -191,6 +193,65 @@ def optional_endpoint(raw: str) -> str | None:
     if len(descriptions) != 1:
         raise ValueError("expected one endpoint description, or none to disable")
     return descriptions[0]
+
+
+def action_template(raw: str) -> str:
+    """A reply action, where ``{reasons}`` stands for the refusal's reasons."""
+    text = raw.strip()
+    # Check the longest text the template can produce: every reason at once.
+    longest = text.replace("{reasons}", " ".join(_ALL_REASONS))
+    try:
+        Action.parse(longest)
+    except InvalidAction as e:
+        raise ValueError(
+            f"{e} (checked with every reason filled into {{reasons}})"
+        ) from None
+    return text
+
+
+def networks(
+    raw: str,
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """CIDR networks or addresses, separated by spaces or commas."""
+    result = []
+    for item in raw.replace(",", " ").split():
+        try:
+            result.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(
+                f"{item!r} is not a network; expected CIDR networks or addresses "
+                "separated by spaces or commas, e.g. 192.0.2.0/24 2001:db8::/32"
+            ) from None
+    return tuple(result)
+
+
+_HOSTNAME = re.compile(
+    r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*\Z"
+)
+
+
+def hostnames(raw: str) -> tuple[str, ...]:
+    """Host or domain names, separated by spaces or commas; lower-cased."""
+    result = []
+    for item in raw.replace(",", " ").split():
+        name = item.lower().rstrip(".")
+        if not _HOSTNAME.match(name):
+            raise ValueError(
+                f"{item!r} is not a host or domain name; expected names separated "
+                "by spaces or commas, e.g. example.com mail.example.com"
+            )
+        result.append(name)
+    return tuple(result)
+
+
+def flag(raw: str) -> bool:
+    """A yes/no switch: 1/yes/true/on or 0/no/false/off."""
+    value = raw.strip().lower()
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off", ""):
+        return False
+    raise ValueError("expected 1/yes/true/on or 0/no/false/off")
 
 
 def fallback_action(raw: str) -> Action:
@@ -383,6 +444,170 @@ class Config:
         duration(1, 86400),
         "Per-client session, message and refusal counts decay exponentially with "
         "this time constant; rates are reported per minute.",
+    )
+
+    # -- decisions (docs/decisions.md explains the matrix) --
+    dry_run: bool = _setting(
+        "0",
+        flag,
+        "1 to never refuse: log and count what would have happened instead.",
+    )
+    dry_run_warn: bool = _setting(
+        "0",
+        flag,
+        "In dry run, answer WARN with the action policyd would have sent, so that "
+        "it shows in Postfix's log (instead of DUNNO).",
+    )
+    suspicious_score: int = _setting(
+        "3",
+        integer(1, 1000),
+        "Score from which a client is suspicious: under stress it gets the "
+        "temporary action of the level.",
+    )
+    reject_score: int = _setting(
+        "8",
+        integer(1, 1000),
+        "Score, counted without the reverse-DNS signals (a temporary DNS failure "
+        "looks the same), from which a suspicious client is very suspicious and "
+        "gets the *_REJECT_ACTION of the level.",
+    )
+    weight_no_client_name: int = _setting(
+        "2",
+        integer(-100, 100),
+        "Score for a client without a verified reverse name (client_name=unknown).",
+    )
+    weight_no_reverse_name: int = _setting(
+        "2",
+        integer(-100, 100),
+        "Score for a client without any PTR record (reverse_client_name=unknown).",
+    )
+    weight_dynamic_name: int = _setting(
+        "2",
+        integer(-100, 100),
+        "Score for a reverse name that looks like a dial-up, DSL, cable or pool "
+        "address (the address written into it, or tokens such as dyn, dsl, pool, "
+        "dhcp, cust).",
+    )
+    weight_no_helo: int = _setting(
+        "2",
+        integer(-100, 100),
+        "Score for a client that sent no HELO/EHLO (judged from the HELO stage on).",
+    )
+    weight_helo_not_fqdn: int = _setting(
+        "2",
+        integer(-100, 100),
+        "Score for a HELO name that is not a fully qualified domain name (a bare "
+        "word, or invalid characters).",
+    )
+    weight_helo_bare_ip: int = _setting(
+        "3",
+        integer(-100, 100),
+        "Score for a HELO that is a bare IP address instead of a name or an "
+        "[address literal].",
+    )
+    weight_helo_foreign_literal: int = _setting(
+        "3",
+        integer(-100, 100),
+        "Score for a HELO address literal ([192.0.2.1]) that is not the client's "
+        "own address.",
+    )
+    weight_helo_impersonates: int = _setting(
+        "5",
+        integer(-100, 100),
+        "Score for a HELO claiming to be localhost or one of POLICYD_MY_HOSTNAMES.",
+    )
+    weight_concurrency: int = _setting(
+        "3",
+        integer(-100, 100),
+        "Score for a client holding more smtpd processes than "
+        "POLICYD_CLIENT_CONCURRENCY_LIMIT.",
+    )
+    weight_message_rate: int = _setting(
+        "2",
+        integer(-100, 100),
+        "Score for a client starting more messages per minute than "
+        "POLICYD_CLIENT_MESSAGE_RATE_LIMIT.",
+    )
+    weight_session_rate: int = _setting(
+        "2",
+        integer(-100, 100),
+        "Score for a client opening more sessions per minute than "
+        "POLICYD_CLIENT_SESSION_RATE_LIMIT (seen only with connect-stage wiring).",
+    )
+    weight_quick_retry: int = _setting(
+        "3",
+        integer(-100, 100),
+        "Score for a client coming back within POLICYD_QUICK_RETRY_WINDOW of being "
+        "refused (real MTAs wait minutes before retrying).",
+    )
+    client_concurrency_limit: int = _setting(
+        "5",
+        integer(1, 100000),
+        "smtpd processes one client (address prefix) may hold before it scores "
+        "POLICYD_WEIGHT_CONCURRENCY.",
+    )
+    client_message_rate_limit: float = _setting(
+        "30",
+        positive_number,
+        "Messages per minute one client may start before it scores "
+        "POLICYD_WEIGHT_MESSAGE_RATE.",
+    )
+    client_session_rate_limit: float = _setting(
+        "30",
+        positive_number,
+        "Sessions per minute one client may open before it scores "
+        "POLICYD_WEIGHT_SESSION_RATE.",
+    )
+    quick_retry_window: float = _setting(
+        "30s",
+        duration(0, 86400),
+        "A client that returns within this long after a refusal scores "
+        "POLICYD_WEIGHT_QUICK_RETRY.",
+    )
+    my_hostnames: tuple[str, ...] = _setting(
+        "",
+        hostnames,
+        "Names this MX is known by (e.g. Postfix's $myhostname); a HELO claiming "
+        "one of them scores POLICYD_WEIGHT_HELO_IMPERSONATES. localhost always "
+        "does.",
+    )
+    allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+        _setting(
+            "",
+            networks,
+            "Clients in these networks (CIDR, IPv4 and IPv6, separated by spaces or "
+            "commas) are never refused.",
+        )
+    )
+    allow_domains: tuple[str, ...] = _setting(
+        "",
+        hostnames,
+        "Clients whose verified name (client_name) is one of these domains or under "
+        "one are never refused.",
+    )
+    elevated_action: str = _setting(
+        "450 4.7.1 Busy; try again later ({reasons})",
+        action_template,
+        "Answer to a suspicious client at the elevated level; {reasons} is replaced "
+        "by the signals that made it suspicious.",
+    )
+    elevated_reject_action: str = _setting(
+        "450 4.7.1 Busy; try again later ({reasons})",
+        action_template,
+        "Answer to a very suspicious client at the elevated level (temporary by "
+        "default: elevated never refuses for good unless you say so).",
+    )
+    overload_action: str = _setting(
+        "421 4.7.0 Overloaded; try again later ({reasons})",
+        action_template,
+        "Answer to a suspicious client at the overload level; 421 makes Postfix "
+        "hang up at once, freeing the smtpd process.",
+    )
+    overload_reject_action: str = _setting(
+        "521 5.7.1 Refused: looks like a bot ({reasons})",
+        action_template,
+        "Answer to a very suspicious client at the overload level: a permanent "
+        "refusal; 521 hangs up at once (Postfix 2.6+).",
     )
 
 

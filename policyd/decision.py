@@ -7,13 +7,21 @@ knows nothing about bytes or connections.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections import OrderedDict
+from typing import Final, Protocol
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
-from policyd.actions import DUNNO, Action
-from policyd.load import LoadTracker
+from policyd import policy
+from policyd.actions import DUNNO, MAX_ACTION_LENGTH, Action
+from policyd.load import NORMAL, LoadTracker
+from policyd.logs import escape
+from policyd.metrics import PolicyMetrics
+from policyd.policy import PolicySettings, Verdict
 from policyd.request import PolicyRequest
+
+log = Logger()
 
 
 class Decider(Protocol):
@@ -52,3 +60,119 @@ class TrackingDecider:
         """Observe *request*; return ``DUNNO``."""
         self.tracker.observe(request)
         return DUNNO
+
+
+# How many transactions' verdicts are remembered, so that every request of
+# one transaction (one RCPT after another) gets the same answer.  One per
+# smtpd process is enough; the bound only matters for connection churn.
+PINNED_TRANSACTIONS = 65536
+
+
+class PolicyDecider:
+    """
+    The product: observe the load, and under stress refuse the suspicious.
+
+    At ``normal`` every request gets ``DUNNO`` without being scored.  Under
+    stress, `policyd.policy.decide` scores the client; a refusal is logged
+    (one event with the client, the level, the score and the reasons),
+    counted, and remembered by the tracker so that a quick retry is noticed.
+    Every request of one transaction gets the verdict of its first request.
+    With *dry_run*, nothing is refused: the would-be action is logged and
+    counted, and the answer is ``DUNNO`` (or ``WARN`` with *dry_run_warn*).
+    """
+
+    def __init__(
+        self,
+        tracker: LoadTracker,
+        settings: PolicySettings,
+        metrics: PolicyMetrics,
+        *,
+        dry_run: bool = False,
+        dry_run_warn: bool = False,
+    ) -> None:
+        self.tracker = tracker
+        self.settings = settings
+        self.metrics = metrics
+        self.dry_run = dry_run
+        self.dry_run_warn = dry_run_warn
+        self._pinned: OrderedDict[int, tuple[str, Verdict]] = OrderedDict()
+        self._count_normal = metrics.decisions.labels(policy.PASS, "normal").inc
+
+    def decide(self, request: PolicyRequest) -> Action:
+        """Answer *request*."""
+        level = self.tracker.observe(request)
+        instance = request.instance
+        if instance:
+            pinned = self._pinned.get(request.connection)
+            if pinned is not None and pinned[0] == instance:
+                return self._answer(request, pinned[1], first=False)
+        if level == NORMAL:
+            verdict = _NORMAL
+        else:
+            verdict = policy.decide(
+                request, level, self.tracker.client(request), self.settings
+            )
+        if instance:
+            pins = self._pinned
+            pins[request.connection] = (instance, verdict)
+            pins.move_to_end(request.connection)
+            if len(pins) > PINNED_TRANSACTIONS:
+                pins.popitem(last=False)
+        return self._answer(request, verdict, first=True)
+
+    def _answer(
+        self, request: PolicyRequest, verdict: Verdict, *, first: bool
+    ) -> Action:
+        if verdict is _NORMAL:
+            self._count_normal()
+            return DUNNO
+        outcome = verdict.outcome
+        if verdict.refused:
+            if self.dry_run:
+                outcome = "dry_run_" + outcome
+            elif first:
+                self.tracker.record_refusal(request)
+            if first:
+                self._log_refusal(request, verdict)
+        decisions = self.metrics.decisions
+        if verdict.exemption is not None:
+            decisions.labels(outcome, verdict.exemption).inc()
+        elif not verdict.refused or not verdict.reasons:
+            decisions.labels(outcome, "none").inc()
+        else:
+            for reason in verdict.reasons:
+                decisions.labels(outcome, reason).inc()
+        if not verdict.refused:
+            return DUNNO
+        if self.dry_run:
+            if self.dry_run_warn:
+                return Action.parse(
+                    f"WARN policyd dry run would answer: {verdict.action.text}"[
+                        :MAX_ACTION_LENGTH
+                    ]
+                )
+            return DUNNO
+        return verdict.action
+
+    def _log_refusal(self, request: PolicyRequest, verdict: Verdict) -> None:
+        log.info(
+            "{what} {client} ({name}, helo {helo}) at {stress_level}: {action} "
+            "(score {score}: {reason_list})",
+            event="refusal",
+            what="Would refuse" if self.dry_run else "Refused",
+            dry_run=self.dry_run,
+            client=escape(request.client_address),
+            name=escape(request.client_name),
+            helo=escape(request.helo_name),
+            stress_level=verdict.level_name,
+            action=verdict.action.text,
+            outcome=verdict.outcome,
+            score=verdict.score,
+            reasons=list(verdict.reasons),
+            reason_list=", ".join(verdict.reasons),
+            instance=escape(request.instance),
+            state=escape(request.protocol_state),
+        )
+
+
+_NORMAL: Final = Verdict(DUNNO, policy.PASS, NORMAL, 0, ())

@@ -88,6 +88,13 @@ class PolicyMetrics:
             ["reason"],
             registry=registry,
         )
+        self.decisions = Counter(
+            "policyd_decisions",
+            "Decisions by outcome (pass, exempt, defer, reject, dry_run_defer, "
+            "dry_run_reject) and reason (a signal, an exemption, normal or none).",
+            ["outcome", "reason"],
+            registry=registry,
+        )
         self.idle_closes = Counter(
             "policyd_idle_closes",
             "Idle connections closed by policyd after POLICYD_IDLE_TIMEOUT.",

@@ -34,9 +34,10 @@ from twisted.logger import Logger
 from twisted.web.http import Request
 from twisted.web.server import Site
 
+from policyd import policy
 from policyd.actions import Action
 from policyd.config import Config
-from policyd.decision import Decider, TrackingDecider
+from policyd.decision import Decider, PolicyDecider
 from policyd.load import (
     ELEVATED,
     NORMAL,
@@ -46,6 +47,7 @@ from policyd.load import (
     MemoryLoadTracker,
 )
 from policyd.metrics import LoadCollector, MetricsRoot, PolicyMetrics
+from policyd.policy import PolicySettings
 from policyd.protocol import (
     DECISION_FAILURE_REASONS,
     PROTOCOL_ERROR_REASONS,
@@ -186,6 +188,39 @@ def load_settings(config: Config) -> LoadSettings:
     )
 
 
+def policy_settings(config: Config) -> PolicySettings:
+    """The decision settings from the configuration."""
+    return PolicySettings(
+        weights={
+            policy.NO_CLIENT_NAME: config.weight_no_client_name,
+            policy.NO_REVERSE_NAME: config.weight_no_reverse_name,
+            policy.DYNAMIC_NAME: config.weight_dynamic_name,
+            policy.NO_HELO: config.weight_no_helo,
+            policy.HELO_NOT_FQDN: config.weight_helo_not_fqdn,
+            policy.HELO_BARE_IP: config.weight_helo_bare_ip,
+            policy.HELO_FOREIGN_LITERAL: config.weight_helo_foreign_literal,
+            policy.HELO_IMPERSONATES: config.weight_helo_impersonates,
+            policy.CONCURRENCY: config.weight_concurrency,
+            policy.MESSAGE_RATE: config.weight_message_rate,
+            policy.SESSION_RATE: config.weight_session_rate,
+            policy.QUICK_RETRY: config.weight_quick_retry,
+        },
+        suspicious_score=config.suspicious_score,
+        reject_score=config.reject_score,
+        client_concurrency_limit=config.client_concurrency_limit,
+        client_message_rate_limit=config.client_message_rate_limit,
+        client_session_rate_limit=config.client_session_rate_limit,
+        quick_retry_window=config.quick_retry_window,
+        my_hostnames=config.my_hostnames,
+        allow_networks=config.allow_networks,
+        allow_domains=config.allow_domains,
+        elevated_action=config.elevated_action,
+        elevated_reject_action=config.elevated_reject_action,
+        overload_action=config.overload_action,
+        overload_reject_action=config.overload_reject_action,
+    )
+
+
 # Postfix's default smtpd_policy_service_max_idle, in seconds.
 POSTFIX_MAX_IDLE = 300
 
@@ -239,7 +274,15 @@ class PolicyServer:
         registry.register(LoadCollector(self.tracker))
         self.factory = PolicyFactory(
             clock=reactor,
-            decider=decider if decider is not None else TrackingDecider(self.tracker),
+            decider=decider
+            if decider is not None
+            else PolicyDecider(
+                self.tracker,
+                policy_settings(config),
+                self.metrics,
+                dry_run=config.dry_run,
+                dry_run_warn=config.dry_run_warn,
+            ),
             metrics=self.metrics,
             limits=Limits(
                 max_line_length=config.max_line_length,

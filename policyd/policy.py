@@ -1,0 +1,309 @@
+"""
+Scoring and the decision matrix: who is refused, when, and why.
+
+Pure: no Twisted, no clock, no I/O.  A decision is a function of the
+request, the stress level, what the tracker knows about the client, and the
+settings; time is passed in.  That keeps every cell of the matrix testable
+from a table.
+
+At ``normal`` nobody is refused.  Under stress, a client is scored from
+what the request shows (its names, its HELO, its behaviour as the tracker saw
+it); a score at or above `PolicySettings.suspicious_score` makes it
+*suspicious* and it gets the temporary action of the level, and one at or
+above `PolicySettings.reject_score` **not counting** the signals a temporary
+DNS failure can cause makes it *very suspicious* and, at ``overload``, it gets
+a permanent refusal.  Authenticated and allow-listed clients are never
+scored.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Sequence
+from typing import Final
+
+import attrs
+
+from policyd.actions import DUNNO, Action
+from policyd.load import ELEVATED, LEVEL_NAMES, NORMAL, OVERLOAD, ClientStats
+from policyd.request import PolicyRequest
+
+# -- reasons -----------------------------------------------------------------
+# Each signal has a stable name: it is a metric label, a log field and a word
+# in the refusal text, so the set is fixed and small.
+
+NO_CLIENT_NAME: Final = "no_client_name"
+NO_REVERSE_NAME: Final = "no_reverse_name"
+DYNAMIC_NAME: Final = "dynamic_name"
+NO_HELO: Final = "no_helo"
+HELO_NOT_FQDN: Final = "helo_not_fqdn"
+HELO_BARE_IP: Final = "helo_bare_ip"
+HELO_FOREIGN_LITERAL: Final = "helo_foreign_literal"
+HELO_IMPERSONATES: Final = "helo_impersonates"
+CONCURRENCY: Final = "concurrency"
+MESSAGE_RATE: Final = "message_rate"
+SESSION_RATE: Final = "session_rate"
+QUICK_RETRY: Final = "quick_retry"
+
+SIGNALS: Final = (
+    NO_CLIENT_NAME,
+    NO_REVERSE_NAME,
+    DYNAMIC_NAME,
+    NO_HELO,
+    HELO_NOT_FQDN,
+    HELO_BARE_IP,
+    HELO_FOREIGN_LITERAL,
+    HELO_IMPERSONATES,
+    CONCURRENCY,
+    MESSAGE_RATE,
+    SESSION_RATE,
+    QUICK_RETRY,
+)
+
+# `client_name=unknown` and `reverse_client_name=unknown` can mean a DNS
+# lookup that failed temporarily (Postfix does not tell): these never count
+# towards a permanent refusal.
+DNS_SIGNALS: Final = frozenset({NO_CLIENT_NAME, NO_REVERSE_NAME})
+
+# Outcomes (the ``outcome`` metric label).
+PASS: Final = "pass"  # noqa: S105 - an outcome, not a password
+EXEMPT: Final = "exempt"
+DEFER: Final = "defer"
+REJECT: Final = "reject"
+OUTCOMES: Final = (PASS, EXEMPT, DEFER, REJECT)
+
+# Exemption reasons.
+AUTHENTICATED: Final = "authenticated"
+ALLOWED_NETWORK: Final = "allowed_network"
+ALLOWED_DOMAIN: Final = "allowed_domain"
+EXEMPTIONS: Final = (AUTHENTICATED, ALLOWED_NETWORK, ALLOWED_DOMAIN)
+
+# Stages at which only the client is known (no HELO, sender or recipient).
+CONNECT_STATES: Final = frozenset({"CONNECT", "XCLIENT"})
+HELO_STATES: Final = frozenset({"HELO", "EHLO"})
+
+_UNKNOWN = "unknown"
+_LITERAL = re.compile(r"\[(?:ipv6:)?([0-9a-f:.]+)\]\Z", re.IGNORECASE)
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\Z")
+# Tokens that ISPs put in the reverse names of dial-up, DSL, cable and pool
+# addresses, as whole labels or label parts between separators or digits.
+_DYNAMIC_TOKENS = re.compile(
+    r"(?:^|[.\-_0-9])(?:dyn|dynamic|dsl|adsl|xdsl|vdsl|cable|pool|dhcp|dial|"
+    r"dialup|ppp|pppoe|broadband|cust|customer|res|resident|catv|ftth|"
+    r"unassigned)(?=$|[.\-_0-9])",
+    re.IGNORECASE,
+)
+# Where an action text names the reasons of a refusal.
+REASONS_PLACEHOLDER: Final = "{reasons}"
+
+
+@attrs.frozen
+class PolicySettings:
+    """Weights, thresholds, exemptions and the action of every matrix cell."""
+
+    weights: dict[str, int] = attrs.field(
+        factory=lambda: {
+            NO_CLIENT_NAME: 2,
+            NO_REVERSE_NAME: 2,
+            DYNAMIC_NAME: 2,
+            NO_HELO: 2,
+            HELO_NOT_FQDN: 2,
+            HELO_BARE_IP: 3,
+            HELO_FOREIGN_LITERAL: 3,
+            HELO_IMPERSONATES: 5,
+            CONCURRENCY: 3,
+            MESSAGE_RATE: 2,
+            SESSION_RATE: 2,
+            QUICK_RETRY: 3,
+        }
+    )
+    suspicious_score: int = 3
+    reject_score: int = 8
+    client_concurrency_limit: int = 5
+    client_message_rate_limit: float = 30.0
+    client_session_rate_limit: float = 30.0
+    quick_retry_window: float = 30.0
+    my_hostnames: tuple[str, ...] = ()
+    allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    allow_domains: tuple[str, ...] = ()
+    elevated_action: str = "450 4.7.1 Busy; try again later ({reasons})"
+    elevated_reject_action: str = "450 4.7.1 Busy; try again later ({reasons})"
+    overload_action: str = "421 4.7.0 Overloaded; try again later ({reasons})"
+    overload_reject_action: str = "521 5.7.1 Refused: looks like a bot ({reasons})"
+
+
+@attrs.frozen
+class Verdict:
+    """A decision, with everything that led to it, as data."""
+
+    action: Action
+    outcome: str
+    level: int
+    score: int
+    reasons: tuple[str, ...]
+    exemption: str | None = None
+
+    @property
+    def level_name(self) -> str:
+        """``normal``, ``elevated`` or ``overload``."""
+        return LEVEL_NAMES[self.level]
+
+    @property
+    def refused(self) -> bool:
+        """Whether the client is refused (temporarily or for good)."""
+        return self.outcome in (DEFER, REJECT)
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _under(name: str, domains: Sequence[str]) -> bool:
+    name = name.lower().rstrip(".")
+    return any(name == d or name.endswith("." + d) for d in domains)
+
+
+def exemption(request: PolicyRequest, settings: PolicySettings) -> str | None:
+    """Why *request*'s client must never be refused, or None."""
+    if request.sasl_username:
+        return AUTHENTICATED
+    if settings.allow_networks:
+        address = _address(request.client_address)
+        if address is not None and any(
+            address in network for network in settings.allow_networks
+        ):
+            return ALLOWED_NETWORK
+    if (
+        settings.allow_domains
+        and request.client_name
+        and request.client_name != _UNKNOWN
+        and _under(request.client_name, settings.allow_domains)
+    ):
+        return ALLOWED_DOMAIN
+    return None
+
+
+def looks_dynamic(name: str, address: str) -> bool:
+    """
+    Whether a reverse name looks like a dial-up, DSL, cable or pool address.
+
+    Two patterns: the client's address written into the name (all four
+    octets, in either order, with any separators, decimal or hex), and
+    ISP tokens such as ``dyn``, ``dsl``, ``pool``, ``dhcp`` or ``cust``.
+    """
+    if not name or name == _UNKNOWN:
+        return False
+    lowered = name.lower().rstrip(".")
+    # The registered domain (the last two labels) says who the ISP is, not
+    # what kind of address this is: look at the labels left of it.
+    host_part = lowered.rsplit(".", 2)[0] if lowered.count(".") >= 2 else ""
+    if host_part and _DYNAMIC_TOKENS.search(host_part):
+        return True
+    parsed = _address(address)
+    if isinstance(parsed, ipaddress.IPv4Address):
+        octets = address.split(".")
+        digits = re.findall(r"[0-9]+", lowered)
+        if len(digits) >= 4:
+            numbers = [str(int(d)) for d in digits]
+            text = " ".join(numbers)
+            if " ".join(octets) in text or " ".join(reversed(octets)) in text:
+                return True
+        if f"{int(parsed):08x}" in lowered:
+            return True
+    return False
+
+
+def _helo_signals(
+    helo: str, request: PolicyRequest, settings: PolicySettings
+) -> list[str]:
+    if not helo:
+        return [NO_HELO]
+    name = helo.lower().rstrip(".")
+    literal = _LITERAL.match(name)
+    if literal is not None:
+        claimed = _address(literal.group(1))
+        client = _address(request.client_address)
+        if claimed is None or client is None or claimed != client:
+            return [HELO_FOREIGN_LITERAL]
+        return []
+    if _address(name) is not None:
+        return [HELO_BARE_IP]
+    if name in ("localhost", "localhost.localdomain") or name in settings.my_hostnames:
+        return [HELO_IMPERSONATES]
+    labels = name.split(".")
+    if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
+        return [HELO_NOT_FQDN]
+    if labels[-1].isdigit():
+        return [HELO_NOT_FQDN]
+    return []
+
+
+def signals(
+    request: PolicyRequest,
+    client: ClientStats,
+    now_since_refusal: float | None,
+    settings: PolicySettings,
+) -> list[str]:
+    """
+    The suspicious traits *request* shows, from what its stage offers.
+
+    At ``CONNECT`` (or ``XCLIENT``) only the client's address and names are
+    known, so HELO traits are not judged; from ``HELO``/``EHLO`` on they are.
+    """
+    found: list[str] = []
+    if request.client_name == _UNKNOWN:
+        found.append(NO_CLIENT_NAME)
+    if request.reverse_client_name == _UNKNOWN:
+        found.append(NO_REVERSE_NAME)
+    elif looks_dynamic(request.reverse_client_name, request.client_address):
+        found.append(DYNAMIC_NAME)
+    if request.protocol_state not in CONNECT_STATES:
+        found += _helo_signals(request.helo_name, request, settings)
+    if client.concurrency > settings.client_concurrency_limit:
+        found.append(CONCURRENCY)
+    if client.message_rate > settings.client_message_rate_limit:
+        found.append(MESSAGE_RATE)
+    if client.session_rate > settings.client_session_rate_limit:
+        found.append(SESSION_RATE)
+    if (
+        now_since_refusal is not None
+        and now_since_refusal < settings.quick_retry_window
+    ):
+        found.append(QUICK_RETRY)
+    return found
+
+
+def decide(
+    request: PolicyRequest, level: int, client: ClientStats, settings: PolicySettings
+) -> Verdict:
+    """The verdict for *request* at stress *level*."""
+    if level == NORMAL:
+        return Verdict(DUNNO, PASS, level, 0, ())
+    exempt = exemption(request, settings)
+    if exempt is not None:
+        return Verdict(DUNNO, EXEMPT, level, 0, (), exempt)
+    found = signals(request, client, client.since_refusal, settings)
+    weights = settings.weights
+    score = sum(weights[s] for s in found)
+    if score < settings.suspicious_score:
+        return Verdict(DUNNO, PASS, level, score, tuple(found))
+    firm = sum(weights[s] for s in found if s not in DNS_SIGNALS)
+    very = firm >= settings.reject_score
+    if level == OVERLOAD:
+        template = settings.overload_reject_action if very else settings.overload_action
+    elif level == ELEVATED:
+        template = settings.elevated_reject_action if very else settings.elevated_action
+    else:
+        raise ValueError(f"unknown stress level {level}")
+    action = refusal(template, found)
+    outcome = REJECT if action.text[0] == "5" or action.label == "REJECT" else DEFER
+    return Verdict(action, outcome, level, score, tuple(found))
+
+
+def refusal(template: str, reasons: Sequence[str]) -> Action:
+    """The action of *template* with ``{reasons}`` filled in."""
+    return Action.parse(template.replace(REASONS_PLACEHOLDER, " ".join(reasons)))
