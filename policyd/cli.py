@@ -6,6 +6,7 @@ handlers and decides exit codes.
 
 Exit codes: 0 after a clean stop (SIGTERM or SIGINT), 1 when the server cannot
 start (e.g. the address is in use), 2 for a usage or configuration error.
+``policyd ask`` exits 0 with a reply, 1 without one, 2 for a usage error.
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ from prometheus_client import CollectorRegistry
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger, globalLogBeginner
 
-from policyd import __version__, config
-from policyd.logs import make_observer
+from policyd import __version__, ask, config
+from policyd.logs import escape, make_observer
 
 log = Logger()
 
 EXIT_CANNOT_START = 1
+EXIT_NO_REPLY = 1
 EXIT_USAGE = 2
+
+LISTEN_VARIABLE = "POLICYD_LISTEN"
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -128,6 +132,99 @@ def serve(cfg: config.Config) -> NoReturn:
     raise AssertionError("react() returned")  # pragma: no cover - react exits
 
 
+def _ask_target(server: str | None, env: Mapping[str, str]) -> ask.Target:
+    """Where to ask: ``--server``, or where ``POLICYD_LISTEN`` makes policyd listen.
+
+    Only ``POLICYD_LISTEN`` is read: asking a running server should not fail
+    on some other variable that the server read (or not) at its own start.
+    """
+    try:
+        if server is not None:
+            return ask.parse_server(server)
+        (listen,) = [s for s in config.describe(env) if s.variable == LISTEN_VARIABLE]
+        try:
+            descriptions = config.endpoints(listen.value)
+        except ValueError as e:
+            _fail(str(config.ConfigError(LISTEN_VARIABLE, listen.value, str(e))))
+        return ask.listen_target(descriptions, LISTEN_VARIABLE)
+    except ask.InvalidEndpoint as e:
+        _fail(f"--server: {e}" if server is not None else str(e))
+
+
+def ask_command(
+    arguments: Sequence[str],
+    server: str | None,
+    timeout: float,
+    verbose: bool,
+    env: Mapping[str, str],
+) -> None:
+    """Send one request to a running policyd and print the action it answers."""
+    try:
+        attributes = ask.build_request(arguments)
+    except ask.InvalidAttribute as e:
+        _fail(str(e))
+    target = _ask_target(server, env)
+    for name in ask.unknown_names(attributes):
+        print(
+            f"policyd: warning: {escape(name)} is not an attribute Postfix sends; "
+            "sending it anyway",
+            file=sys.stderr,
+        )
+    if verbose:
+        # On stderr, so that stdout stays the action alone, for scripts.
+        sent = "".join(
+            f"{escape(name)}={escape(value)}\n" for name, value in attributes.items()
+        )
+        print(f"policyd: asking {target}:\n{sent}", file=sys.stderr)
+    try:
+        action = ask.ask(target, ask.encode_request(attributes), timeout)
+    except ask.AskFailed as e:
+        _fail(f"asking {target} failed: {e}", EXIT_NO_REPLY)
+    # Exactly as sent, unless it holds what a terminal would act on.
+    print(action if action.isprintable() else escape(action))
+
+
+def _timeout(raw: str) -> float:
+    try:
+        return config.duration(0.001, 3600)(raw)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _default_server() -> str:
+    """Where ``policyd ask`` connects when nothing is set: for ``--help``."""
+    (listen,) = [s for s in config.describe({}) if s.variable == LISTEN_VARIABLE]
+    try:
+        return str(ask.listen_target(config.endpoints(listen.default), LISTEN_VARIABLE))
+    except ValueError:
+        return listen.default
+
+
+def _ask_epilog() -> str:
+    defaults = "\n".join(
+        f"  {name}={value}" if name != "instance" else f"  {name}=<see below>"
+        for name, value in ask.DEFAULTS.items()
+    )
+    return (
+        "Unless given, the request is what smtpd sends at RCPT for a client it\n"
+        "knows nothing about:\n\n"
+        f"{defaults}\n\n"
+        "192.0.2.1 is a documentation address (RFC 5737) that no real client\n"
+        "has.  Names are not looked up in DNS: client_name and\n"
+        "reverse_client_name stay 'unknown' (what smtpd sends when its lookups\n"
+        "fail) unless given.  instance gets a fresh value at RCPT, DATA and\n"
+        "END-OF-MESSAGE (empty at other stages, as smtpd sends it), so each ask\n"
+        "is its own mail transaction.  Names Postfix never sends are sent with a\n"
+        "warning.\n\n"
+        "An ask is a real request: policyd counts it in its metrics and its\n"
+        "load like any other.\n\n"
+        "Exit status: 0 with a reply (whatever the action), 1 without one\n"
+        "(connection refused, timeout, closed without a reply, malformed\n"
+        "reply), 2 for a usage error.\n\n"
+        "Example: policyd ask client_address=192.0.2.7 helo_name=foo"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="policyd",
@@ -144,6 +241,47 @@ def _parser() -> argparse.ArgumentParser:
         "--markdown",
         action="store_true",
         help="print the reference of all variables and defaults as Markdown",
+    )
+    asking = commands.add_parser(
+        "ask",
+        help="send one request to a running policyd and print its action",
+        description=textwrap.fill(
+            "Send one policy request, as Postfix's smtpd would, to a running "
+            "policyd and print the action it answers (e.g. DUNNO or "
+            "'450 4.7.1 ...') on stdout.",
+            width=72,
+        ),
+        epilog=_ask_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    asking.add_argument(
+        "--server",
+        metavar="ENDPOINT",
+        help=f"where policyd listens: {ask.SERVER_FORMS}, or a POLICYD_LISTEN "
+        "description (default: the first endpoint of POLICYD_LISTEN, with the "
+        "loopback address for one that listens on all addresses: "
+        f"{_default_server()} unless set)",
+    )
+    asking.add_argument(
+        "--timeout",
+        metavar="DURATION",
+        type=_timeout,
+        default=5.0,
+        help="longest wait for connecting and the reply together, e.g. 5, 500ms "
+        "(default: 5s); a host name's lookup is bounded by the resolver",
+    )
+    asking.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also print the request sent (on stderr)",
+    )
+    asking.add_argument(
+        "attributes",
+        metavar="NAME=VALUE",
+        nargs="*",
+        help="a request attribute, added or replacing a default; split at the "
+        "first '=', so a value may contain '='",
     )
     return parser
 
@@ -162,6 +300,10 @@ def main(
             sys.stdout.write(show_config(environment))
     elif args.command == "serve":
         serve(_load(environment))
+    elif args.command == "ask":
+        ask_command(
+            args.attributes, args.server, args.timeout, args.verbose, environment
+        )
     else:
         parser.print_help(sys.stderr)
         raise SystemExit(EXIT_USAGE)

@@ -195,17 +195,31 @@ def optional_endpoint(raw: str) -> str | None:
     return descriptions[0]
 
 
+# What a matrix cell may answer: a refusal, or (to switch a cell off, or to
+# only log) DUNNO, WARN or INFO.  HOLD, DISCARD, FILTER, REDIRECT, BCC and
+# PREPEND accept the mail and add work under stress, or lose it (DISCARD),
+# and Postfix skips them with a warning at the CONNECT stage.
+_CELL_KEYWORDS = frozenset(
+    {"REJECT", "DEFER", "DEFER_IF_PERMIT", "DEFER_IF_REJECT", "DUNNO", "WARN", "INFO"}
+)
+
+
 def action_template(raw: str) -> str:
     """A reply action, where ``{reasons}`` stands for the refusal's reasons."""
     text = raw.strip()
     # Check the longest text the template can produce: every reason at once.
     longest = text.replace("{reasons}", " ".join(_ALL_REASONS))
     try:
-        Action.parse(longest)
+        action = Action.parse(longest)
     except InvalidAction as e:
         raise ValueError(
             f"{e} (checked with every reason filled into {{reasons}})"
         ) from None
+    if action.label not in _CELL_KEYWORDS and not action.label[0].isdigit():
+        raise ValueError(
+            "expected a 4xx/5xx code with text, REJECT, DEFER, DEFER_IF_PERMIT, "
+            "DEFER_IF_REJECT, or DUNNO, WARN or INFO to refuse nobody"
+        )
     return text
 
 
@@ -363,6 +377,14 @@ class Config:
         "shows the transaction ended (a new instance, none, or END-OF-MESSAGE). "
         "Covers the DATA phase, where Postfix asks nothing with the default "
         "wiring.",
+    )
+    close_linger: float = _setting(
+        "5s",
+        duration(0, 3600),
+        "A busy connection that closes still counts as busy for up to this long "
+        "(never past its busy window): at its process limit, master replaces "
+        "every smtpd process after its session, and the load must not seem to "
+        "dip while it does.",
     )
     elevated_enter: float = _setting(
         "0.7",

@@ -143,13 +143,16 @@ class PolicyDecider:
             for reason in verdict.reasons:
                 decisions.labels(outcome, reason).inc()
         if not verdict.refused:
-            return DUNNO
+            # DUNNO, or the WARN or INFO an admin put in a matrix cell.
+            return verdict.action
         if self.dry_run:
             if self.dry_run_warn:
+                # Cut to the limit, and never end in the space the cut may
+                # leave (Action.parse refuses trailing spaces).
                 return Action.parse(
                     f"WARN policyd dry run would answer: {verdict.action.text}"[
                         :MAX_ACTION_LENGTH
-                    ]
+                    ].rstrip()
                 )
             return DUNNO
         return verdict.action

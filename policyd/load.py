@@ -60,6 +60,10 @@ SESSION_STATES: Final = frozenset({"CONNECT", "XCLIENT"})
 
 END_OF_MESSAGE: Final = "END-OF-MESSAGE"
 
+# "Never refused": one shared float object, so that a million clients do not
+# carry a million copies of it.
+NEVER: Final = -math.inf
+
 # The key under which clients without a usable address are counted.
 UNKNOWN_CLIENT: Final = -1
 _IPV6_TAG: Final = 1 << 128  # keeps IPv6 keys apart from IPv4 ones
@@ -72,6 +76,7 @@ class LoadSettings:
     capacity: int = 100
     busy_window: float = 10.0
     transaction_timeout: float = 30.0
+    close_linger: float = 5.0
     elevated_enter: float = 0.7
     elevated_exit: float = 0.5
     overload_enter: float = 0.9
@@ -187,16 +192,17 @@ class _Client:
         self.messages = 0.0
         self.messages_at = 0.0
         self.refusals = 0.0
-        self.refused_at = -math.inf
+        self.refused_at = NEVER  # shared: one float object for all clients
 
 
 class _Connection:
     """What the tracker knows about one policy connection (one smtpd process)."""
 
-    __slots__ = ("busy", "busy_until", "client", "instance")
+    __slots__ = ("busy", "busy_until", "client", "closed", "instance")
 
     def __init__(self) -> None:
         self.busy = False
+        self.closed = False
         self.busy_until = 0.0
         self.client: int | None = None
         self.instance = ""
@@ -251,6 +257,8 @@ class MemoryLoadTracker:
         self._connections: dict[int, _Connection] = {}
         self._clients: OrderedDict[int, _Client] = OrderedDict()
         self._busy = 0
+        # Closed connections still counted busy until their window ends.
+        self._lingering = 0
         self._transactions = 0
         self._level = NORMAL
         now = clock.seconds()
@@ -278,9 +286,31 @@ class MemoryLoadTracker:
         self._connections.setdefault(connection, _Connection())
 
     def connection_closed(self, connection: int) -> None:
-        """Stop tracking a connection; its smtpd process has gone."""
-        state = self._connections.pop(connection, None)
-        if state is not None and state.busy:
+        """
+        Stop tracking a connection; its smtpd process has gone.
+
+        Its transaction ends at once.  If it was busy, it still counts as busy
+        for up to `LoadSettings.close_linger`: when Postfix hits its process limit, master asks every
+        smtpd process to exit after its session and starts fresh ones, so
+        busy processes close their connections at the very moment of
+        saturation.  Dropping them at once would make the load dip just when
+        it peaks.
+        """
+        state = self._connections.get(connection)
+        if state is None or state.closed:
+            return
+        if state.instance:
+            state.instance = ""
+            self._transactions -= 1
+        now = self.clock.seconds()
+        linger_until = min(state.busy_until, now + self.settings.close_linger)
+        if state.busy and linger_until > now:
+            state.closed = True
+            state.busy_until = linger_until
+            self._lingering += 1
+            return
+        del self._connections[connection]
+        if state.busy:
             self._release(state)
 
     def _release(self, state: _Connection) -> None:
@@ -444,7 +474,7 @@ class MemoryLoadTracker:
             * per_minute,
             refusals=_decay(record.refusals, record.refused_at, now, window),
             since_refusal=None
-            if record.refused_at == -math.inf
+            if record.refused_at == NEVER
             else now - record.refused_at,
         )
 
@@ -452,7 +482,7 @@ class MemoryLoadTracker:
         """Remember a refusal of the client of *request*."""
         now = self.clock.seconds()
         record = self._touch(self.keys.key(request.client_address))
-        if record.refused_at == -math.inf:
+        if record.refused_at == NEVER:
             record.refusals = 1.0
         else:
             record.refusals = (
@@ -471,9 +501,15 @@ class MemoryLoadTracker:
     def tick(self) -> None:
         """Release connections whose busy window or transaction ran out."""
         now = self.clock.seconds()
-        for state in self._connections.values():
+        gone = []
+        for connection, state in self._connections.items():
             if state.busy and state.busy_until <= now:
                 self._release(state)
+                if state.closed:
+                    gone.append(connection)
+        for connection in gone:
+            del self._connections[connection]
+            self._lingering -= 1
         self._evaluate(now)
 
     def load_ratio(self) -> float:
@@ -539,7 +575,7 @@ class MemoryLoadTracker:
         return LoadSnapshot(
             level=self._level,
             load_ratio=self.load_ratio(),
-            connections=len(self._connections),
+            connections=len(self._connections) - self._lingering,
             busy_connections=self._busy,
             transactions=self._transactions,
             request_rate=self.request_rate(),

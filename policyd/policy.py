@@ -85,13 +85,21 @@ HELO_STATES: Final = frozenset({"HELO", "EHLO"})
 
 _UNKNOWN = "unknown"
 _LITERAL = re.compile(r"\[(?:ipv6:)?([0-9a-f:.]+)\]\Z", re.IGNORECASE)
-_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\Z")
+# Postfix's own valid_hostname() accepts underscores ("grr..": Windows hosts
+# use them), so a HELO with one is not held against the client.
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\Z")
+_MAX_NAME = 255
+# Names a client has no business giving in HELO to another host: they say
+# "the host you are on" (localhost6 is the IPv6 name on Red Hat systems, and
+# localhost.<domain> a common zone entry for 127.0.0.1).
+_LOCALHOST_LABELS = frozenset({"localhost", "localhost6"})
+_LOCALHOST_NAMES = frozenset({"ip6-localhost", "ip6-loopback"})
 # Tokens that ISPs put in the reverse names of dial-up, DSL, cable and pool
 # addresses, as whole labels or label parts between separators or digits.
 _DYNAMIC_TOKENS = re.compile(
-    r"(?:^|[.\-_0-9])(?:dyn|dynamic|dsl|adsl|xdsl|vdsl|cable|pool|dhcp|dial|"
-    r"dialup|ppp|pppoe|broadband|cust|customer|res|resident|catv|ftth|"
-    r"unassigned)(?=$|[.\-_0-9])",
+    r"(?:^|[.\-_0-9])(?:dyn|dynamic|dynip|dsl|adsl|xdsl|vdsl|cable|pool|dhcp|"
+    r"dial|dialup|dialin|ppp|pppoe|broadband|cust|customer|res|resident|catv|"
+    r"ftth|cpe|unassigned)(?=$|[.\-_0-9])",
     re.IGNORECASE,
 )
 # Where an action text names the reasons of a refusal.
@@ -205,13 +213,16 @@ def looks_dynamic(name: str, address: str) -> bool:
         return True
     parsed = _address(address)
     if isinstance(parsed, ipaddress.IPv4Address):
-        octets = address.split(".")
         digits = re.findall(r"[0-9]+", lowered)
-        if len(digits) >= 4:
-            numbers = [str(int(d)) for d in digits]
-            text = " ".join(numbers)
-            if " ".join(octets) in text or " ".join(reversed(octets)) in text:
+        # Whole numbers only: 1.2.3.4 is not in "11-2-3-45".
+        text = " " + " ".join(d.lstrip("0") or "0" for d in digits) + " "
+        octets = list(parsed.packed)
+        for order in (octets, octets[::-1]):
+            if " " + " ".join(map(str, order)) + " " in text:
                 return True
+        # Not the twelve zero-padded digits run together: Microsoft's own
+        # outbound servers are named so (mail-oln040092066050.outbound.
+        # protection.outlook.com is 40.92.66.50).
         if f"{int(parsed):08x}" in lowered:
             return True
     return False
@@ -223,23 +234,59 @@ def _helo_signals(
     if not helo:
         return [NO_HELO]
     name = helo.lower().rstrip(".")
+    client = _unmapped(_address(request.client_address))
     literal = _LITERAL.match(name)
     if literal is not None:
-        claimed = _address(literal.group(1))
-        client = _address(request.client_address)
+        claimed = _unmapped(_address(literal.group(1)))
         if claimed is None or client is None or claimed != client:
             return [HELO_FOREIGN_LITERAL]
         return []
     if _address(name) is not None:
         return [HELO_BARE_IP]
-    if name in ("localhost", "localhost.localdomain") or name in settings.my_hostnames:
-        return [HELO_IMPERSONATES]
     labels = name.split(".")
-    if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
+    if (
+        labels[0] in _LOCALHOST_LABELS
+        or name in _LOCALHOST_NAMES
+        or name in settings.my_hostnames
+    ):
+        # From this host itself the claim is true (and "localhost" is the
+        # right name for it, FQDN or not).
+        return [] if _is_this_host(client, request) else [HELO_IMPERSONATES]
+    if (
+        len(labels) < 2
+        or len(name) > _MAX_NAME
+        or not all(_LABEL.match(label) for label in labels)
+    ):
         return [HELO_NOT_FQDN]
     if labels[-1].isdigit():
         return [HELO_NOT_FQDN]
     return []
+
+
+def _unmapped(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """*address*, with an IPv4-mapped IPv6 address (::ffff:a.b.c.d) as IPv4."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+def _is_this_host(
+    client: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+    request: PolicyRequest,
+) -> bool:
+    """Whether the client is this host itself (loopback, or our own address).
+
+    A local program (cron, a web application, a content filter reinjecting)
+    that says HELO localhost or our own name is telling the truth.
+    """
+    if client is None:
+        return False
+    if client.is_loopback:
+        return True
+    server = _unmapped(_address(request.attributes.get("server_address", "")))
+    return server is not None and server == client
 
 
 def signals(
@@ -289,8 +336,12 @@ def decide(
     found = signals(request, client, client.since_refusal, settings)
     weights = settings.weights
     score = sum(weights[s] for s in found)
+    # A signal weighted 0 is switched off, and a negative one speaks for the
+    # client: neither is a reason to refuse, in the reply, the log or the
+    # metric.
+    reasons = tuple(s for s in found if weights[s] > 0)
     if score < settings.suspicious_score:
-        return Verdict(DUNNO, PASS, level, score, tuple(found))
+        return Verdict(DUNNO, PASS, level, score, reasons)
     firm = sum(weights[s] for s in found if s not in DNS_SIGNALS)
     very = firm >= settings.reject_score
     if level == OVERLOAD:
@@ -299,9 +350,23 @@ def decide(
         template = settings.elevated_reject_action if very else settings.elevated_action
     else:
         raise ValueError(f"unknown stress level {level}")
-    action = refusal(template, found)
-    outcome = REJECT if action.text[0] == "5" or action.label == "REJECT" else DEFER
-    return Verdict(action, outcome, level, score, tuple(found))
+    action = refusal(template, reasons)
+    return Verdict(action, outcome_of(action), level, score, reasons)
+
+
+# Keywords that refuse temporarily; every other keyword allowed in a matrix
+# cell (DUNNO, WARN, INFO) lets the client through.
+_DEFER_KEYWORDS: Final = frozenset({"DEFER", "DEFER_IF_PERMIT", "DEFER_IF_REJECT"})
+
+
+def outcome_of(action: Action) -> str:
+    """`REJECT`, `DEFER` or `PASS`: what *action* does to the client."""
+    label = action.label
+    if label == "REJECT" or label.startswith("5"):
+        return REJECT
+    if label in _DEFER_KEYWORDS or label.startswith("4"):
+        return DEFER
+    return PASS
 
 
 def refusal(template: str, reasons: Sequence[str]) -> Action:

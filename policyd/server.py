@@ -172,6 +172,7 @@ def load_settings(config: Config) -> LoadSettings:
         capacity=config.smtpd_capacity,
         busy_window=config.busy_window,
         transaction_timeout=config.transaction_timeout,
+        close_linger=config.close_linger,
         elevated_enter=config.elevated_enter,
         elevated_exit=config.elevated_exit,
         overload_enter=config.overload_enter,

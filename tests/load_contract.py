@@ -61,6 +61,9 @@ BASE = LoadSettings(
     capacity=20,
     busy_window=10.0,
     transaction_timeout=60.0,
+    # Most tests shed load by closing connections and expect it gone at once;
+    # the linger has tests of its own.
+    close_linger=0.0,
     elevated_enter=0.7,
     elevated_exit=0.5,
     overload_enter=0.9,
@@ -600,6 +603,46 @@ class LoadTrackerContract:
         assert p.snapshot().transactions == 0
         assert p.watch(9.5, lambda: p.snapshot().busy_connections, 0.5) == {1}
         p.wait(1.0, step=0.5)
+        assert p.snapshot().busy_connections == 0
+
+    def test_closed_busy_connection_lingers(self) -> None:
+        """
+        A busy connection that closes still counts as busy for close_linger.
+
+        At saturation master asks every smtpd to exit after its session and
+        starts fresh ones: the load must not dip while processes are swapped.
+        Its transaction ends at once, and it no longer counts as open.
+        """
+        p = self.smtpd(close_linger=5.0, busy_window=10.0)
+        connection = p.connect()
+        p.ask(connection, instance="A")
+        p.tracker.connection_closed(connection)
+        snapshot = p.snapshot()
+        assert (snapshot.connections, snapshot.transactions) == (0, 0)
+        assert p.watch(4.5, lambda: p.snapshot().busy_connections, 0.5) == {1}
+        p.wait(1.0, step=0.5)
+        assert p.snapshot().busy_connections == 0
+        assert p.tracker.client(request(connection)).concurrency == 0
+
+    def test_closed_idle_connection_does_not_linger(self) -> None:
+        """A connection closed after its busy window ended stops counting at once."""
+        p = self.smtpd(close_linger=5.0, busy_window=10.0)
+        connection = p.connect()
+        p.ask(connection)
+        p.wait(11)
+        p.tracker.connection_closed(connection)
+        assert p.snapshot().busy_connections == 0
+        assert p.snapshot().connections == 0
+
+    def test_linger_never_outlasts_busy_window(self) -> None:
+        """A connection closed near the end of its busy window lingers only to it."""
+        p = self.smtpd(close_linger=5.0, busy_window=10.0)
+        connection = p.connect()
+        p.ask(connection)
+        p.wait(8)
+        p.tracker.connection_closed(connection)
+        assert p.snapshot().busy_connections == 1
+        p.wait(2.5, step=0.5)
         assert p.snapshot().busy_connections == 0
 
     def test_end_of_message_ends_transaction(self) -> None:

@@ -1494,6 +1494,11 @@ class SmtpTranscript:
         """Whether the message was queued (DATA end answered 250)."""
         return any(s.command == "DATA-END" and s.code == 250 for s in self.steps)
 
+    @property
+    def disconnected(self) -> bool:
+        """Whether the server hung up before the client said QUIT and got 221."""
+        return bool(self.steps) and self.steps[-1].command == "DISCONNECTED"
+
     def __str__(self) -> str:
         return "; ".join(f"{s.command} -> {s.code} {s.text}" for s in self.steps)
 
@@ -1532,7 +1537,8 @@ def send_message(
     EHLO again (with *helo*), unless *ehlo_after_xclient* is false, in which
     case the HELO name from XCLIENT stays in effect.  *mail_options* go on
     MAIL FROM (e.g. ``SMTPUTF8``).  DATA is sent only if a recipient was
-    accepted.  A server disconnect ends the transcript.
+    accepted.  A refused XCLIENT is followed by QUIT only.  A server
+    disconnect ends the transcript with a ``DISCONNECTED`` step.
     """
     steps: list[SmtpStep] = []
     local_port = 0
@@ -1553,6 +1559,10 @@ def send_message(
         if xclient:
             arguments = " ".join(f"{k.upper()}={xtext(v)}" for k, v in xclient.items())
             if record("XCLIENT", client.docmd("XCLIENT", arguments)) != 220:
+                # Refused (e.g. a 421 from a connect-stage policy check, which
+                # also hangs up): say QUIT as a client would, which records
+                # whether the server is still there.
+                record("QUIT", client.docmd("QUIT"))
                 return SmtpTranscript(tuple(steps), local_port)
             client.ehlo_resp = client.helo_resp = None
             client.esmtp_features = {}

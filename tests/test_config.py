@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any
 
@@ -9,7 +10,8 @@ import attrs
 import pytest
 
 from policyd import config
-from policyd.actions import DUNNO, Action
+from policyd.actions import DUNNO, MAX_ACTION_LENGTH, Action
+from policyd.policy import SIGNALS
 
 # The defaults as docs/configuration.md and `policyd config` document them.
 DOCUMENTED_DEFAULTS = {
@@ -27,6 +29,7 @@ DOCUMENTED_DEFAULTS = {
     "POLICYD_SMTPD_CAPACITY": "100",
     "POLICYD_BUSY_WINDOW": "10s",
     "POLICYD_TRANSACTION_TIMEOUT": "30s",
+    "POLICYD_CLOSE_LINGER": "5s",
     "POLICYD_ELEVATED_ENTER": "0.7",
     "POLICYD_ELEVATED_EXIT": "0.5",
     "POLICYD_OVERLOAD_ENTER": "0.9",
@@ -40,7 +43,53 @@ DOCUMENTED_DEFAULTS = {
     "POLICYD_CLIENT_IPV6_PREFIX": "64",
     "POLICYD_MAX_TRACKED_CLIENTS": "100000",
     "POLICYD_CLIENT_RATE_WINDOW": "60s",
+    "POLICYD_DRY_RUN": "0",
+    "POLICYD_DRY_RUN_WARN": "0",
+    "POLICYD_SUSPICIOUS_SCORE": "3",
+    "POLICYD_REJECT_SCORE": "8",
+    "POLICYD_WEIGHT_NO_CLIENT_NAME": "2",
+    "POLICYD_WEIGHT_NO_REVERSE_NAME": "2",
+    "POLICYD_WEIGHT_DYNAMIC_NAME": "2",
+    "POLICYD_WEIGHT_NO_HELO": "2",
+    "POLICYD_WEIGHT_HELO_NOT_FQDN": "2",
+    "POLICYD_WEIGHT_HELO_BARE_IP": "3",
+    "POLICYD_WEIGHT_HELO_FOREIGN_LITERAL": "3",
+    "POLICYD_WEIGHT_HELO_IMPERSONATES": "5",
+    "POLICYD_WEIGHT_CONCURRENCY": "3",
+    "POLICYD_WEIGHT_MESSAGE_RATE": "2",
+    "POLICYD_WEIGHT_SESSION_RATE": "2",
+    "POLICYD_WEIGHT_QUICK_RETRY": "3",
+    "POLICYD_CLIENT_CONCURRENCY_LIMIT": "5",
+    "POLICYD_CLIENT_MESSAGE_RATE_LIMIT": "30",
+    "POLICYD_CLIENT_SESSION_RATE_LIMIT": "30",
+    "POLICYD_QUICK_RETRY_WINDOW": "30s",
+    "POLICYD_MY_HOSTNAMES": "",
+    "POLICYD_ALLOW_NETWORKS": "",
+    "POLICYD_ALLOW_DOMAINS": "",
+    "POLICYD_ELEVATED_ACTION": "450 4.7.1 Busy; try again later ({reasons})",
+    "POLICYD_ELEVATED_REJECT_ACTION": "450 4.7.1 Busy; try again later ({reasons})",
+    "POLICYD_OVERLOAD_ACTION": "421 4.7.0 Overloaded; try again later ({reasons})",
+    "POLICYD_OVERLOAD_REJECT_ACTION": "521 5.7.1 Refused: looks like a bot ({reasons})",
 }
+
+WEIGHTS = [f"POLICYD_WEIGHT_{signal.upper()}" for signal in SIGNALS]
+ACTIONS = [
+    "POLICYD_ELEVATED_ACTION",
+    "POLICYD_ELEVATED_REJECT_ACTION",
+    "POLICYD_OVERLOAD_ACTION",
+    "POLICYD_OVERLOAD_REJECT_ACTION",
+]
+
+# Every reason at once, as the longest {reasons} can be.
+_ALL_REASONS = " ".join(SIGNALS)
+# A template that is exactly MAX_ACTION_LENGTH long with every reason in it,
+# and one a character longer.
+_LONGEST_TEMPLATE = (
+    "450 4.7.1 " + "x" * (MAX_ACTION_LENGTH - 11 - len(_ALL_REASONS)) + " {reasons}"
+)
+_TOO_LONG_TEMPLATE = "450 4.7.1 y" + _LONGEST_TEMPLATE.removeprefix("450 4.7.1 ")
+
+_NET = ipaddress.ip_network
 
 # Good forms: variable -> [(raw value, the Config attribute it loads as)].
 GOOD: dict[str, list[tuple[str, Any]]] = {
@@ -159,6 +208,12 @@ GOOD: dict[str, list[tuple[str, Any]]] = {
         ("10m", 600.0),
         ("24h", 86400.0),
     ],
+    "POLICYD_CLOSE_LINGER": [
+        ("5s", 5.0),
+        ("0", 0.0),
+        ("250ms", 0.25),
+        ("1h", 3600.0),
+    ],
     "POLICYD_ELEVATED_ENTER": [
         ("0.7", 0.7),
         ("0.51", 0.51),
@@ -226,6 +281,107 @@ GOOD: dict[str, list[tuple[str, Any]]] = {
         ("10m", 600.0),
         ("24h", 86400.0),
     ],
+    # Decisions.
+    "POLICYD_DRY_RUN": [
+        ("1", True),
+        ("yes", True),
+        ("TRUE", True),
+        (" on ", True),
+        ("0", False),
+        ("no", False),
+        ("False", False),
+        ("OFF", False),
+        ("", False),
+    ],
+    "POLICYD_DRY_RUN_WARN": [("1", True), ("on", True), ("0", False), ("", False)],
+    "POLICYD_SUSPICIOUS_SCORE": [("3", 3), ("1", 1), ("1000", 1000), (" 12 ", 12)],
+    "POLICYD_REJECT_SCORE": [("8", 8), ("1", 1), ("1000", 1000), ("+20", 20)],
+    **{
+        name: [
+            ("2", 2),
+            ("0", 0),
+            ("-100", -100),
+            ("100", 100),
+            ("-3", -3),
+            (" 7 ", 7),
+        ]
+        for name in WEIGHTS
+    },
+    "POLICYD_CLIENT_CONCURRENCY_LIMIT": [
+        ("5", 5),
+        ("1", 1),
+        ("50", 50),
+        ("100000", 100000),
+    ],
+    "POLICYD_CLIENT_MESSAGE_RATE_LIMIT": [
+        ("30", 30.0),
+        ("0", 0.0),
+        ("12.5", 12.5),
+        (" 1e3 ", 1000.0),
+    ],
+    "POLICYD_CLIENT_SESSION_RATE_LIMIT": [
+        ("30", 30.0),
+        ("0", 0.0),
+        ("120", 120.0),
+    ],
+    "POLICYD_QUICK_RETRY_WINDOW": [
+        ("30s", 30.0),
+        ("0", 0.0),
+        ("2m", 120.0),
+        ("24h", 86400.0),
+    ],
+    "POLICYD_MY_HOSTNAMES": [
+        ("", ()),
+        ("mx.example.org", ("mx.example.org",)),
+        ("MX.Example.ORG.", ("mx.example.org",)),
+        (
+            "mx.example.org, mail.example.org",
+            ("mx.example.org", "mail.example.org"),
+        ),
+        ("mx1.example.org\tmx2.example.org ,", ("mx1.example.org", "mx2.example.org")),
+        ("mail_01.example.org", ("mail_01.example.org",)),
+        ("localhost", ("localhost",)),
+        ("xn--bcher-kva.example", ("xn--bcher-kva.example",)),
+    ],
+    "POLICYD_ALLOW_NETWORKS": [
+        ("", ()),
+        ("192.0.2.0/24", (_NET("192.0.2.0/24"),)),
+        ("192.0.2.7", (_NET("192.0.2.7/32"),)),
+        ("192.0.2.7/24", (_NET("192.0.2.0/24"),)),  # host bits are dropped
+        ("2001:db8::/32", (_NET("2001:db8::/32"),)),
+        ("2001:DB8::1", (_NET("2001:db8::1/128"),)),
+        (
+            "192.0.2.0/24, 2001:db8::/32 10.0.0.0/8",
+            (_NET("192.0.2.0/24"), _NET("2001:db8::/32"), _NET("10.0.0.0/8")),
+        ),
+        (" ,127.0.0.0/8,,::1 ", (_NET("127.0.0.0/8"), _NET("::1/128"))),
+    ],
+    "POLICYD_ALLOW_DOMAINS": [
+        ("", ()),
+        ("example.com", ("example.com",)),
+        ("Example.COM.", ("example.com",)),
+        ("example.com partner.example.org", ("example.com", "partner.example.org")),
+        ("example.com,example.net", ("example.com", "example.net")),
+    ],
+    **{
+        name: [
+            (DOCUMENTED_DEFAULTS[name], DOCUMENTED_DEFAULTS[name]),
+            ("450 4.7.1 Busy", "450 4.7.1 Busy"),
+            ("  421 4.7.0 Busy ({reasons})  ", "421 4.7.0 Busy ({reasons})"),
+            ("421 {reasons}", "421 {reasons}"),
+            ("554 5.7.1 Go away: {reasons}", "554 5.7.1 Go away: {reasons}"),
+            ("REJECT", "REJECT"),
+            ("reject {reasons}", "reject {reasons}"),
+            ("DEFER", "DEFER"),
+            ("DEFER_IF_PERMIT Busy ({reasons})", "DEFER_IF_PERMIT Busy ({reasons})"),
+            ("DEFER_IF_REJECT Busy", "DEFER_IF_REJECT Busy"),
+            ("DUNNO", "DUNNO"),
+            ("WARN suspicious: {reasons}", "WARN suspicious: {reasons}"),
+            ("INFO suspicious", "INFO suspicious"),
+            (_LONGEST_TEMPLATE, _LONGEST_TEMPLATE),
+        ]
+        for name in ACTIONS
+    },
 }
 
 _ENDPOINT_FORM = r"e\.g\. (tcp|unix|systemd):"
@@ -234,6 +390,12 @@ _FRACTION = r"expected a number from 0 to 1, e\.g\. 0\.7"
 _NUMBER = r"expected a number of zero or more"
 _CAPACITY = r"whole number from 1 to 1000000"
 _LEVEL = r"expected one of: overload, elevated, ignore"
+_FLAG = r"expected 1/yes/true/on or 0/no/false/off"
+_SCORE = r"whole number from 1 to 1000"
+_WEIGHT = r"whole number from -100 to 100"
+_HOSTNAME = r"is not a host or domain name; expected names separated by spaces"
+_NETWORK = r"is not a network; expected CIDR networks or addresses"
+_CELL = r"expected a 4xx/5xx code with text, REJECT, DEFER.*DUNNO, WARN or INFO"
 
 # Bad values: variable -> [(raw value, regex the message must contain, saying
 # which form is accepted)].
@@ -384,6 +546,12 @@ BAD: dict[str, list[tuple[str, str]]] = {
         ("25h", _DURATION),
         ("1d", _DURATION),
     ],
+    "POLICYD_CLOSE_LINGER": [
+        ("", _DURATION),
+        ("-1", _DURATION),
+        ("2h", _DURATION + r" between 0s and 3600s"),
+        ("forever", _DURATION),
+    ],
     "POLICYD_ELEVATED_ENTER": [
         ("", _FRACTION),
         ("70%", _FRACTION),
@@ -457,6 +625,113 @@ BAD: dict[str, list[tuple[str, str]]] = {
         ("500ms", _DURATION),
         ("25h", _DURATION),
     ],
+    # Decisions.
+    "POLICYD_DRY_RUN": [
+        ("2", _FLAG),
+        ("y", _FLAG),
+        ("enabled", _FLAG),
+        ("-1", _FLAG),
+        ("yes please", _FLAG),
+    ],
+    "POLICYD_DRY_RUN_WARN": [("warn", _FLAG), ("10", _FLAG)],
+    "POLICYD_SUSPICIOUS_SCORE": [
+        ("", _SCORE),
+        ("0", _SCORE),
+        ("-1", _SCORE),
+        ("1001", _SCORE),
+        ("3.5", _SCORE),
+        ("three", _SCORE),
+    ],
+    "POLICYD_REJECT_SCORE": [("", _SCORE), ("0", _SCORE), ("1e3", _SCORE)],
+    **{
+        name: [
+            ("", _WEIGHT),
+            ("101", _WEIGHT),
+            ("-101", _WEIGHT),
+            ("1.5", _WEIGHT),
+            ("two", _WEIGHT),
+            ("- 2", _WEIGHT),
+        ]
+        for name in WEIGHTS
+    },
+    "POLICYD_CLIENT_CONCURRENCY_LIMIT": [
+        ("", r"whole number from 1 to 100000"),
+        ("0", r"whole number from 1 to 100000"),
+        ("100001", r"whole number from 1 to 100000"),
+        ("5.0", r"whole number from 1 to 100000"),
+    ],
+    "POLICYD_CLIENT_MESSAGE_RATE_LIMIT": [
+        ("", _NUMBER),
+        ("-1", _NUMBER),
+        ("inf", _NUMBER),
+        ("nan", _NUMBER),
+        ("30/min", _NUMBER),
+    ],
+    "POLICYD_CLIENT_SESSION_RATE_LIMIT": [("", _NUMBER), ("-0.5", _NUMBER)],
+    "POLICYD_QUICK_RETRY_WINDOW": [
+        ("", _DURATION),
+        ("-1", _DURATION),
+        ("25h", _DURATION + r" between 0s and 86400s"),
+        ("soon", _DURATION),
+    ],
+    "POLICYD_MY_HOSTNAMES": [
+        ("-mx.example.org", _HOSTNAME),
+        ("mx-.example.org", _HOSTNAME),
+        ("mx..example.org", _HOSTNAME),
+        (".", _HOSTNAME),
+        ("*.example.org", _HOSTNAME),
+        ("mx.example.org;mail.example.org", _HOSTNAME),
+        ("postmaster@example.org", _HOSTNAME),
+        ("[192.0.2.1]", _HOSTNAME),
+        ("bücher.example", _HOSTNAME),
+        ("good.example.org bad!.example.org", r"'bad!\.example\.org' is not"),
+    ],
+    "POLICYD_ALLOW_NETWORKS": [
+        ("192.0.2.0/33", _NETWORK),
+        ("300.1.1.1", _NETWORK),
+        ("192.0.2.0/abc", _NETWORK),
+        ("2001:db8::/129", _NETWORK),
+        ("2001:db8::g", _NETWORK),
+        ("example.com", _NETWORK),
+        ("192.0.2.0/24;10.0.0.0/8", _NETWORK),
+        ("10.0.0.0/8 10.0.0.0/-1", r"'10\.0\.0\.0/-1' is not a network"),
+    ],
+    "POLICYD_ALLOW_DOMAINS": [
+        (".example.com", _HOSTNAME),
+        ("example.com/24", _HOSTNAME),
+        ("exa mple!.com", _HOSTNAME),
+        ("user@example.com", _HOSTNAME),
+    ],
+    **{
+        name: [
+            ("", r"non-empty"),
+            ("   ", r"non-empty"),
+            ("450", r"must be followed by text"),
+            ("550", r"must be followed by text"),
+            ("OK", r"4xx/5xx code or one of"),
+            ("OK {reasons}", r"4xx/5xx code or one of"),
+            ("RELAY", r"4xx/5xx code or one of"),
+            ("permit", r"4xx/5xx code or one of"),
+            ("{reasons}", r"4xx/5xx code or one of"),
+            ("450{reasons}", r"4xx/5xx code or one of"),
+            ("600 6.0.0 x", r"4xx/5xx code or one of"),
+            ("450 4.7.1 Busy\t{reasons}", r"printable ASCII"),
+            ("450 4.7.1 Busy\nREJECT", r"printable ASCII"),
+            ("450 4.7.1 Café", r"printable ASCII"),
+            (
+                "450 4.7.1 " + "x" * 300 + " ({reasons})",
+                r"at most 400 characters \(checked with every reason filled",
+            ),
+            (_TOO_LONG_TEMPLATE, r"at most 400 characters"),
+            ("DISCARD {reasons}", _CELL),
+            ("HOLD", _CELL),
+            ("REDIRECT abuse@example.org", _CELL),
+            ("BCC abuse@example.org", _CELL),
+            ("FILTER smtp:[127.0.0.1]:10025", _CELL),
+            ("PREPEND X-Suspicious: {reasons}", _CELL),
+        ]
+        for name in ACTIONS
+    },
 }
 
 
@@ -514,6 +789,27 @@ class TestDefaults:
         assert (cfg.client_ipv4_prefix, cfg.client_ipv6_prefix) == (32, 64)
         assert cfg.max_tracked_clients == 100_000
         assert cfg.client_rate_window == 60.0
+
+    def test_load_empty_decisions(self) -> None:
+        """The decision defaults load as docs/decisions.md gives them."""
+        cfg = config.load({})
+        assert (cfg.dry_run, cfg.dry_run_warn) == (False, False)
+        assert (cfg.suspicious_score, cfg.reject_score) == (3, 8)
+        assert {name: getattr(cfg, _attribute(name)) for name in WEIGHTS} == {
+            name: int(DOCUMENTED_DEFAULTS[name]) for name in WEIGHTS
+        }
+        assert cfg.client_concurrency_limit == 5
+        assert cfg.client_message_rate_limit == cfg.client_session_rate_limit == 30.0
+        assert cfg.quick_retry_window == 30.0
+        assert cfg.my_hostnames == cfg.allow_networks == cfg.allow_domains == ()
+        for name in ACTIONS:
+            assert getattr(cfg, _attribute(name)) == DOCUMENTED_DEFAULTS[name]
+
+    def test_weight_for_every_signal(self) -> None:
+        """Each signal has its POLICYD_WEIGHT_ variable, and nothing else does."""
+        assert [n for n in config.variables() if n.startswith("POLICYD_WEIGHT_")] == (
+            WEIGHTS
+        )
 
     def test_loopback_only(self) -> None:
         """By default nothing listens beyond the loopback interface."""

@@ -220,7 +220,9 @@ class TestLevelChange:
         clock = Clock()
         tracker = MemoryLoadTracker(
             clock,
-            LoadSettings(capacity=10, busy_window=3600.0, min_dwell=30.0),
+            LoadSettings(
+                capacity=10, busy_window=3600.0, min_dwell=30.0, close_linger=0.0
+            ),
             on_level_change=lambda old, new, snap: changes.append((old, new, snap)),
         )
         p = Smtpd(tracker, clock)

@@ -7,6 +7,7 @@ binding, and time only moves when a test advances it.
 from __future__ import annotations
 
 import errno
+import ipaddress
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -41,8 +42,9 @@ from zope.interface import implementer
 
 from policyd.actions import DUNNO, Action
 from policyd.config import Config, load
-from policyd.decision import Decider, TrackingDecider
+from policyd.decision import Decider, PolicyDecider, TrackingDecider
 from policyd.load import ELEVATED, NORMAL, OVERLOAD, LoadSettings, MemoryLoadTracker
+from policyd.policy import SIGNALS, PolicySettings
 from policyd.protocol import Limits
 from policyd.request import PolicyRequest
 from policyd.server import (
@@ -51,6 +53,7 @@ from policyd.server import (
     CannotListen,
     PolicyServer,
     load_settings,
+    policy_settings,
 )
 
 T = TypeVar("T")
@@ -308,8 +311,8 @@ class TestWiring:
             factory.idle_timeout,
         ) == (0.25, 5.0, 120.0)
         assert factory.fallback == Action.parse("DEFER_IF_PERMIT Service busy")
-        # Without a decider passed in, requests only feed the load tracker.
-        assert isinstance(factory.decider, TrackingDecider)
+        # Without a decider passed in, policyd decides (TestPolicyWiring).
+        assert isinstance(factory.decider, PolicyDecider)
         assert factory.decider.tracker is server.tracker
         assert factory.log_requests is False
 
@@ -627,6 +630,7 @@ LOAD_SETTINGS: list[tuple[str, str, str, Any]] = [
     ("smtpd_capacity", "250", "capacity", 250),
     ("busy_window", "5s", "busy_window", 5.0),
     ("transaction_timeout", "2m", "transaction_timeout", 120.0),
+    ("close_linger", "2s", "close_linger", 2.0),
     ("elevated_enter", "0.6", "elevated_enter", 0.6),
     ("elevated_exit", "0.4", "elevated_exit", 0.4),
     ("overload_enter", "0.95", "overload_enter", 0.95),
@@ -727,8 +731,13 @@ class TestLoadWiring:
         assert server.tracker.client(request).concurrency == 1
         client.drop()
         snapshot = server.tracker.snapshot()
-        assert (snapshot.connections, snapshot.busy_connections) == (0, 0)
+        # Closed: no longer open, its transaction over; still busy for the
+        # close linger (master may be swapping processes at saturation).
+        assert (snapshot.connections, snapshot.busy_connections) == (0, 1)
         assert snapshot.transactions == 0
+        server.reactor.advance(5.0)
+        server.factory.sweep()
+        assert server.tracker.snapshot().busy_connections == 0
         assert server.tracker.client(request).concurrency == 0
 
     def test_sweeper_lets_level_fall(self) -> None:
@@ -781,3 +790,129 @@ class TestLoadWiring:
         assert getattr(settings, field) == value
         default = getattr(LoadSettings(), field)
         assert attrs.evolve(settings, **{field: default}) == LoadSettings()
+
+
+# Each decision variable (without POLICYD_) other than the weights, a value,
+# the PolicySettings field it sets, and the value it sets it to.
+POLICY_SETTINGS: list[tuple[str, str, str, Any]] = [
+    ("suspicious_score", "4", "suspicious_score", 4),
+    ("reject_score", "12", "reject_score", 12),
+    ("client_concurrency_limit", "20", "client_concurrency_limit", 20),
+    ("client_message_rate_limit", "90", "client_message_rate_limit", 90.0),
+    ("client_session_rate_limit", "7.5", "client_session_rate_limit", 7.5),
+    ("quick_retry_window", "2m", "quick_retry_window", 120.0),
+    ("my_hostnames", "MX.example.org.", "my_hostnames", ("mx.example.org",)),
+    (
+        "allow_networks",
+        "192.0.2.0/24 2001:db8::/32",
+        "allow_networks",
+        (ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8::/32")),
+    ),
+    ("allow_domains", "example.com", "allow_domains", ("example.com",)),
+    ("elevated_action", "DEFER busy", "elevated_action", "DEFER busy"),
+    (
+        "elevated_reject_action",
+        "554 5.7.1 no",
+        "elevated_reject_action",
+        "554 5.7.1 no",
+    ),
+    ("overload_action", "421 4.7.0 later", "overload_action", "421 4.7.0 later"),
+    (
+        "overload_reject_action",
+        "REJECT {reasons}",
+        "overload_reject_action",
+        "REJECT {reasons}",
+    ),
+]
+
+
+class TestPolicyWiring:
+    """Without a decider passed in, the server decides with `PolicyDecider`."""
+
+    def test_default_decider(self) -> None:
+        """The decider uses the server's tracker, metrics and configured policy."""
+        config = make_config(suspicious_score="5", weight_no_helo="7")
+        server = PolicyServer(config, MemoryReactorClock(), CollectorRegistry())
+        decider = server.factory.decider
+        assert isinstance(decider, PolicyDecider)
+        assert decider.tracker is server.tracker
+        assert decider.metrics is server.metrics
+        assert decider.settings == policy_settings(config)
+        assert (decider.dry_run, decider.dry_run_warn) == (False, False)
+
+    @pytest.mark.parametrize(
+        ("dry_run", "warn", "expected"),
+        [
+            ("1", "0", (True, False)),
+            ("yes", "on", (True, True)),
+            ("0", "1", (False, True)),
+        ],
+    )
+    def test_dry_run(
+        self, dry_run: str, warn: str, expected: tuple[bool, bool]
+    ) -> None:
+        """POLICYD_DRY_RUN and POLICYD_DRY_RUN_WARN reach the decider."""
+        config = make_config(dry_run=dry_run, dry_run_warn=warn)
+        decider = PolicyServer(
+            config, MemoryReactorClock(), CollectorRegistry()
+        ).factory.decider
+        assert isinstance(decider, PolicyDecider)
+        assert (decider.dry_run, decider.dry_run_warn) == expected
+
+    def test_default_settings(self) -> None:
+        """The default Config gives PolicySettings' own defaults: one set of numbers."""
+        assert policy_settings(load({})) == PolicySettings()
+
+    def test_table_covers_every_setting(self) -> None:
+        """The tables set every PolicySettings field, and a weight for every signal."""
+        assert {field for _, _, field, _ in POLICY_SETTINGS} | {"weights"} == set(
+            attrs.fields_dict(PolicySettings)
+        )
+        assert set(policy_settings(load({})).weights) == set(SIGNALS)
+
+    @pytest.mark.parametrize(("variable", "raw", "field", "value"), POLICY_SETTINGS)
+    def test_policy_settings(
+        self, variable: str, raw: str, field: str, value: Any
+    ) -> None:
+        """Each decision variable sets its PolicySettings field, and nothing else."""
+        settings = policy_settings(make_config(**{variable: raw}))
+        assert getattr(settings, field) == value
+        default = getattr(PolicySettings(), field)
+        assert attrs.evolve(settings, **{field: default}) == PolicySettings()
+
+    @pytest.mark.parametrize("signal", SIGNALS)
+    def test_weight_reaches_its_signal(self, signal: str) -> None:
+        """POLICYD_WEIGHT_<SIGNAL> sets that signal's weight, and no other."""
+        settings = policy_settings(make_config(**{f"weight_{signal}": "-17"}))
+        expected = {**PolicySettings().weights, signal: -17}
+        assert settings.weights == expected
+
+    def test_decides_under_stress(self, logs: EventLoggingObserver) -> None:
+        """
+        A server at overload refuses a bot on the wire and logs the refusal.
+
+        With a capacity of one smtpd process, the bot's own connection is
+        full load.
+        """
+        server = PolicyServer(
+            make_config(smtpd_capacity="1"), MemoryReactorClock(), CollectorRegistry()
+        )
+        client = Client(server.factory)
+        bot = {
+            **TYPICAL,
+            "client_address": "203.0.113.45",
+            "client_name": "unknown",
+            "reverse_client_name": "unknown",
+            "helo_name": "user-pc",
+        }
+        client.send(encode_request(bot))
+        reasons = "no_client_name no_reverse_name helo_not_fqdn"
+        assert client.writes == [
+            f"action=421 4.7.0 Overloaded; try again later ({reasons})\n\n".encode()
+        ]
+        (event,) = events_named(logs, "refusal")
+        assert (event["client"], event["stress_level"]) == ("203.0.113.45", "overload")
+        registry_value = server.metrics.registry.get_sample_value(
+            "policyd_decisions_total", {"outcome": "defer", "reason": "helo_not_fqdn"}
+        )
+        assert registry_value == 1.0
