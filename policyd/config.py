@@ -572,13 +572,15 @@ class Config:
         "30",
         positive_number,
         "Messages per minute one client may start before it scores "
-        "POLICYD_WEIGHT_MESSAGE_RATE.",
+        "POLICYD_WEIGHT_MESSAGE_RATE (0 means every client is over it: to switch "
+        "the signal off, set its weight to 0).",
     )
     client_session_rate_limit: float = _setting(
         "30",
         positive_number,
         "Sessions per minute one client may open before it scores "
-        "POLICYD_WEIGHT_SESSION_RATE.",
+        "POLICYD_WEIGHT_SESSION_RATE (0 means every client is over it: to switch "
+        "the signal off, set its weight to 0).",
     )
     quick_retry_window: float = _setting(
         "30s",

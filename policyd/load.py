@@ -290,11 +290,11 @@ class MemoryLoadTracker:
         Stop tracking a connection; its smtpd process has gone.
 
         Its transaction ends at once.  If it was busy, it still counts as busy
-        for up to `LoadSettings.close_linger`: when Postfix hits its process limit, master asks every
-        smtpd process to exit after its session and starts fresh ones, so
-        busy processes close their connections at the very moment of
-        saturation.  Dropping them at once would make the load dip just when
-        it peaks.
+        for up to `LoadSettings.close_linger`: when Postfix hits its process
+        limit, master asks every smtpd process to exit after its session and
+        starts fresh ones, so busy processes close their connections at the
+        very moment of saturation.  Dropping them at once would make the load
+        dip just when it peaks.
         """
         state = self._connections.get(connection)
         if state is None or state.closed:
