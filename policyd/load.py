@@ -44,14 +44,24 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from policyd.levels import ELEVATED, LEVEL_NAMES, NORMAL, OVERLOAD, ClientStats
 from policyd.request import PolicyRequest
+
+__all__ = [
+    "ELEVATED",
+    "LEVEL_NAMES",
+    "NORMAL",
+    "OVERLOAD",
+    "ClientKeys",
+    "ClientStats",
+    "LoadSettings",
+    "LoadSnapshot",
+    "LoadTracker",
+    "MemoryLoadTracker",
+]
 
 log = Logger()
 
-NORMAL: Final = 0
-ELEVATED: Final = 1
-OVERLOAD: Final = 2
-LEVEL_NAMES: Final = ("normal", "elevated", "overload")
 
 # Stages at which Postfix reports a new SMTP session to the policy service
 # (smtpd_client_restrictions with smtpd_delay_reject=no; XCLIENT restarts the
@@ -112,22 +122,6 @@ class LoadSnapshot:
     def level_name(self) -> str:
         """``normal``, ``elevated`` or ``overload``."""
         return LEVEL_NAMES[self.level]
-
-
-@attrs.frozen
-class ClientStats:
-    """What policyd remembers about one client (an address prefix)."""
-
-    key: str
-    # smtpd processes the client holds now: its busy policy connections.
-    concurrency: int
-    # New sessions (CONNECT/XCLIENT requests) and new messages (instances)
-    # per minute, averaged over about `LoadSettings.client_rate_window`.
-    session_rate: float
-    message_rate: float
-    # Refusals, decayed like the rates, and seconds since the last one.
-    refusals: float
-    since_refusal: float | None
 
 
 class LoadTracker(Protocol):

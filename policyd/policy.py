@@ -26,7 +26,7 @@ from typing import Final
 import attrs
 
 from policyd.actions import DUNNO, Action
-from policyd.load import ELEVATED, LEVEL_NAMES, NORMAL, OVERLOAD, ClientStats
+from policyd.levels import ELEVATED, LEVEL_NAMES, NORMAL, OVERLOAD, ClientStats
 from policyd.request import PolicyRequest
 
 # -- reasons -----------------------------------------------------------------

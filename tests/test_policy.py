@@ -11,6 +11,8 @@ from __future__ import annotations
 import ast
 import ipaddress
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, cast
 
@@ -1243,3 +1245,22 @@ class TestVerdict:
             )
         }
         assert not {m for m in imported if m.split(".")[0] in {"twisted", "time"}}
+
+
+class TestPurity:
+    """The policy module is a pure function of its inputs."""
+
+    def test_no_twisted(self) -> None:
+        """Importing policyd.policy loads no Twisted module (no reactor, no clock)."""
+        code = (
+            "import sys, policyd.policy; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'twisted'))"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        assert result.stdout.strip() == "[]"
