@@ -7,10 +7,11 @@ Nothing here opens a socket or reads the wall clock: connections are
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import cast
 
+import pytest
 from prometheus_client import CollectorRegistry
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
@@ -22,6 +23,7 @@ from twisted.internet.testing import (
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
+from policyd import cli
 from policyd.actions import DUNNO, Action
 from policyd.decision import Decider
 from policyd.load import (
@@ -347,3 +349,17 @@ def capture_logs() -> Iterator[EventLoggingObserver]:
 def events_named(events: Iterable[LogEvent], name: str) -> list[LogEvent]:
     """The policyd events whose ``event`` key is *name*."""
     return [e for e in events if e.get("event") == name]
+
+
+def run_main(
+    capsys: pytest.CaptureFixture[str], argv: Sequence[str], env: Mapping[str, str]
+) -> tuple[int, str, str]:
+    """Run `policyd.cli.main` in-process: (exit status, stdout, stderr)."""
+    try:
+        cli.main(list(argv), env)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    else:
+        code = 0
+    out, err = capsys.readouterr()
+    return code, out, err

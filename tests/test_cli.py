@@ -27,8 +27,9 @@ from types import TracebackType
 from typing import IO, Any
 
 import pytest
+from helpers import run_main
 
-from policyd import __version__, cli, config
+from policyd import __version__, config
 
 # A generous bound for anything a subprocess does; normally it takes < 1 s.
 TIMEOUT = 15.0
@@ -119,20 +120,6 @@ _TEXT_LINE = re.compile(
 )
 
 
-def _run_main(
-    capsys: pytest.CaptureFixture[str], argv: Sequence[str], env: Mapping[str, str]
-) -> tuple[int, str, str]:
-    """Run `cli.main` in-process: (exit status, stdout, stderr)."""
-    try:
-        cli.main(list(argv), env)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    else:
-        code = 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def _parse_config(output: str) -> list[tuple[str, str, str]]:
     """``policyd config`` output as (variable, value, comment) in order."""
     settings = []
@@ -160,7 +147,7 @@ class TestConfigCommand:
 
     def test_every_variable(self, capsys: pytest.CaptureFixture[str]) -> None:
         """One NAME=value line per variable, in declaration order, exit 0."""
-        code, out, err = _run_main(capsys, ["config"], {})
+        code, out, err = run_main(capsys, ["config"], {})
         assert (code, err) == (0, "")
         settings = _parse_config(out)
         assert [name for name, _, _ in settings] == list(config.variables())
@@ -169,7 +156,7 @@ class TestConfigCommand:
 
     def test_defaults_and_help(self, capsys: pytest.CaptureFixture[str]) -> None:
         """Unset variables show their default and the help text, marked default."""
-        _, out, _ = _run_main(capsys, ["config"], {})
+        _, out, _ = run_main(capsys, ["config"], {})
         described = {s.variable: s for s in config.describe({})}
         for name, value, comment in _parse_config(out):
             assert value == described[name].default
@@ -182,7 +169,7 @@ class TestConfigCommand:
             "POLICYD_LISTEN": "tcp:1:interface=127.0.0.1 tcp:2:interface=127.0.0.1",
             "POLICYD_FALLBACK_ACTION": "450 4.7.1 Try again later",
         }
-        code, out, _ = _run_main(capsys, ["config"], env)
+        code, out, _ = run_main(capsys, ["config"], env)
         assert code == 0
         shown = {name: (value, comment) for name, value, comment in _parse_config(out)}
         described = {s.variable: s for s in config.describe({})}
@@ -199,7 +186,7 @@ class TestConfigCommand:
     def test_shell_quoting(self, capsys: pytest.CaptureFixture[str]) -> None:
         """Values with spaces are quoted, so each line is one shell word."""
         env = {"POLICYD_LISTEN": "tcp:1:interface=127.0.0.1 tcp:2:interface=127.0.0.1"}
-        _, out, _ = _run_main(capsys, ["config"], env)
+        _, out, _ = run_main(capsys, ["config"], env)
         (line,) = [x for x in out.splitlines() if x.startswith("POLICYD_LISTEN=")]
         assert line == (
             "POLICYD_LISTEN='tcp:1:interface=127.0.0.1 tcp:2:interface=127.0.0.1'"
@@ -214,7 +201,7 @@ class TestConfigCommand:
             "POLICYD_FALLBACK_ACTION": '450 4.7.1 Don\'t `touch x` $HOME; "now" \\',
             "POLICYD_LOG_LEVEL": "INFO",
         }
-        code, out, _ = _run_main(capsys, ["config"], env)
+        code, out, _ = run_main(capsys, ["config"], env)
         assert code == 0
         env_file = tmp_path / "policyd.env"
         env_file.write_text(out)
@@ -235,7 +222,7 @@ class TestConfigCommand:
 
     def test_markdown(self, capsys: pytest.CaptureFixture[str]) -> None:
         """``policyd config --markdown`` prints the reference of every variable."""
-        code, out, _ = _run_main(capsys, ["config", "--markdown"], {})
+        code, out, _ = run_main(capsys, ["config", "--markdown"], {})
         assert code == 0
         for setting in config.describe({}):
             assert f"## `{setting.variable}`" in out
@@ -260,7 +247,7 @@ class TestConfigErrors:
     ) -> None:
         """Exactly one stderr line names variable, value and accepted form."""
         value, form = bad
-        code, out, err = _run_main(capsys, [command], {name: value})
+        code, out, err = run_main(capsys, [command], {name: value})
         assert code == 2
         assert out == ""
         assert err.count("\n") == 1
@@ -274,7 +261,7 @@ class TestConfigErrors:
     ) -> None:
         """Thresholds that do not nest: status 2, one line naming both variables."""
         env = {"POLICYD_ELEVATED_EXIT": "0.8", "POLICYD_OVERLOAD_EXIT": "0.85"}
-        code, out, err = _run_main(capsys, [command], env)
+        code, out, err = run_main(capsys, [command], env)
         assert (code, out) == (2, "")
         assert err == (
             "policyd: POLICYD_ELEVATED_EXIT='0.8' is invalid: "
@@ -283,7 +270,7 @@ class TestConfigErrors:
 
     def test_unknown_variable_warns(self, capsys: pytest.CaptureFixture[str]) -> None:
         """A POLICYD_ typo is reported on stderr, and the command still works."""
-        code, out, err = _run_main(capsys, ["config"], {"POLICYD_LISTN": "tcp:1"})
+        code, out, err = run_main(capsys, ["config"], {"POLICYD_LISTN": "tcp:1"})
         assert code == 0
         assert err == "policyd: warning: ignoring unknown variable POLICYD_LISTN\n"
         assert "POLICYD_LISTEN=tcp:10040:interface=127.0.0.1" in out
@@ -291,7 +278,7 @@ class TestConfigErrors:
 
     def test_unknown_and_invalid(self, capsys: pytest.CaptureFixture[str]) -> None:
         """With a typo and a bad value: the warning, then the one error line."""
-        code, _, err = _run_main(
+        code, _, err = run_main(
             capsys, ["config"], {"POLICYD_LOGLEVEL": "x", "POLICYD_LOG_LEVEL": "x"}
         )
         assert code == 2
@@ -305,7 +292,7 @@ class TestUsage:
 
     def test_no_command(self, capsys: pytest.CaptureFixture[str]) -> None:
         """Without a command: usage on stderr, status 2."""
-        code, out, err = _run_main(capsys, [], {})
+        code, out, err = run_main(capsys, [], {})
         assert code == 2
         assert out == ""
         assert err.startswith("usage: policyd")
@@ -314,18 +301,18 @@ class TestUsage:
 
     def test_unknown_command(self, capsys: pytest.CaptureFixture[str]) -> None:
         """An unknown command is a usage error, status 2."""
-        code, _, err = _run_main(capsys, ["start"], {})
+        code, _, err = run_main(capsys, ["start"], {})
         assert code == 2
         assert "invalid choice" in err
 
     def test_version(self, capsys: pytest.CaptureFixture[str]) -> None:
         """``--version`` prints the version and exits 0."""
-        code, out, _ = _run_main(capsys, ["--version"], {})
+        code, out, _ = run_main(capsys, ["--version"], {})
         assert (code, out) == (0, f"policyd {__version__}\n")
 
     def test_help(self, capsys: pytest.CaptureFixture[str]) -> None:
         """``--help`` points at ``policyd config`` for the variables."""
-        code, out, _ = _run_main(capsys, ["--help"], {})
+        code, out, _ = run_main(capsys, ["--help"], {})
         assert code == 0
         assert "POLICYD_*" in out
         assert "policyd config" in out

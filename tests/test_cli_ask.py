@@ -18,14 +18,15 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
 import pytest
+from helpers import run_main
 
-from policyd import ask, cli, config
+from policyd import ask, config
 from policyd.ask import (
     DEFAULTS,
     AskFailed,
@@ -51,20 +52,6 @@ def _clean_env(**settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}
     env.update(settings)
     return env
-
-
-def _run_main(
-    capsys: pytest.CaptureFixture[str], argv: Sequence[str], env: Mapping[str, str]
-) -> tuple[int, str, str]:
-    """Run `cli.main` in-process: (exit status, stdout, stderr)."""
-    try:
-        cli.main(list(argv), env)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    else:
-        code = 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # -- the request -------------------------------------------------------------
@@ -528,7 +515,7 @@ class TestAskCommandUsage:
         self, capsys: pytest.CaptureFixture[str], argument: str, fragment: str
     ) -> None:
         """A bad NAME=VALUE: exit 2, nothing on stdout, one line on stderr."""
-        code, out, err = _run_main(
+        code, out, err = run_main(
             capsys, ["ask", "--server", "127.0.0.1:1", argument], {}
         )
         assert (code, out) == (2, "")
@@ -538,14 +525,14 @@ class TestAskCommandUsage:
 
     def test_bad_server(self, capsys: pytest.CaptureFixture[str]) -> None:
         """A --server that cannot be connected to: exit 2, one line naming it."""
-        code, out, err = _run_main(capsys, ["ask", "--server", "ssl:1"], {})
+        code, out, err = run_main(capsys, ["ask", "--server", "ssl:1"], {})
         assert (code, out) == (2, "")
         assert err.startswith("policyd: --server: 'ssl:1': ")
         assert err.count("\n") == 1
 
     def test_bad_listen(self, capsys: pytest.CaptureFixture[str]) -> None:
         """Without --server, an invalid POLICYD_LISTEN: exit 2, the config error."""
-        code, out, err = _run_main(capsys, ["ask"], {"POLICYD_LISTEN": "10040"})
+        code, out, err = run_main(capsys, ["ask"], {"POLICYD_LISTEN": "10040"})
         assert (code, out) == (2, "")
         assert err.startswith("policyd: POLICYD_LISTEN='10040' is invalid: ")
         assert err.count("\n") == 1
@@ -553,7 +540,7 @@ class TestAskCommandUsage:
     def test_systemd_listen(self, capsys: pytest.CaptureFixture[str]) -> None:
         """A socket-activated POLICYD_LISTEN: exit 2, asking for --server."""
         env = {"POLICYD_LISTEN": "systemd:domain=INET:index=0"}
-        code, _, err = _run_main(capsys, ["ask"], env)
+        code, _, err = run_main(capsys, ["ask"], env)
         assert code == 2
         assert "give --server" in err
         assert err.count("\n") == 1
@@ -565,20 +552,20 @@ class TestAskCommandUsage:
         not refuse to run because of a variable it does not use.
         """
         env = {"POLICYD_LOG_LEVEL": "loud", "POLICYD_LISTEN": "tcp:1"}
-        code, _, err = _run_main(capsys, ["ask", "--timeout", "2"], env)
+        code, _, err = run_main(capsys, ["ask", "--timeout", "2"], env)
         assert code == 1  # it tried 127.0.0.1:1 (refused), not a usage error
         assert err.startswith("policyd: asking 127.0.0.1:1 failed: ")
 
     @pytest.mark.parametrize("value", ["0", "soon", "-1", "2h"])
     def test_bad_timeout(self, capsys: pytest.CaptureFixture[str], value: str) -> None:
         """--timeout takes a duration from 1 ms to 1 h, like the variables."""
-        code, out, err = _run_main(capsys, ["ask", "--timeout", value], {})
+        code, out, err = run_main(capsys, ["ask", "--timeout", value], {})
         assert (code, out) == (2, "")
         assert "argument --timeout: expected a duration" in err
 
     def test_help_documents_defaults(self, capsys: pytest.CaptureFixture[str]) -> None:
         """``policyd ask --help`` lists every default attribute and the exits."""
-        code, out, _ = _run_main(capsys, ["ask", "--help"], {})
+        code, out, _ = run_main(capsys, ["ask", "--help"], {})
         assert code == 0
         for name, value in DEFAULTS.items():
             if name != "instance":
@@ -589,7 +576,7 @@ class TestAskCommandUsage:
 
     def test_listed_in_main_help(self, capsys: pytest.CaptureFixture[str]) -> None:
         """``policyd --help`` lists the ask command."""
-        _, out, _ = _run_main(capsys, ["--help"], {})
+        _, out, _ = run_main(capsys, ["--help"], {})
         assert "ask" in out
 
     def test_timeout(self, capsys: pytest.CaptureFixture[str]) -> None:
@@ -598,7 +585,7 @@ class TestAskCommandUsage:
             silent.bind(("127.0.0.1", 0))
             silent.listen(1)  # the kernel accepts; nobody ever answers
             port = silent.getsockname()[1]
-            code, out, err = _run_main(
+            code, out, err = run_main(
                 capsys,
                 ["ask", "--server", f"127.0.0.1:{port}", "--timeout", "200ms"],
                 {},
