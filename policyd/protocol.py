@@ -20,6 +20,7 @@ Contract with Postfix, in brief:
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from typing import TYPE_CHECKING, Final
 
@@ -70,6 +71,8 @@ DECISION_TIMEOUT: Final = "timeout"
 DECISION_FAILURE_REASONS: Final = (DECISION_EXCEPTION, DECISION_TIMEOUT)
 
 _TERMINATOR: Final = b"\n\n"
+_SPLIT_AT_EQUALS: Final = operator.methodcaller("split", b"=", 1)
+_EXPECTED_REQUEST: Final = EXPECTED_REQUEST.encode("ascii")
 
 
 @attrs.frozen
@@ -220,27 +223,35 @@ class PolicyProtocol(Protocol):
             self._protocol_error(LINE_TOO_LONG)
 
     def _parse(self, block: bytes | bytearray, limits: Limits) -> PolicyRequest | None:
+        if isinstance(block, bytearray):
+            block = bytes(block)  # dict keys must be hashable
         lines = block.split(b"\n")
         if len(lines) > limits.max_attributes:
             self._protocol_error(TOO_MANY_ATTRIBUTES)
             return None
-        check_length = len(block) > limits.max_line_length
-        attributes: dict[str, str] = {}
-        for line in lines:
-            if check_length and len(line) > limits.max_line_length:
-                self._protocol_error(LINE_TOO_LONG)
-                return None
-            # Split at the first "=" only: values (VERP and SRS senders, for
-            # one) may contain "=" themselves.
-            name, equals, value = line.partition(b"=")
-            if not equals or not name:
-                self._protocol_error(MALFORMED_LINE)
-                return None
-            attributes[decode(name)] = decode(value)
-        if attributes.get("request") != EXPECTED_REQUEST:
-            self._protocol_error(BAD_REQUEST_TYPE, attributes.get("request"))
+        if len(block) > limits.max_line_length and any(
+            len(line) > limits.max_line_length for line in lines
+        ):
+            self._protocol_error(LINE_TOO_LONG)
             return None
-        return PolicyRequest.from_attributes(attributes, self.connection_id)
+        # Split at the first "=" only: values (VERP and SRS senders, for one)
+        # may contain "=" themselves.  dict() does the loop in C and refuses a
+        # line without "=" (a one-element split) with ValueError.
+        try:
+            raw = dict(map(_SPLIT_AT_EQUALS, lines))
+        except ValueError:
+            self._protocol_error(MALFORMED_LINE)
+            return None
+        if b"" in raw:
+            self._protocol_error(MALFORMED_LINE)
+            return None
+        kind = raw.get(b"request")
+        if kind != _EXPECTED_REQUEST:
+            self._protocol_error(
+                BAD_REQUEST_TYPE, None if kind is None else decode(kind)
+            )
+            return None
+        return PolicyRequest.from_raw(raw, self.connection_id)
 
     def _protocol_error(self, reason: str, detail: str | None = None) -> None:
         self.closing = True

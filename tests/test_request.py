@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import pytest
@@ -177,3 +177,47 @@ class TestCodec:
         """Invalid bytes become lone surrogates U+DC80..U+DCFF (surrogateescape)."""
         assert decode(raw) == text
         assert encode(text) == raw
+
+
+class TestFromRaw:
+    """`PolicyRequest.from_raw`: the wire's bytes, decoded only when read."""
+
+    RAW: ClassVar[dict[bytes, bytes]] = {
+        b"request": b"smtpd_access_policy",
+        b"protocol_state": b"rcpt",
+        b"client_address": b"192.0.2.1",
+        b"helo_name": b"caf\xc3\xa9.example",
+        b"sender": b"bounce+x=example.org@example.net",
+        b"stress": b"yes",
+        b"x_unknown": b"\xff\xfe",
+    }
+
+    def test_same_fields_as_from_attributes(self) -> None:
+        """from_raw lifts the same fields, decoded the same way, as from_attributes."""
+        decoded = {decode(k): decode(v) for k, v in self.RAW.items()}
+        raw = PolicyRequest.from_raw(self.RAW, 7)
+        text = PolicyRequest.from_attributes(decoded, 7)
+        for field in attrs.fields(PolicyRequest):
+            if field.name != "attributes":
+                assert getattr(raw, field.name) == getattr(text, field.name)
+        assert dict(raw.attributes) == dict(text.attributes)
+
+    def test_attributes_read_like_a_dict(self) -> None:
+        """The lazy attributes support get, in, len, iteration and items."""
+        attributes = PolicyRequest.from_raw(self.RAW).attributes
+        assert attributes["sender"] == "bounce+x=example.org@example.net"
+        assert attributes.get("missing", "-") == "-"
+        assert "helo_name" in attributes
+        assert "missing" not in attributes
+        assert len(attributes) == len(self.RAW)
+        assert sorted(attributes) == sorted(decode(k) for k in self.RAW)
+        assert encode(attributes["x_unknown"]) == b"\xff\xfe"
+
+    def test_missing_fields_are_empty(self) -> None:
+        """Fields Postfix did not send read as empty strings, stress as False."""
+        request = PolicyRequest.from_raw({b"request": b"smtpd_access_policy"})
+        assert (request.client_address, request.instance, request.stress) == (
+            "",
+            "",
+            False,
+        )
