@@ -474,6 +474,12 @@ class Config:
         flag,
         "1 to never refuse: log and count what would have happened instead.",
     )
+    refusal_log_limit: int = _setting(
+        "100",
+        integer(0, 1_000_000),
+        "Most refusal log events per second; beyond it refusals are still counted "
+        "(policyd_decisions_total) and summed up in one warning. 0: log every one.",
+    )
     dry_run_warn: bool = _setting(
         "0",
         flag,

@@ -11,6 +11,7 @@ from collections import OrderedDict
 from typing import Final, Protocol
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from policyd import policy
@@ -89,12 +90,21 @@ class PolicyDecider:
         *,
         dry_run: bool = False,
         dry_run_warn: bool = False,
+        refusal_log_limit: int = 0,
+        clock: IReactorTime | None = None,
     ) -> None:
         self.tracker = tracker
         self.settings = settings
         self.metrics = metrics
         self.dry_run = dry_run
         self.dry_run_warn = dry_run_warn
+        # Refusal log events per second (0: all).  A flood of bots must not
+        # become a flood of log lines, written just when CPU is scarcest.
+        self.refusal_log_limit = refusal_log_limit if clock is not None else 0
+        self._clock = clock
+        self._log_second = -1
+        self._logged = 0
+        self._not_logged = 0
         self._pinned: OrderedDict[int, tuple[str, Verdict]] = OrderedDict()
         self._count_normal = metrics.decisions.labels(policy.PASS, "normal").inc
 
@@ -158,6 +168,24 @@ class PolicyDecider:
         return verdict.action
 
     def _log_refusal(self, request: PolicyRequest, verdict: Verdict) -> None:
+        if self.refusal_log_limit and self._clock is not None:
+            second = int(self._clock.seconds())
+            if second != self._log_second:
+                if self._not_logged:
+                    log.warn(
+                        "{count} refusals were not logged (more than "
+                        "{limit} a second); policyd_decisions_total counts them",
+                        event="refusals_not_logged",
+                        count=self._not_logged,
+                        limit=self.refusal_log_limit,
+                    )
+                self._log_second = second
+                self._logged = 0
+                self._not_logged = 0
+            if self._logged >= self.refusal_log_limit:
+                self._not_logged += 1
+                return
+            self._logged += 1
         log.info(
             "{what} {client} ({name}, helo {helo}) at {stress_level}: {action} "
             "(score {score}: {reason_list})",

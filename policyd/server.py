@@ -283,6 +283,8 @@ class PolicyServer:
                 self.metrics,
                 dry_run=config.dry_run,
                 dry_run_warn=config.dry_run_warn,
+                refusal_log_limit=config.refusal_log_limit,
+                clock=reactor,
             ),
             metrics=self.metrics,
             limits=Limits(

@@ -84,6 +84,7 @@ BAD = {
     "POLICYD_CLIENT_RATE_WINDOW": ("0", "expected a duration between 1s and 86400s"),
     "POLICYD_DRY_RUN": ("maybe", "expected 1/yes/true/on or 0/no/false/off"),
     "POLICYD_DRY_RUN_WARN": ("2", "expected 1/yes/true/on or 0/no/false/off"),
+    "POLICYD_REFUSAL_LOG_LIMIT": ("-1", "expected a whole number from 0 to 1000000"),
     "POLICYD_SUSPICIOUS_SCORE": ("0", "expected a whole number from 1 to 1000"),
     "POLICYD_REJECT_SCORE": ("8.5", "expected a whole number from 1 to 1000"),
     "POLICYD_WEIGHT_NO_CLIENT_NAME": ("101", "expected a whole number from -100"),

@@ -44,6 +44,7 @@ DOCUMENTED_DEFAULTS = {
     "POLICYD_MAX_TRACKED_CLIENTS": "100000",
     "POLICYD_CLIENT_RATE_WINDOW": "60s",
     "POLICYD_DRY_RUN": "0",
+    "POLICYD_REFUSAL_LOG_LIMIT": "100",
     "POLICYD_DRY_RUN_WARN": "0",
     "POLICYD_SUSPICIOUS_SCORE": "3",
     "POLICYD_REJECT_SCORE": "8",
@@ -294,6 +295,7 @@ GOOD: dict[str, list[tuple[str, Any]]] = {
         ("", False),
     ],
     "POLICYD_DRY_RUN_WARN": [("1", True), ("on", True), ("0", False), ("", False)],
+    "POLICYD_REFUSAL_LOG_LIMIT": [("100", 100), ("0", 0), ("1000000", 1000000)],
     "POLICYD_SUSPICIOUS_SCORE": [("3", 3), ("1", 1), ("1000", 1000), (" 12 ", 12)],
     "POLICYD_REJECT_SCORE": [("8", 8), ("1", 1), ("1000", 1000), ("+20", 20)],
     **{
@@ -634,6 +636,11 @@ BAD: dict[str, list[tuple[str, str]]] = {
         ("yes please", _FLAG),
     ],
     "POLICYD_DRY_RUN_WARN": [("warn", _FLAG), ("10", _FLAG)],
+    "POLICYD_REFUSAL_LOG_LIMIT": [
+        ("-1", r"expected a whole number from 0 to 1000000"),
+        ("lots", r"expected a whole number from 0 to 1000000"),
+        ("1000001", r"expected a whole number from 0 to 1000000"),
+    ],
     "POLICYD_SUSPICIOUS_SCORE": [
         ("", _SCORE),
         ("0", _SCORE),

@@ -126,6 +126,7 @@ class Rig:
         *,
         dry_run: bool = False,
         dry_run_warn: bool = False,
+        refusal_log_limit: int = 0,
     ) -> None:
         self.clock = Clock()
         self.clock.advance(START)
@@ -138,6 +139,8 @@ class Rig:
             self.metrics,
             dry_run=dry_run,
             dry_run_warn=dry_run_warn,
+            refusal_log_limit=refusal_log_limit,
+            clock=self.clock,
         )
 
     def ask(
@@ -659,3 +662,41 @@ class TestMetrics:
         for outcome, reason in rig.counts():
             assert outcome in outcomes
             assert reason in reasons
+
+
+class TestRefusalLogLimit:
+    """A flood of refusals does not become a flood of log lines."""
+
+    def test_limit_per_second(self, logs: EventLoggingObserver) -> None:
+        """
+        At most refusal_log_limit refusal events a second; the rest are summed.
+
+        Every refusal is still answered and counted; the next second starts a
+        new allowance, and its first refusal brings one warning with the
+        number not logged.
+        """
+        rig = Rig(OVERLOAD, refusal_log_limit=3)
+        for connection in range(1, 11):
+            answer = rig.ask(
+                BOT,
+                connection=connection,
+                instance=f"i{connection}",
+                client_address=f"203.0.113.{connection}",
+            )
+            assert answer.label == "421"
+        assert len(refusals(logs)) == 3
+        assert rig.count("defer", "helo_not_fqdn") == 10
+        rig.clock.advance(1.0)
+        rig.ask(BOT, connection=11, instance="i11", client_address="203.0.113.11")
+        assert len(refusals(logs)) == 4
+        (summary,) = events_named(logs, "refusals_not_logged")
+        assert summary["count"] == 7
+        assert summary["log_level"] == LogLevel.warn
+
+    def test_zero_logs_every_refusal(self, logs: EventLoggingObserver) -> None:
+        """refusal_log_limit 0 logs every refusal."""
+        rig = Rig(OVERLOAD, refusal_log_limit=0)
+        for connection in range(1, 21):
+            rig.ask(BOT, connection=connection, instance=f"i{connection}")
+        assert len(refusals(logs)) == 20
+        assert events_named(logs, "refusals_not_logged") == []
