@@ -325,6 +325,53 @@ def build_pool(opts: PoolOptions) -> list[list[bytes]]:
     return sessions
 
 
+def build_fill_sessions(start: int, count: int) -> list[list[bytes]]:
+    """*count* one-request sessions from distinct clean clients numbered from *start*.
+
+    For filling a server's client table quickly (``run.py --tracked``): client
+    *i* gets an address of its own (IPv4 from 11.0.0.0 up; every tenth an IPv6
+    address in a /64 of its own, as the tracker keys IPv6 by /64), a verified
+    name that matches its PTR and HELO, and one RCPT with a fresh ``instance``.
+    Only the attributes a policy decision reads are sent, to keep a million
+    requests small; all of them look like a clean MTA, so that no request is
+    refused (and logged) while filling, whatever the stress level.
+    """
+    sessions: list[list[bytes]] = []
+    for i in range(start, start + count):
+        if i % 10 == 9:
+            address = f"2a0b:{(i >> 16) & 0xFFFF:x}:{i & 0xFFFF:x}:19::25"
+        else:
+            n = 0x0B000000 + i
+            address = f"{n >> 24}.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"
+        name = f"mx{i % 3}.org{i}.example.net"
+        sessions.append(
+            [
+                (
+                    "request=smtpd_access_policy\nprotocol_state=RCPT\n"
+                    f"protocol_name=ESMTP\nhelo_name={name}\nqueue_id=\n"
+                    f"sender=news@org{i}.example.net\nrecipient=info@example.org\n"
+                    f"client_address={address}\nclient_name={name}\n"
+                    f"reverse_client_name={name}\ninstance=f{i:x}.6955b901.0.1\n"
+                    "sasl_username=\nstress=\nserver_address=203.0.113.25\n"
+                    "server_port=25\n\n"
+                ).encode()
+            ]
+        )
+    return sessions
+
+
+def pool_addresses(sessions: Sequence[Sequence[bytes]]) -> set[str]:
+    """The distinct ``client_address`` values of a pool."""
+    found: set[str] = set()
+    for session in sessions:
+        for req in session:
+            start = req.find(b"\nclient_address=")
+            if start >= 0:
+                start += len(b"\nclient_address=")
+                found.add(req[start : req.index(b"\n", start)].decode())
+    return found
+
+
 def write_pool(sessions: Sequence[Sequence[bytes]], path: Path) -> None:
     """Write the pool in the binary layout that ``policyload.c`` reads."""
     requests = [req for session in sessions for req in session]
@@ -959,22 +1006,33 @@ class LoadGenerator:
         timeout: float = 10.0,
         connect_limit: float = 30.0,
         server_pid: int | None = None,
+        sessions: Sequence[Sequence[bytes]] | None = None,
     ) -> LoadResult:
         """Run one bounded load against ``host:port`` and return what it measured.
 
         Runs for *duration* seconds after *warmup* seconds, or until *count*
         requests completed if *count* is given (still at most *duration*).
+        *sessions* replaces the generator's pool for this run only (then it
+        starts at the first session).
         """
         if host not in LOOPBACK_HOSTS:
             raise ValueError(f"refusing to load {host}: loopback only {LOOPBACK_HOSTS}")
-        # Each run starts at a different session so repeated runs differ.
-        start = (self._runs * 7919) % max(1, len(self.sessions))
-        self._runs += 1
+        pool_file = self._pool_file
+        if sessions is None:
+            sessions = self.sessions
+            # Each run starts at a different session so repeated runs differ.
+            start = (self._runs * 7919) % max(1, len(self.sessions))
+            self._runs += 1
+        else:
+            start = 0
+            if self.engine == "c":
+                pool_file = self.workdir / "other-pool.bin"
+                write_pool(sessions, pool_file)
         if self.engine == "c":
             assert self._driver is not None  # noqa: S101 - set for engine c
-            assert self._pool_file is not None  # noqa: S101
+            assert pool_file is not None  # noqa: S101
             return _run_c(
-                self._driver, self._pool_file, self.workdir,
+                self._driver, pool_file, self.workdir,
                 host=host, port=port, connections=connections, warmup=warmup,
                 duration=duration, count=count, timeout=timeout,
                 connect_limit=connect_limit, server_pid=server_pid,
@@ -986,7 +1044,7 @@ class LoadGenerator:
             # dependencies, so mypy must not go looking for it.
             loop_factory = importlib.import_module("uvloop").new_event_loop
         coro = _run_async(
-            self.sessions, host=host, port=port, connections=connections,
+            sessions, host=host, port=port, connections=connections,
             warmup=warmup, duration=duration, count=count, timeout=timeout,
             connect_limit=connect_limit, server_pid=server_pid,
             start_session=start, engine=self.engine,

@@ -2,17 +2,43 @@
 
 One command::
 
-    python bench/run.py [--duration S] [--concurrency 1,10,100,1000] [--quick]
+    python bench/run.py                 # the full matrix, about 12 minutes
+    python bench/run.py --quick         # a smoke run, under 2 minutes
 
-starts ``bench/baseline.py`` and the target (``python -m policyd serve`` on
-127.0.0.1) at the same time, then drives each with ``bench/loadgen.py`` at
-each concurrency level.  The two servers take turns on every level (baseline,
-target; on the next level or repeat target, baseline, and so on), so drift
-and noise land on both alike.  It prints one table: req/s, server CPU
-us/request, p50/p99 latency, errors, the load generator's own CPU, a noise
-figure, and target/baseline ratios.  Each figure is the median over
-``--repeat`` runs (3 by default) with the spread; each ratio is the median of
-the back-to-back pairs.
+runs ``bench/baseline.py`` and ``python -m policyd serve`` (on 127.0.0.1) at
+the same time and drives each with ``bench/loadgen.py`` over a matrix of
+
+* concurrency (``--concurrency``, 1,10,100,1000 connections),
+* stress level (``--levels``, normal,overload): one policyd per level.
+  *normal* runs with ``POLICYD_SMTPD_CAPACITY=1000000``, so the load never
+  lifts the level; *overload* with ``POLICYD_SMTPD_CAPACITY=1`` and
+  ``POLICYD_LEVEL_MIN_DWELL=3600s``, so the first busy connection forces the
+  level to overload and it stays there for the whole run.  Every policyd
+  answers ``/metrics`` on a port it picks (read from its log); the runner
+  scrapes ``policyd_stress_level`` after each window and shows it per row,
+  with the share of refusals (4xx/5xx, REJECT, DEFER) among the replies.
+* tracked clients (``--tracked``, 1k,1m; 1k with ``--quick``): one policyd
+  per level and size.  Before measuring, each is made to track about N
+  distinct clients: first N minus the measured pool's clients one-request
+  sessions of distinct clean clients (``loadgen.build_fill_sessions``) over
+  100 connections, then one pass over the measured pool, so the measured
+  clients are known too.  ``POLICYD_MAX_TRACKED_CLIENTS`` is raised to 2 N
+  (at least its default).  ``policyd_tracked_clients`` confirms the count and
+  ``/proc/PID/status`` gives the RSS after the warm-up; the difference between
+  the largest and the smallest size gives the bytes per tracked client.
+
+policyd runs at its default log level (info), so at overload the one log
+event per refusal is part of what is measured.  Its stdout and stderr go to a
+pipe that a thread of this runner drains (like journald would), keeping only
+the last lines and a count; the runner's own CPU is on the load generator's
+core, outside both measured figures.
+
+All servers stay up for the whole run.  At each concurrency level and repeat
+every server is measured once, back to back, in an order that rotates from
+one block to the next, so drift and noise land on all alike; each ratio to
+the baseline is the median over repeats of the pair from the same block.
+Each figure is the median over ``--repeat`` runs (3 by default) with the
+spread.
 
 Noise.  The box is shared (2 vCPUs; a test suite next door takes a whole
 core at times), and such runs are worth nothing.  So each run records how
@@ -32,37 +58,52 @@ this runner) to the others (``--no-pin`` to disable): on a 2-vCPU VM the
 single-connection rate doubled whenever the scheduler happened to put client
 and server on one core, which made that level meaningless without pinning.
 
-The target's environment is ``POLICYD_LISTEN=tcp:PORT:interface=127.0.0.1``,
-``POLICYD_METRICS_LISTEN=none`` and ``POLICYD_LOG_LEVEL=warn`` (more with
-``--target-env``).  ``--target baseline`` benchmarks a second baseline instead,
-which shows the noise floor of the method (both ratios should be about 1).
+``--target-env KEY=VALUE`` adds to every policyd's environment (after the
+runner's own settings, so it can override them).  ``--target baseline``
+benchmarks a second baseline instead of policyd, which shows the noise floor
+of the method (both ratios should be about 1).
 
-Only loopback addresses are used; every load run is bounded in time.
+Only loopback addresses are used; every load run is bounded in time, and so
+is every warm-up and scrape.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import loadgen
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 HOST = "127.0.0.1"
+LEVEL_NAMES = ("normal", "elevated", "overload")
+LEVEL_ENV = {
+    # The load ratio is busy connections / capacity: 100 busy benchmark
+    # connections are 0.0001 of a million (normal) and 100 of one (overload).
+    "normal": {"POLICYD_SMTPD_CAPACITY": "1000000"},
+    "overload": {"POLICYD_SMTPD_CAPACITY": "1", "POLICYD_LEVEL_MIN_DWELL": "3600s"},
+}
+DEFAULT_MAX_TRACKED = 100_000
+FILL_CHUNK = 100_000
+FILL_CONNECTIONS = 100
+LOG_KEEP = 200
 
 
 def free_port() -> int:
@@ -73,17 +114,53 @@ def free_port() -> int:
         return port
 
 
+def parse_size(text: str) -> int:
+    """``1000``, ``1k``, ``100k`` or ``1m`` as a number."""
+    t = text.strip().lower()
+    mult = {"k": 1_000, "m": 1_000_000}.get(t[-1:], 1)
+    return int(float(t[:-1] if mult > 1 else t) * mult)
+
+
+def size_label(n: int) -> str:
+    """The short form of a client count: 1k, 1M, 2500."""
+    if n >= 1_000_000 and n % 1_000_000 == 0:
+        return f"{n // 1_000_000}M"
+    if n >= 1_000 and n % 1_000 == 0:
+        return f"{n // 1_000}k"
+    return str(n)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """What a policyd under test is set up for: a stress level, a table size."""
+
+    level: str
+    tracked: int
+
+    @property
+    def name(self) -> str:
+        """Row label, e.g. ``overload 1M``."""
+        return f"{self.level} {size_label(self.tracked)}"
+
+
 @dataclasses.dataclass
 class Server:
-    """A server process under test, with its log captured to a file."""
+    """A server process under test; a thread drains its output."""
 
     name: str
     argv: list[str]
     env: dict[str, str]
     port: int
-    log: IO[bytes]
     cpus: set[int] | None = None
+    variant: Variant | None = None
     proc: subprocess.Popen[bytes] | None = None
+    metrics_port: int | None = None
+    lines: int = 0
+    tail: collections.deque[str] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=LOG_KEEP)
+    )
+    warmup: dict[str, Any] = dataclasses.field(default_factory=dict)
+    _reader: threading.Thread | None = None
 
     def start(self, timeout: float) -> None:
         """Start the process and wait until it accepts connections."""
@@ -92,24 +169,55 @@ class Server:
             env=self.env,
             cwd=REPO,
             stdin=subprocess.DEVNULL,
-            stdout=self.log,
+            stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
         self.pin()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                time.sleep(0.2)  # let the reader catch the last lines
                 raise RuntimeError(
                     f"{self.name} exited with {self.proc.returncode} on start:\n"
                     + self.log_tail()
                 )
             try:
                 socket.create_connection((HOST, self.port), timeout=1).close()
-                self.pin()  # again, for threads started before the first pin
-                return
             except OSError:
                 time.sleep(0.1)
+                continue
+            self.pin()  # again, for threads started before the first pin
+            if self.variant is None:
+                return
+            # policyd logs the metrics port it bound (POLICYD_METRICS_LISTEN
+            # asks for port 0) before it runs.
+            while time.monotonic() < deadline and self.metrics_port is None:
+                self.metrics_port = self._metrics_port_from_log()
+                if self.metrics_port is None:
+                    time.sleep(0.1)
+            if self.metrics_port is None:
+                raise RuntimeError(
+                    f"{self.name}: no 'Metrics listening on' line in its log:\n"
+                    + self.log_tail()
+                )
+            return
         raise RuntimeError(f"{self.name} did not listen within {timeout} s")
+
+    def _drain(self) -> None:
+        assert self.proc is not None  # noqa: S101 - started
+        assert self.proc.stdout is not None  # noqa: S101 - a pipe
+        for raw in self.proc.stdout:
+            self.lines += 1
+            self.tail.append(raw.decode(errors="replace").rstrip("\n"))
+
+    def _metrics_port_from_log(self) -> int | None:
+        for line in list(self.tail):
+            m = re.search(r"Metrics listening on [^ ]*:(\d+)", line)
+            if m:
+                return int(m.group(1))
+        return None
 
     def pin(self) -> None:
         """Bind every thread of the process to ``cpus`` (if set)."""
@@ -139,9 +247,35 @@ class Server:
 
     def log_tail(self, lines: int = 20) -> str:
         """The last lines the process wrote."""
-        self.log.flush()
-        text = Path(self.log.name).read_text(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
+        return "\n".join(list(self.tail)[-lines:])
+
+    def rss_bytes(self) -> int | None:
+        """Resident set size now (``VmRSS`` of ``/proc/PID/status``)."""
+        try:
+            status = Path(f"/proc/{self.pid}/status").read_text()
+        except OSError:
+            return None
+        m = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+        return int(m.group(1)) * 1024 if m else None
+
+    def scrape(self, timeout: float = 5.0) -> dict[str, float]:
+        """The ``/metrics`` of policyd as {name with labels: value}, or {}."""
+        if self.metrics_port is None:
+            return {}
+        url = f"http://{HOST}:{self.metrics_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return {}
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            name, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                values[name] = float(value)
+        return values
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it does not exit within 10 s."""
@@ -153,6 +287,8 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+        if self._reader is not None:
+            self._reader.join(5)
 
 
 def set_priority(nice: int) -> str:
@@ -210,57 +346,179 @@ def wait_for_quiet(max_wait: float, threshold: float = 0.25) -> float:
 
 
 def make_servers(
-    args: argparse.Namespace, logdir: Path, cpus: set[int] | None
+    args: argparse.Namespace, variants: Sequence[Variant], cpus: set[int] | None
 ) -> list[Server]:
-    """The baseline and the target, not yet started."""
-    base_port, target_port = free_port(), free_port()
+    """The baseline, then the targets, not yet started."""
     env = dict(os.environ)
-    baseline = Server(
-        "baseline",
-        [sys.executable, str(HERE / "baseline.py"), "--port", str(base_port)],
-        env,
-        base_port,
-        (logdir / "baseline.log").open("wb"),
-        cpus,
-    )
-    if args.target == "baseline":
-        target = Server(
-            "baseline2",
-            [sys.executable, str(HERE / "baseline.py"), "--port", str(target_port)],
-            env,
-            target_port,
-            (logdir / "baseline2.log").open("wb"),
-            cpus,
+    servers: list[Server] = []
+    names = ["baseline"] + (["baseline2"] if args.target == "baseline" else [])
+    for name in names:
+        port = free_port()
+        servers.append(
+            Server(
+                name,
+                [sys.executable, str(HERE / "baseline.py"), "--port", str(port)],
+                env,
+                port,
+                cpus,
+            )
         )
-    else:
+    if args.target == "baseline":
+        return servers
+    for variant in variants:
+        port = free_port()
         tenv = dict(os.environ)
         tenv["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
         )
         tenv.update(
-            POLICYD_LISTEN=f"tcp:{target_port}:interface={HOST}",
-            POLICYD_METRICS_LISTEN="none",
-            POLICYD_LOG_LEVEL="warn",
+            POLICYD_LISTEN=f"tcp:{port}:interface={HOST}",
+            POLICYD_METRICS_LISTEN=f"tcp:0:interface={HOST}",
+            POLICYD_LOG_LEVEL="info",
+            POLICYD_MAX_TRACKED_CLIENTS=str(
+                max(DEFAULT_MAX_TRACKED, 2 * variant.tracked)
+            ),
+            **LEVEL_ENV[variant.level],
         )
         for item in args.target_env:
             key, sep, value = item.partition("=")
             if not sep:
                 raise SystemExit(f"--target-env wants KEY=VALUE, not {item!r}")
             tenv[key] = value
-        target = Server(
-            "policyd",
-            [sys.executable, "-m", "policyd", "serve"],
-            tenv,
-            target_port,
-            (logdir / "policyd.log").open("wb"),
-            cpus,
+        servers.append(
+            Server(
+                variant.name,
+                [sys.executable, "-m", "policyd", "serve"],
+                tenv,
+                port,
+                cpus,
+                variant,
+            )
         )
-    return [baseline, target]
+    return servers
+
+
+# ---------------------------------------------------------------------------
+# Warm-up: make a policyd track about N clients
+# ---------------------------------------------------------------------------
+
+
+def fill(
+    gen: loadgen.LoadGenerator,
+    server: Server,
+    pool_clients: int,
+    args: argparse.Namespace,
+) -> None:
+    """Make *server* track about ``variant.tracked`` clients; record what it took.
+
+    N minus the measured pool's clients as one-request sessions of distinct
+    clean clients, in chunks, then one pass over the measured pool.  Every
+    chunk is bounded in time (at least 1,000 req/s, or it gives up).
+    """
+    assert server.variant is not None  # noqa: S101 - only policyd is filled
+    t0 = time.monotonic()
+    extra = max(0, server.variant.tracked - pool_clients)
+    sent = errors = 0
+    while sent < extra:
+        n = min(FILL_CHUNK, extra - sent)
+        res = gen.run(
+            host=HOST,
+            port=server.port,
+            connections=FILL_CONNECTIONS,
+            duration=n / 1000 + 5,
+            warmup=0,
+            count=n,
+            timeout=args.timeout,
+            server_pid=server.pid,
+            sessions=loadgen.build_fill_sessions(sent, n),
+        )
+        sent += res.completed
+        errors += res.error_total
+        if res.completed < n:
+            print(f"  {server.name}: fill chunk answered {res.completed:,} of {n:,}")
+            break
+    res = gen.run(
+        host=HOST,
+        port=server.port,
+        connections=FILL_CONNECTIONS,
+        duration=gen.n_requests / 1000 + 5,
+        warmup=0,
+        count=gen.n_requests,
+        timeout=args.timeout,
+        server_pid=server.pid,
+    )
+    errors += res.error_total
+    metrics = server.scrape()
+    server.warmup = {
+        "fill_requests": sent,
+        "pool_requests": res.completed,
+        "errors": errors,
+        "seconds": time.monotonic() - t0,
+        "tracked_clients": metrics.get("policyd_tracked_clients"),
+        "evictions": metrics.get("policyd_client_evictions_total"),
+        "rss_bytes": server.rss_bytes(),
+    }
+    w = server.warmup
+    print(
+        f"  {server.name}: warm-up {sent:,} fill + {res.completed:,} pool requests "
+        f"in {w['seconds']:.0f} s, errors {errors}; tracked clients "
+        f"{_num(w['tracked_clients'])}, evictions {_num(w['evictions'])}, "
+        f"RSS {_num(_mb(w['rss_bytes']), '.1f')} MB",
+        flush=True,
+    )
+
+
+def _mb(n: float | None) -> float | None:
+    return None if n is None else n / 2**20
 
 
 # ---------------------------------------------------------------------------
 # Summaries
 # ---------------------------------------------------------------------------
+
+
+def is_refusal(action: str) -> bool:
+    """Whether an action (its first word, upper-cased) refuses the request."""
+    return (action[:1] in "45" and action[:3].isdigit()) or action.startswith(
+        ("REJECT", "DEFER")
+    )
+
+
+@dataclasses.dataclass
+class Run:
+    """One measured window of one server, with what policyd said about it."""
+
+    result: loadgen.LoadResult
+    level: float | None = None
+    """``policyd_stress_level`` scraped right after the window."""
+    tracked: float | None = None
+    """``policyd_tracked_clients`` scraped right after the window."""
+    log_lines: int = 0
+    """Lines the server wrote during the run (warm-up and window)."""
+
+    @property
+    def refused_share(self) -> float | None:
+        """Share of the window's replies that refused (4xx/5xx, REJECT, DEFER)."""
+        total = sum(self.result.actions.values())
+        if not total:
+            return None
+        return sum(v for k, v in self.result.actions.items() if is_refusal(k)) / total
+
+    @property
+    def log_per_req(self) -> float | None:
+        """Log lines per request answered in the run."""
+        n = self.result.completed + self.result.warmup_completed
+        return self.log_lines / n if n else None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for ``--json``."""
+        return {
+            **self.result.as_dict(),
+            "stress_level": self.level,
+            "tracked_clients": self.tracked,
+            "log_lines": self.log_lines,
+            "refused_share": self.refused_share,
+        }
 
 
 @dataclasses.dataclass
@@ -269,11 +527,15 @@ class Summary:
 
     server: str
     connections: int
-    runs: list[loadgen.LoadResult]
+    runs: list[Run]
 
     def _values(self, attr: str) -> list[float]:
-        vals = [getattr(r, attr) for r in self.runs]
-        return [float(v) for v in vals if v is not None]
+        vals = []
+        for r in self.runs:
+            v = getattr(r.result, attr) if hasattr(r.result, attr) else getattr(r, attr)
+            if v is not None:
+                vals.append(float(v))
+        return vals
 
     def median(self, attr: str) -> float | None:
         """Median of an attribute over the repeats (None if never measured)."""
@@ -288,39 +550,57 @@ class Summary:
     @property
     def errors(self) -> int:
         """Errors over all repeats."""
-        return sum(r.error_total for r in self.runs)
-
-    @property
-    def other_cores(self) -> float | None:
-        """Median CPU used by neither the server nor the load generator.
-
-        Approximate: /proc/stat is sampled per tick and the processes' times
-        are not, so it can even read slightly negative.
-        """
-        vals = [
-            r.machine_busy_cores - r.loadgen_cores - (r.server_cores or 0.0)
-            for r in self.runs
-            if r.machine_busy_cores is not None
-        ]
-        return statistics.median(vals) if vals else None
+        return sum(r.result.error_total for r in self.runs)
 
     @property
     def contention(self) -> float | None:
         """Worst CPU contention (run-queue wait share) of the repeats."""
-        vals = [r.contention for r in self.runs if r.contention is not None]
-        return max(vals) if vals else None
+        vals = [r.result.contention for r in self.runs]
+        known = [v for v in vals if v is not None]
+        return max(known) if known else None
+
+    @property
+    def levels_seen(self) -> str:
+        """The stress level(s) policyd reported after the windows."""
+        seen = {r.level for r in self.runs if r.level is not None}
+        if not seen:
+            return "-"
+        names = [
+            LEVEL_NAMES[int(v)] if v in (0, 1, 2) else str(v) for v in sorted(seen)
+        ]
+        return "/".join(names)
+
+    @property
+    def actions(self) -> dict[str, int]:
+        """The replies of all repeats, by action."""
+        total: collections.Counter[str] = collections.Counter()
+        for r in self.runs:
+            total.update(r.result.actions)
+        return dict(total.most_common())
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for ``--json``."""
-        attrs = ("rps", "server_us_per_req", "p50_us", "p99_us", "loadgen_cores")
+        attrs = (
+            "rps",
+            "server_us_per_req",
+            "p50_us",
+            "p90_us",
+            "p99_us",
+            "max_us",
+            "loadgen_cores",
+            "loadgen_us_per_req",
+            "refused_share",
+            "log_per_req",
+        )
         return {
             "server": self.server,
             "connections": self.connections,
             "median": {a: self.median(a) for a in attrs},
             "spread": {a: self.spread(a) for a in attrs},
             "errors": self.errors,
-            "other_cores": self.other_cores,
             "contention": self.contention,
+            "stress_levels_seen": self.levels_seen,
+            "actions": self.actions,
             "runs": [r.as_dict() for r in self.runs],
         }
 
@@ -337,14 +617,14 @@ def _spread_pct(s: Summary, attr: str) -> str:
 
 
 def paired_ratio(target: Summary, baseline: Summary, attr: str) -> float | None:
-    """Median over repeats of target/baseline, each repeat's pair run back to back.
+    """Median over repeats of target/baseline, each pair from the same block.
 
     Pairing cancels slow drift in the machine's speed better than a ratio of
     medians does.
     """
     ratios = []
     for t, b in zip(target.runs, baseline.runs, strict=False):
-        tv, bv = getattr(t, attr), getattr(b, attr)
+        tv, bv = getattr(t.result, attr), getattr(b.result, attr)
         if tv is not None and bv:
             ratios.append(tv / bv)
     return statistics.median(ratios) if ratios else None
@@ -356,46 +636,56 @@ def _ratio(t: Summary, b: Summary, attr: str) -> str:
 
 
 def format_table(
-    summaries: Sequence[Summary], baseline: str, target: str, max_contention: float
+    summaries: Sequence[Summary], order: Sequence[str], max_contention: float
 ) -> str:
-    """The comparison table: one row per server per level, then the ratios."""
+    """The comparison table: one row per server per concurrency, with ratios."""
     header = (
-        f"{'conns':>5}  {'server':<9} {'req/s':>14} {'CPU us/req':>14} "
-        f"{'p50 us':>9} {'p99 us':>9} {'errors':>6} {'loadgen':>7} {'noise':>6}"
+        f"{'conns':>5}  {'server':<12} {'req/s':>13} {'x base':>6} "
+        f"{'CPU us/req':>12} {'x base':>6} {'p50 us':>7} {'p99 us':>7} "
+        f"{'errors':>6} {'loadgen':>7} {'noise':>6}  {'level':<8} {'refused':>7} "
+        f"{'log/req':>7}"
     )
     lines = [header, "-" * len(header)]
     by = {(s.server, s.connections): s for s in summaries}
     noisy = 0
+    base_name = order[0]
     for conns in sorted({s.connections for s in summaries}):
-        rows = [by[k] for k in ((baseline, conns), (target, conns)) if k in by]
-        for s in rows:
+        base = by.get((base_name, conns))
+        for name in order:
+            s = by.get((name, conns))
+            if s is None:
+                continue
             rps = _num(s.median("rps")) + _spread_pct(s, "rps")
             cpu = _num(s.median("server_us_per_req"), ".1f") + _spread_pct(
                 s, "server_us_per_req"
             )
+            x_rps = x_cpu = ""
+            if base is not None and s is not base:
+                x_rps = _ratio(s, base, "rps")
+                x_cpu = _ratio(s, base, "server_us_per_req")
             flag = "!" if (s.contention or 0.0) > max_contention else " "
             noisy += flag == "!"
             lines.append(
-                f"{conns:>5}  {s.server:<9} {rps:>14} {cpu:>14} "
-                f"{_num(s.median('p50_us')):>9} {_num(s.median('p99_us')):>9} "
+                f"{conns:>5}  {s.server:<12} {rps:>13} "
+                f"{x_rps:>6} "
+                f"{cpu:>12} "
+                f"{x_cpu:>6} "
+                f"{_num(s.median('p50_us')):>7} {_num(s.median('p99_us')):>7} "
                 f"{s.errors:>6} {_num(s.median('loadgen_cores'), '.2f'):>7} "
-                f"{_num(s.contention, '.1%'):>6}{flag}"
-            )
-        if len(rows) == 2:
-            b, t = rows
-            lines.append(
-                f"{conns:>5}  {'ratio':<9} {_ratio(t, b, 'rps'):>14} "
-                f"{_ratio(t, b, 'server_us_per_req'):>14} "
-                f"{_ratio(t, b, 'p50_us'):>9} {_ratio(t, b, 'p99_us'):>9}"
+                f"{_num(s.contention, '.1%'):>6}{flag} {s.levels_seen:<8} "
+                f"{_num(s.median('refused_share'), '.1%'):>7} "
+                f"{_num(s.median('log_per_req'), '.3f'):>7}"
             )
         lines.append("")
     lines += [
-        "req/s and CPU us/req: median over repeats, ± half the min-max spread.",
-        "CPU us/req: the server's utime+stime in the window / requests answered.",
-        "loadgen: cores the load generator itself used (near 1.00 would make it",
-        "the bottleneck). noise: worst share of a window that the server or the",
-        "load generator waited for a CPU held by something else (run-queue wait).",
-        "ratio: target/baseline, median of the back-to-back pairs of each repeat.",
+        "req/s and CPU us/req: median over repeats, ± half the min-max spread;",
+        "x base: the server's figure / the baseline's, median of the pairs measured",
+        "in the same block. CPU us/req: the server's utime+stime in the window /",
+        "requests answered. loadgen: cores the load generator itself used (near",
+        "1.00 would make it the bottleneck). noise: worst share of a window that",
+        "the server or the load generator waited for a CPU held by something else.",
+        "level: policyd_stress_level scraped after each window. refused: share of",
+        "replies that refused (4xx/5xx). log/req: lines policyd logged per request.",
     ]
     if noisy:
         lines.append(
@@ -404,6 +694,66 @@ def format_table(
             "unreliable; CPU us/req suffers much less."
         )
     return "\n".join(lines)
+
+
+def format_tracked(
+    summaries: Sequence[Summary], targets: Sequence[Server]
+) -> tuple[str, dict[str, Any]]:
+    """The tracked-clients section: warm-ups, memory per client, 1M/1k cost."""
+    lines = [
+        f"{'server':<12} {'tracked':>10} {'evictions':>9} {'RSS MB':>8} "
+        f"{'warm-up s':>9} {'errors':>6}",
+    ]
+    for t in targets:
+        w = t.warmup
+        lines.append(
+            f"{t.name:<12} {_num(w.get('tracked_clients')):>10} "
+            f"{_num(w.get('evictions')):>9} {_num(_mb(w.get('rss_bytes')), '.1f'):>8} "
+            f"{_num(w.get('seconds'), '.0f'):>9} {w.get('errors', 0):>6}"
+        )
+    data: dict[str, Any] = {"warmup": {t.name: t.warmup for t in targets}}
+    by_level: dict[str, list[Server]] = {}
+    for t in targets:
+        assert t.variant is not None  # noqa: S101 - targets are policyd
+        by_level.setdefault(t.variant.level, []).append(t)
+    by = {(s.server, s.connections): s for s in summaries}
+    for level, group in by_level.items():
+        if len(group) < 2:
+            continue
+        group = sorted(group, key=lambda t: t.variant.tracked if t.variant else 0)
+        small, big = group[0], group[-1]
+        ws, wb = small.warmup, big.warmup
+        entry: dict[str, Any] = {"small": small.name, "big": big.name}
+        if None not in (
+            ws.get("rss_bytes"),
+            wb.get("rss_bytes"),
+            ws.get("tracked_clients"),
+            wb.get("tracked_clients"),
+        ):
+            per = (wb["rss_bytes"] - ws["rss_bytes"]) / (
+                wb["tracked_clients"] - ws["tracked_clients"]
+            )
+            entry["bytes_per_client"] = per
+            lines.append(
+                f"{level}: ({big.name} RSS - {small.name} RSS) / (tracked difference)"
+                f" = {per:,.0f} B per tracked client"
+            )
+        ratios = {}
+        for conns in sorted({s.connections for s in summaries}):
+            sb, ss = by.get((big.name, conns)), by.get((small.name, conns))
+            if sb and ss:
+                r = paired_ratio(sb, ss, "server_us_per_req")
+                ratios[conns] = r
+        entry["cpu_ratio"] = ratios
+        data[level] = entry
+        big_n = big.variant.tracked if big.variant else 0
+        small_n = small.variant.tracked if small.variant else 0
+        lines.append(
+            f"{level}: CPU us/req {size_label(big_n)}/{size_label(small_n)} "
+            "(median of the same-block pairs): "
+            + ", ".join(f"c={c} {_num(r, '.2f')}x" for c, r in ratios.items())
+        )
+    return "\n".join(lines), data
 
 
 # ---------------------------------------------------------------------------
@@ -426,6 +776,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="comma-separated connection counts [1,10,100,1000]",
     )
     parser.add_argument(
+        "--levels",
+        default="normal,overload",
+        help="comma-separated stress levels to force policyd to [normal,overload]",
+    )
+    parser.add_argument(
+        "--tracked",
+        help="comma-separated numbers of clients policyd tracks while measured, "
+        "e.g. 1k,100k,1m [1k,1m; quick 1k]",
+    )
+    parser.add_argument(
         "--repeat", type=int, help="runs per server and level [3; quick 1]"
     )
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
@@ -440,7 +800,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra environment for the policyd target (repeatable)",
+        help="extra environment for every policyd (repeatable)",
     )
     parser.add_argument(
         "--nice",
@@ -477,6 +837,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--start-timeout", type=float, default=30.0, help="s to wait for a server"
     )
     loadgen.add_pool_arguments(parser)
+    # 500 active clients, so that the smallest table (1k) holds them.
+    parser.set_defaults(clients=500)
     args = parser.parse_args(argv)
     args.duration = args.duration or (2.0 if args.quick else 5.0)
     args.warmup = (
@@ -484,11 +846,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     args.repeat = args.repeat or (1 if args.quick else 3)
     try:
-        args.levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
+        args.conns = [int(x) for x in args.concurrency.split(",") if x.strip()]
     except ValueError:
         parser.error("--concurrency wants comma-separated integers")
-    if not args.levels or min(args.levels) < 1:
+    if not args.conns or min(args.conns) < 1:
         parser.error("--concurrency wants positive integers")
+    args.stress_levels = [x.strip() for x in args.levels.split(",") if x.strip()]
+    unknown = set(args.stress_levels) - set(LEVEL_ENV)
+    if unknown or not args.stress_levels:
+        parser.error(f"--levels wants some of {', '.join(LEVEL_ENV)}")
+    tracked = args.tracked or ("1k" if args.quick else "1k,1m")
+    try:
+        args.sizes = sorted({parse_size(x) for x in tracked.split(",") if x.strip()})
+    except ValueError:
+        parser.error("--tracked wants comma-separated counts such as 1k,1m")
+    if not args.sizes or min(args.sizes) < 1:
+        parser.error("--tracked wants positive counts")
     return args
 
 
@@ -497,7 +870,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     # Every connection is a descriptor in both the load generator and the
     # server; children inherit the raised limit.
-    need = max(args.levels) + 256
+    need = max(*args.conns, FILL_CONNECTIONS) + 256
     have = loadgen.raise_fd_limit(need)
     if have < need:
         print(f"warning: RLIMIT_NOFILE is {have}, below the {need} needed", flush=True)
@@ -513,15 +886,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"servers on CPU {sorted(server_cpus)}, "
             f"load generator on CPU {sorted(loadgen_cpus)}"
         )
-
-    with tempfile.TemporaryDirectory(prefix="policyd-bench-logs-") as tmp:
-        servers = make_servers(args, Path(tmp), server_cpus)
-        try:
-            return _run(args, servers)
-        finally:
-            for s in servers:
-                s.stop()
-                s.log.close()
+    variants = [Variant(lv, n) for lv in args.stress_levels for n in args.sizes]
+    servers = make_servers(args, variants, server_cpus)
+    try:
+        return _run(args, servers)
+    finally:
+        for s in servers:
+            s.stop()
 
 
 def measure(
@@ -530,18 +901,19 @@ def measure(
     conns: int,
     tag: str,
     args: argparse.Namespace,
-) -> loadgen.LoadResult | None:
+) -> Run | None:
     """One load run, repeated while it is noisy; the least noisy attempt.
 
     None if the server died.
     """
-    best: loadgen.LoadResult | None = None
+    best: Run | None = None
     for attempt in range(args.retries + 1):
         if not server.alive():
             print(f"{server.name} died:\n{server.log_tail()}", file=sys.stderr)
             return None
         # Also lets the previous run's connections drain.
         wait_for_quiet(args.quiet_wait if attempt else 2.0)
+        lines0 = server.lines
         res = gen.run(
             host=HOST,
             port=server.port,
@@ -551,49 +923,77 @@ def measure(
             timeout=args.timeout,
             server_pid=server.pid,
         )
+        time.sleep(0.05)  # let the drain thread catch up with the last lines
+        run = Run(res, log_lines=server.lines - lines0)
+        if server.variant is not None:
+            metrics = server.scrape()
+            run.level = metrics.get("policyd_stress_level")
+            run.tracked = metrics.get("policyd_tracked_clients")
         noisy = (res.contention or 0.0) > args.max_contention
         again = "  (noisy, again)" if noisy and attempt < args.retries else ""
+        extra = ""
+        if server.variant is not None:
+            level = (
+                LEVEL_NAMES[int(run.level)]
+                if run.level in (0, 1, 2)
+                else _num(run.level)
+            )
+            extra = (
+                f"  level {level} refused "
+                f"{_num(run.refused_share, '.1%')} tracked {_num(run.tracked)}"
+            )
         print(
-            f"  {tag} {server.name:<9} c={conns:<5} {res.rps:>9,.0f} req/s  "
+            f"  {tag} {server.name:<12} c={conns:<5} {res.rps:>9,.0f} req/s  "
             f"{loadgen.format_optional(res.server_us_per_req)} us/req  "
             f"p99 {res.p99_us:,.0f} us  errors {res.error_total}  "
             f"loadgen {res.loadgen_cores:.2f} cores  "
-            f"noise {loadgen.format_optional(res.contention, '.1%')}{again}",
+            f"noise {loadgen.format_optional(res.contention, '.1%')}{extra}{again}",
             flush=True,
         )
-        if best is None or (res.contention or 0.0) < (best.contention or 0.0):
-            best = res
+        if best is None or (res.contention or 0.0) < (best.result.contention or 0.0):
+            best = run
         if not noisy:
             break
     return best
 
 
 def _run(args: argparse.Namespace, servers: list[Server]) -> int:
-    baseline, target = servers
+    targets = [s for s in servers if s.variant is not None]
     print(
-        f"generating {args.pool:,} requests; starting {baseline.name} (port "
-        f"{baseline.port}) and {target.name} (port {target.port})",
+        f"generating {args.pool:,} requests from {args.clients:,} clients; starting "
+        + ", ".join(f"{s.name} (port {s.port})" for s in servers),
         flush=True,
     )
     with loadgen.LoadGenerator(loadgen.pool_options(args), args.engine) as gen:
+        pool_clients = len(loadgen.pool_addresses(gen.sessions))
         for s in servers:
             s.start(args.start_timeout)
+        if targets:
+            print(
+                "policyd: POLICYD_LOG_LEVEL=info, stdout+stderr to a pipe drained by "
+                f"the runner; measured pool: {pool_clients:,} distinct clients",
+                flush=True,
+            )
+        for t in targets:
+            fill(gen, t, pool_clients, args)
         print(
-            f"engine {gen.engine}; {args.repeat} x {len(args.levels)} levels x 2 "
-            f"servers, {args.warmup:g} s warm-up + {args.duration:g} s each; "
-            f"{args.pinning}; {args.priority}",
+            f"engine {gen.engine}; {args.repeat} x {len(args.conns)} concurrency "
+            f"levels x {len(servers)} servers, {args.warmup:g} s warm-up + "
+            f"{args.duration:g} s each; {args.pinning}; {args.priority}",
             flush=True,
         )
-        results: dict[tuple[str, int], list[loadgen.LoadResult]] = {}
+        results: dict[tuple[str, int], list[Run]] = {}
+        block = 0
         for rep in range(args.repeat):
-            for i, conns in enumerate(args.levels):
-                # Alternate who goes first so drift and noise hit both alike.
-                order = servers if (rep + i) % 2 == 0 else servers[::-1]
-                for s in order:
-                    res = measure(gen, s, conns, f"[{rep + 1}/{args.repeat}]", args)
-                    if res is None:
+            for conns in args.conns:
+                # Rotate who goes first so drift and noise hit all alike.
+                k = block % len(servers)
+                block += 1
+                for s in servers[k:] + servers[:k]:
+                    run = measure(gen, s, conns, f"[{rep + 1}/{args.repeat}]", args)
+                    if run is None:
                         return 1
-                    results.setdefault((s.name, conns), []).append(res)
+                    results.setdefault((s.name, conns), []).append(run)
         for s in servers:
             if s.alive() and s.children():
                 print(
@@ -601,14 +1001,34 @@ def _run(args: argparse.Namespace, servers: list[Server]) -> int:
                 )
             tail = [
                 line
-                for line in s.log_tail(6).splitlines()
-                if not line.startswith("baseline listening on")
+                for line in s.log_tail(4).splitlines()
+                if "listening on" not in line
             ]
             if tail:
-                print(f"{s.name} logged (last lines):", *tail, sep="\n  ")
+                print(
+                    f"{s.name} logged {s.lines:,} lines; the last:", *tail, sep="\n  "
+                )
     summaries = [Summary(name, c, runs) for (name, c), runs in results.items()]
+    order = [s.name for s in servers]
     print()
-    print(format_table(summaries, baseline.name, target.name, args.max_contention))
+    print(format_table(summaries, order, args.max_contention))
+    tracked_data: dict[str, Any] = {}
+    if targets:
+        text, tracked_data = format_tracked(summaries, targets)
+        print()
+        print(text)
+        print()
+        print("action mix (all repeats):")
+        by = {(s.server, s.connections): s for s in summaries}
+        for t in targets:
+            for conns in args.conns:
+                sm = by.get((t.name, conns))
+                if sm is None:
+                    continue
+                acts = sm.actions
+                total = max(1, sum(acts.values()))
+                mix = "  ".join(f"{k} {v / total:.1%}" for k, v in acts.items())
+                print(f"  {t.name:<12} c={conns:<5} {mix}")
     if args.json:
         payload = {
             "engine": gen.engine,
@@ -617,9 +1037,13 @@ def _run(args: argparse.Namespace, servers: list[Server]) -> int:
             "repeat": args.repeat,
             "pinning": args.pinning,
             "priority": args.priority,
+            "policyd_output": "POLICYD_LOG_LEVEL=info; stdout to a pipe drained "
+            "by the runner",
             "pool": dataclasses.asdict(loadgen.pool_options(args)),
-            "baseline": baseline.name,
-            "target": target.name,
+            "pool_clients": pool_clients,
+            "servers": order,
+            "level_env": LEVEL_ENV,
+            "tracked": tracked_data,
             "summaries": [s.as_dict() for s in summaries],
         }
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
