@@ -159,6 +159,30 @@ class LoadTracker(Protocol):
         """The current load, for metrics and logs."""
 
 
+# A decayed event count kept in ONE float: ln(count) + time / window.  The
+# count at *now* is exp(stored - now / window); one float per counter instead
+# of a count and a timestamp saves ~50 bytes per tracked client.  A float
+# holds time / window (~3e7 for a 60 s window) to ~4e-9, so the count is
+# exact to nine digits.  (If the clock steps back by d seconds, counts read
+# e^(d/window) times too high until it catches up: harmless for seconds.)
+NO_EVENTS: Final = -math.inf
+
+
+def _add_event(stored: float, now: float, window: float) -> float:
+    """*stored* (see `NO_EVENTS`) with one more event at *now*."""
+    base = now / window
+    if stored == NO_EVENTS:
+        return base  # ln(1) + now / window
+    return math.log(math.exp(stored - base) + 1.0) + base
+
+
+def _events(stored: float, now: float, window: float) -> float:
+    """The decayed count in *stored* at *now*."""
+    if stored == NO_EVENTS:
+        return 0.0
+    return math.exp(stored - now / window)
+
+
 def _decay(value: float, then: float, now: float, window: float) -> float:
     """*value* (a count recorded at *then*) decayed exponentially to *now*."""
     if now <= then:
@@ -172,19 +196,17 @@ class _Client:
     __slots__ = (
         "busy",
         "messages",
-        "messages_at",
         "refusals",
         "refused_at",
         "sessions",
-        "sessions_at",
     )
 
     def __init__(self) -> None:
         self.busy = 0
-        self.sessions = 0.0
-        self.sessions_at = 0.0
-        self.messages = 0.0
-        self.messages_at = 0.0
+        # Decayed counts in one float each (see NO_EVENTS); shared constant
+        # until the first event, so an idle client costs no float objects.
+        self.sessions = NO_EVENTS
+        self.messages = NO_EVENTS
         self.refusals = 0.0
         self.refused_at = NEVER  # shared: one float object for all clients
 
@@ -339,16 +361,9 @@ class MemoryLoadTracker:
             if instance != state.instance:
                 # A new instance on a connection: the previous transaction on
                 # it has ended, and the client starts a new message.
-                client.messages = (
-                    _decay(
-                        client.messages,
-                        client.messages_at,
-                        now,
-                        settings.client_rate_window,
-                    )
-                    + 1.0
+                client.messages = _add_event(
+                    client.messages, now, settings.client_rate_window
                 )
-                client.messages_at = now
                 if not state.instance:
                     self._transactions += 1
                 state.instance = instance
@@ -365,16 +380,9 @@ class MemoryLoadTracker:
                 state.instance = ""
                 self._transactions -= 1
             if request.protocol_state in SESSION_STATES:
-                client.sessions = (
-                    _decay(
-                        client.sessions,
-                        client.sessions_at,
-                        now,
-                        settings.client_rate_window,
-                    )
-                    + 1.0
+                client.sessions = _add_event(
+                    client.sessions, now, settings.client_rate_window
                 )
-                client.sessions_at = now
             busy_until = now + settings.busy_window
 
         if not state.busy:
@@ -462,10 +470,8 @@ class MemoryLoadTracker:
         return ClientStats(
             key=self.keys.describe(key),
             concurrency=record.busy,
-            session_rate=_decay(record.sessions, record.sessions_at, now, window)
-            * per_minute,
-            message_rate=_decay(record.messages, record.messages_at, now, window)
-            * per_minute,
+            session_rate=_events(record.sessions, now, window) * per_minute,
+            message_rate=_events(record.messages, now, window) * per_minute,
             refusals=_decay(record.refusals, record.refused_at, now, window),
             since_refusal=None
             if record.refused_at == NEVER
