@@ -8,6 +8,7 @@ knows nothing about bytes or connections.
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import partial
 from typing import Final, Protocol
 
 from twisted.internet.defer import Deferred
@@ -106,7 +107,7 @@ class PolicyDecider:
         self._logged = 0
         self._not_logged = 0
         self._pinned: OrderedDict[int, tuple[str, Verdict]] = OrderedDict()
-        self._count_normal = metrics.decisions.labels(policy.PASS, "normal").inc
+        self._count_normal = partial(metrics.decided, policy.PASS, "normal")
 
     def decide(self, request: PolicyRequest) -> Action:
         """Answer *request*."""
@@ -144,14 +145,14 @@ class PolicyDecider:
                 self.tracker.record_refusal(request)
             if first:
                 self._log_refusal(request, verdict)
-        decisions = self.metrics.decisions
+        decided = self.metrics.decided
         if verdict.exemption is not None:
-            decisions.labels(outcome, verdict.exemption).inc()
+            decided(outcome, verdict.exemption)
         elif not verdict.refused or not verdict.reasons:
-            decisions.labels(outcome, "none").inc()
+            decided(outcome, "none")
         else:
             for reason in verdict.reasons:
-                decisions.labels(outcome, reason).inc()
+                decided(outcome, reason)
         if not verdict.refused:
             # DUNNO, or the WARN or INFO an admin put in a matrix cell.
             return verdict.action

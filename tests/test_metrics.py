@@ -14,7 +14,7 @@ from twisted.web.server import Request, Site
 from twisted.web.test.requesthelper import DummyRequest
 
 from policyd import __version__
-from policyd.actions import Action
+from policyd.actions import DUNNO, Action
 from policyd.config import load
 from policyd.load import LoadSnapshot
 from policyd.metrics import (
@@ -447,3 +447,51 @@ class TestLoadCollector:
         for name in ("normal", "elevated", "overload"):
             assert _value(registry, "policyd_stress_transitions_total", level=name) == 0
         assert REGISTRY.get_sample_value("policyd_stress_level") is None
+
+
+class TestLockFreeCounters:
+    """The per-request counters are plain numbers exported at scrape time."""
+
+    def test_histogram_buckets_are_cumulative_and_inclusive(self) -> None:
+        """An observation equal to a bound counts in that bucket (le = at most)."""
+        registry = CollectorRegistry()
+        metrics = PolicyMetrics(registry)
+        for seconds in (0.0001, 0.00011, 0.001, 99.0):
+            metrics.answered(DUNNO, seconds)
+
+        def bucket(le: str) -> float | None:
+            return registry.get_sample_value(
+                "policyd_request_duration_seconds_bucket", {"le": le}
+            )
+
+        assert bucket("0.0001") == 1
+        assert bucket("0.00025") == 2
+        assert bucket("0.001") == 3
+        assert bucket("10.0") == 3
+        assert bucket("+Inf") == 4
+        assert registry.get_sample_value("policyd_request_duration_seconds_count") == 4
+        assert registry.get_sample_value(
+            "policyd_request_duration_seconds_sum"
+        ) == pytest.approx(99.00121)
+
+    def test_decided_counts_by_outcome_and_reason(self) -> None:
+        """decided() adds one to its (outcome, reason) series, and only to it."""
+        registry = CollectorRegistry()
+        metrics = PolicyMetrics(registry)
+        metrics.decided("defer", "no_helo")
+        metrics.decided("defer", "no_helo")
+        metrics.decided("pass", "normal")
+        assert metrics.decisions() == {("defer", "no_helo"): 2, ("pass", "normal"): 1}
+        assert (
+            registry.get_sample_value(
+                "policyd_decisions_total", {"outcome": "defer", "reason": "no_helo"}
+            )
+            == 2
+        )
+
+    def test_one_set_per_registry(self) -> None:
+        """A second PolicyMetrics on the same registry is refused (duplicate names)."""
+        registry = CollectorRegistry()
+        PolicyMetrics(registry)
+        with pytest.raises(ValueError, match="Duplicated timeseries"):
+            PolicyMetrics(registry)
