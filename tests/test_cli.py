@@ -12,22 +12,18 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import queue
 import re
 import shlex
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any
 
 import pytest
-from helpers import run_main
+from helpers import Daemon, run_main
 
 from policyd import __version__, config
 
@@ -320,112 +316,6 @@ class TestUsage:
 
 
 # -- the real process --------------------------------------------------------
-
-
-class Daemon:
-    """``python -m policyd serve`` as a subprocess, read line by line."""
-
-    def __init__(
-        self,
-        env: Mapping[str, str],
-        argv: Sequence[str] = (sys.executable, "-m", "policyd", "serve"),
-        pass_fds: Sequence[int] = (),
-    ) -> None:
-        self.process = subprocess.Popen(
-            argv,
-            env=dict(env),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            pass_fds=pass_fds,
-        )
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        assert self.process.stdout is not None
-        assert self.process.stderr is not None
-        self._readers = [
-            threading.Thread(
-                target=self._read, args=(self.process.stdout, self.stdout, True)
-            ),
-            threading.Thread(
-                target=self._read, args=(self.process.stderr, self.stderr, False)
-            ),
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    def _read(self, stream: IO[str], into: list[str], announce: bool) -> None:
-        for line in stream:
-            into.append(line)
-            if announce:
-                self._lines.put(line)
-        if announce:
-            self._lines.put(None)
-
-    def wait_for_event(self, event: str, timeout: float = TIMEOUT) -> dict[str, Any]:
-        """The first JSON log record with ``"event": event``, within *timeout*."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                line = self._lines.get(timeout=max(remaining, 0))
-            except queue.Empty:
-                pytest.fail(f"no {event!r} event within {timeout}s: {self.output()}")
-            if line is None:
-                pytest.fail(f"policyd ended before {event!r}: {self.output()}")
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("event") == event:
-                return dict(record)
-
-    def wait_for_text(self, text: str, timeout: float = TIMEOUT) -> str:
-        """The first stdout line containing *text*, within *timeout*."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._lines.get(timeout=max(deadline - time.monotonic(), 0))
-            except queue.Empty:
-                pytest.fail(f"no line with {text!r} within {timeout}s: {self.output()}")
-            if line is None:
-                pytest.fail(f"policyd ended before {text!r}: {self.output()}")
-            if text in line:
-                return line
-
-    def signal(self, signum: int) -> None:
-        """Send *signum* to the process."""
-        self.process.send_signal(signum)
-
-    def wait(self, timeout: float = TIMEOUT) -> int:
-        """The exit status, once the process and its output have ended."""
-        code = self.process.wait(timeout=timeout)
-        for reader in self._readers:
-            reader.join(timeout=timeout)
-        return code
-
-    def output(self) -> str:
-        """Everything read so far, for failure messages."""
-        return f"stdout={''.join(self.stdout)!r} stderr={''.join(self.stderr)!r}"
-
-    def __enter__(self) -> Daemon:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.wait()
-        assert self.process.stdout is not None
-        assert self.process.stderr is not None
-        self.process.stdout.close()
-        self.process.stderr.close()
 
 
 def _json_env(**settings: str) -> dict[str, str]:

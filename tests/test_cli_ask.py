@@ -10,21 +10,16 @@ every wait is bounded.
 
 from __future__ import annotations
 
-import json
 import os
-import queue
-import signal
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any
 
 import pytest
-from helpers import run_main
+from helpers import Daemon, run_main
 
 from policyd import ask, config
 from policyd.ask import (
@@ -597,84 +592,10 @@ class TestAskCommandUsage:
 # -- against a real policyd serve --------------------------------------------
 
 
-class Server:
-    """``python -m policyd serve`` as a subprocess, its stdout read by a thread."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "policyd", "serve"],
-            env=dict(env),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self._records: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self.stderr = ""
-        assert self.process.stdout is not None
-        self._reader = threading.Thread(target=self._read, args=(self.process.stdout,))
-        self._reader.start()
-
-    def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            try:
-                self._records.put(json.loads(line))
-            except ValueError:
-                continue
-        self._records.put(None)
-
-    def wait_for(
-        self,
-        event: str,
-        match: Callable[[dict[str, Any]], bool] = lambda record: True,
-        **fields: object,
-    ) -> dict[str, Any]:
-        """The next JSON log record of *event* with *fields* that *match*es.
-
-        Records before it are consumed; the wait is bounded by TIMEOUT.
-        """
-        while True:
-            try:
-                record = self._records.get(timeout=TIMEOUT)
-            except queue.Empty:
-                pytest.fail(f"no {event!r} event within {TIMEOUT}s")
-            if record is None:
-                pytest.fail(f"policyd serve ended before {event!r}")
-            if (
-                record.get("event") == event
-                and all(record.get(k) == v for k, v in fields.items())
-                and match(record)
-            ):
-                return record
-
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=TIMEOUT)
-        self._reader.join(timeout=TIMEOUT)
-        assert self.process.stdout is not None
-        assert self.process.stderr is not None
-        self.process.stdout.close()
-        self.stderr = self.process.stderr.read()
-        self.process.stderr.close()
-
-
 class Served:
     """A running policyd: its TCP port and unix socket path."""
 
-    def __init__(self, server: Server, port: int, path: str) -> None:
+    def __init__(self, server: Daemon, port: int, path: str) -> None:
         self.server = server
         self.port = port
         self.path = path
@@ -690,11 +611,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         POLICYD_LOG_FORMAT="json",
         POLICYD_LOG_LEVEL="debug",
     )
-    with Server(env) as server:
-        port = server.wait_for("listening", address="127.0.0.1")["port"]
-        server.wait_for("started")
+    with Daemon(env) as server:
+        port = server.wait_for_event("listening", address="127.0.0.1")["port"]
+        server.wait_for_event("started")
         yield Served(server, port, path)
-    assert "Traceback" not in server.stderr
+    assert "Traceback" not in "".join(server.stderr)
 
 
 def _ask(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -717,7 +638,7 @@ class TestAskProcess:
         result = _ask(POLICYD_LISTEN=f"tcp:{served.port}:interface=127.0.0.1")
         assert (result.returncode, result.stdout, result.stderr) == (0, "DUNNO\n", "")
         # The other tests' requests all differ from the defaults somewhere.
-        record = served.server.wait_for(
+        record = served.server.wait_for_event(
             "request",
             lambda r: (
                 r["attributes"] == {**DEFAULTS, "instance": r["attributes"]["instance"]}
@@ -752,7 +673,7 @@ class TestAskProcess:
         assert sent["helo_name"] == "verbose.example"
         assert sent["request"] == "smtpd_access_policy"
         assert result.stderr.endswith("\n\n")  # the request's empty line
-        record = served.server.wait_for(
+        record = served.server.wait_for_event(
             "request", lambda r: r["attributes"]["instance"] == sent["instance"]
         )
         assert record["attributes"] == sent  # exactly what was shown was sent
@@ -766,7 +687,7 @@ class TestAskProcess:
         assert result.stderr == (
             "policyd: warning: x is not an attribute Postfix sends; sending it anyway\n"
         )
-        record = served.server.wait_for(
+        record = served.server.wait_for_event(
             "request", lambda r: r["attributes"].get("x") is not None
         )
         assert record["attributes"]["sender"] == SRS_SENDER
@@ -793,7 +714,7 @@ class TestAskProcess:
             f"policyd: asking 127.0.0.1:{served.port} failed: the server closed "
             "the connection without a reply"
         )
-        served.server.wait_for("protocol_error", reason="bad_request_type")
+        served.server.wait_for_event("protocol_error", reason="bad_request_type")
 
     def test_refusal_under_stress(self) -> None:
         """Under stress a suspicious client's whole refusal is printed, exit 0.
@@ -808,11 +729,11 @@ class TestAskProcess:
             POLICYD_LOG_FORMAT="json",
             POLICYD_SMTPD_CAPACITY="1",
         )
-        with Server(env) as server:
-            port = server.wait_for("listening")["port"]
-            server.wait_for("started")
+        with Daemon(env) as server:
+            port = server.wait_for_event("listening")["port"]
+            server.wait_for_event("started")
             result = _ask("--server", f"127.0.0.1:{port}", "helo_name=foo")
-            refusal = server.wait_for("refusal")
+            refusal = server.wait_for_event("refusal")
         assert (result.returncode, result.stderr) == (0, "")
         assert result.stdout == refusal["action"] + "\n"
         assert result.stdout[0] == "4"  # temporary: `unknown` names may be DNS
