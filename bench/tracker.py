@@ -266,8 +266,8 @@ class Workload:
         return out
 
 
-_SHARED_ATTRIBUTES: Mapping[str, str] = MappingProxyType(
-    {"request": "smtpd_access_policy"}
+_SHARED_RAW: Mapping[bytes, bytes] = MappingProxyType(
+    {b"request": b"smtpd_access_policy"}
 )
 
 
@@ -275,18 +275,12 @@ def _light_request(attributes: Mapping[str, str], connection: int) -> PolicyRequ
     """A request with what the tracker reads from *attributes*, and no more."""
     get = attributes.get
     return PolicyRequest(
-        attributes=_SHARED_ATTRIBUTES,
-        protocol_state=get("protocol_state", "").upper(),
-        client_address=get("client_address", ""),
-        client_name="",
-        reverse_client_name="",
-        helo_name="",
-        sender="",
-        recipient="",
-        instance=get("instance", ""),
-        sasl_username="",
-        stress=get("stress", "") == "yes",
+        raw=_SHARED_RAW,
         connection=connection,
+        client_address=get("client_address", ""),
+        instance=get("instance", ""),
+        protocol_state=get("protocol_state", "").upper(),
+        stress=get("stress", "") == "yes",
     )
 
 

@@ -180,6 +180,41 @@ class TestParsing:
         assert request.stress is False
         assert dict(request.attributes) == dict(TYPICAL)
 
+    @given(
+        st.lists(
+            # Few symbols, so that lines without "=", with several, with
+            # empty names or values all come up often.
+            st.text(alphabet="a=\xff", min_size=1, max_size=8).map(
+                lambda line: line.encode("latin-1")
+            ),
+            max_size=10,
+        )
+    )
+    @settings(max_examples=300)
+    def test_any_lines_parse_like_line_by_line(self, lines: list[bytes]) -> None:
+        """Any lines are read as if each were split at its first ``=``.
+
+        Same attributes, or the same close without a reply.  The parser
+        takes a shortcut when every line holds exactly one ``=``; this pins
+        that the shortcut and the general path agree with the plain
+        definition on every input, "=" in values and names included.
+        """
+        lines = [b"request=smtpd_access_policy", *lines]
+        decider = FixedDecider()
+        client = Harness(decider).connect()
+        client.send(b"\n".join(lines) + b"\n\n")
+        if all(b"=" in line and not line.startswith(b"=") for line in lines):
+            expected = dict(line.split(b"=", 1) for line in lines)
+            assert client.writes == [DUNNO_REPLY]
+            [request] = decider.requests
+            assert {encode(k): encode(v) for k, v in request.attributes.items()} == (
+                expected
+            )
+        else:
+            assert client.writes == []
+            assert client.is_closed()
+            assert decider.requests == []
+
     @pytest.mark.parametrize(
         ("line", "name", "value"),
         [

@@ -1,0 +1,87 @@
+"""In-process cost of one request, policyd against the baseline.
+
+policyd's protocol and decision path and the baseline's LineOnlyReceiver are
+fed the same requests through a StringTransport, with no sockets or reactor.
+
+This isolates the Python work per request that the socket benchmark
+(`bench/run.py`) cannot separate from the reactor's own cost.  Run:
+``python bench/hotpath.py [--level normal|overload] [--profile]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import functools
+import pstats
+import timeit
+from typing import Any
+
+from baseline import DunnoProtocol
+from loadgen import PoolOptions, build_pool
+from prometheus_client import CollectorRegistry
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from policyd import config as config_module
+from policyd.server import PolicyServer
+
+
+def _requests(count: int) -> list[bytes]:
+    sessions = build_pool(PoolOptions(requests=count, clients=500))
+    return [request for session in sessions for request in session][:count]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print µs per request for the baseline and policyd."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--level", choices=("normal", "overload"), default="normal")
+    parser.add_argument("--requests", type=int, default=200_000)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args(argv)
+    capacity = "1000000" if args.level == "normal" else "1"
+    env = {
+        "POLICYD_SMTPD_CAPACITY": capacity,
+        "POLICYD_LEVEL_MIN_DWELL": "3600s",
+        "POLICYD_REFUSAL_LOG_LIMIT": "100",
+    }
+    config = config_module.load(env)
+    clock = Clock()
+    clock.advance(1_000_000)
+    server = PolicyServer(config, clock, CollectorRegistry())
+    pool = _requests(2000)
+
+    def feed(protocol: Any, transport: StringTransport) -> None:
+        receive = protocol.dataReceived
+        clear: Any = transport.clear
+        for request in pool:
+            receive(request)
+            clear()
+
+    results = {}
+    for name in ("baseline", "policyd"):
+        if name == "baseline":
+            protocol: Any = DunnoProtocol()
+        else:
+            protocol = server.factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        rounds = max(1, args.requests // len(pool))
+        feed(protocol, transport)
+        if args.profile and name == "policyd":
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(rounds):
+                feed(protocol, transport)
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        timer = timeit.Timer(functools.partial(feed, protocol, transport))
+        best = min(timer.repeat(number=rounds, repeat=5))
+        results[name] = best / (rounds * len(pool)) * 1e6
+        print(f"{name:9s} {results[name]:6.2f} us/request", flush=True)
+    print(f"policyd - baseline {results['policyd'] - results['baseline']:.2f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
