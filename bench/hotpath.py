@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--level", choices=("normal", "overload"), default="normal")
     parser.add_argument("--requests", type=int, default=200_000)
-    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="cProfile policyd")
+    parser.add_argument("--sort", default="tottime", help="profile order")
+    parser.add_argument("--top", type=int, default=25, help="profile lines")
     args = parser.parse_args(argv)
     capacity = "1000000" if args.level == "normal" else "1"
     env = {
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(rounds):
                 feed(protocol, transport)
             profiler.disable()
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+            stats = pstats.Stats(profiler).sort_stats(args.sort)
+            stats.print_stats(args.top)
         timer = timeit.Timer(functools.partial(feed, protocol, transport))
         best = min(timer.repeat(number=rounds, repeat=5))
         results[name] = best / (rounds * len(pool)) * 1e6

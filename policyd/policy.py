@@ -18,6 +18,7 @@ scored.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Sequence
@@ -163,6 +164,13 @@ class Verdict:
         return self.outcome in (DEFER, REJECT)
 
 
+# Parsing an address or matching a reverse name costs microseconds, and a
+# client's requests repeat the same strings: under stress, when every request
+# is scored, the caches pay for themselves (bounded; pure functions of text).
+_CACHE_SIZE: Final = 8192
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         return ipaddress.ip_address(text)
@@ -195,6 +203,7 @@ def exemption(request: PolicyRequest, settings: PolicySettings) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=_CACHE_SIZE)
 def looks_dynamic(name: str, address: str) -> bool:
     """
     Whether a reverse name looks like a dial-up, DSL, cable or pool address.

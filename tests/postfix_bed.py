@@ -593,8 +593,9 @@ class PostfixConfig:
     policy_settings: tuple[tuple[str, str], ...] = attrs.field(
         default=(("timeout", "10s"), ("default_action", "DUNNO")), converter=_pairs
     )
-    #: The restriction list the policy check is appended to.
-    policy_restriction: str = "smtpd_recipient_restrictions"
+    #: The restriction list the policy check is appended to; None: no policy
+    #: check at all (a Postfix without policyd, for comparison).
+    policy_restriction: str | None = "smtpd_recipient_restrictions"
     delay_reject: bool = True
     #: Kept narrow so loopback clients never match permit_mynetworks (the
     #: restriction lists do not use it either) nor the anvil exemption.
@@ -643,7 +644,10 @@ class PostfixConfig:
             "smtpd_data_restrictions": [],
             "smtpd_end_of_data_restrictions": [],
         }
-        restrictions.setdefault(self.policy_restriction, []).append(self.policy_check)
+        if self.policy_restriction is not None:
+            restrictions.setdefault(self.policy_restriction, []).append(
+                self.policy_check
+            )
         settings = {
             "compatibility_level": "3.6",
             "config_directory": str(root / "etc"),

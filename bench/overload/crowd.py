@@ -1,0 +1,420 @@
+"""
+The two populations of the overload scenario: bots and legitimate senders.
+
+Both are threads driving Python's `smtplib` against a real Postfix, and both
+present their identity with XCLIENT (every connection really comes from the
+runner's one address).  The XCLIENT command stands for the connection
+arriving from that identity, so it is sent straight after the greeting, and
+the client's behaviour starts after it:
+
+- a **bot** dawdles before each of EHLO, MAIL, RCPT and DATA (so it holds an
+  smtpd process for several dawdles per message) and, once dropped or done,
+  reconnects after a configurable pause (0 = at once);
+- a **sender** sends messages one after another as fast as they are accepted;
+  a 4xx (or 421, or a dropped connection, or a timeout) defers the message,
+  which is retried after a delay, as an MTA's queue would; a 5xx refuses it
+  for good (counted, never retried).
+
+Every session and message is recorded with `time.monotonic` timestamps, so
+the report can cut out the measured window, compute who held the smtpd
+processes, and draw throughput over time.  Nothing here knows about policyd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import random
+import smtplib
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Final
+
+import attrs
+
+#: Where a session or message attempt ended (the ``stage`` of a refusal).
+CONNECT: Final = "CONNECT"  # greeting or XCLIENT: connect-stage restrictions
+STAGES: Final = (CONNECT, "EHLO", "MAIL", "RCPT", "DATA", "DATA-END")
+
+#: Outcomes of one session.
+ACCEPTED: Final = "accepted"  # the message was queued (250 after the data)
+DEFERRED: Final = "deferred"  # a 4xx reply: try again later
+REFUSED: Final = "refused"  # a 5xx reply: refused for good
+DROPPED: Final = "dropped"  # the server hung up or timed out, with no reply
+STOPPED: Final = "stopped"  # the runner ended the session (end of the flood)
+
+_XTEXT_SAFE: Final = frozenset(chr(c) for c in range(33, 127)) - {"+", "="}
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 xtext, the encoding of XCLIENT attribute values."""
+    return "".join(
+        ch if ch in _XTEXT_SAFE else "".join(f"+{b:02X}" for b in ch.encode("utf-8"))
+        for ch in value
+    )
+
+
+@attrs.frozen
+class Identity:
+    """Who a client claims to be, through XCLIENT and its HELO."""
+
+    address: str
+    #: Verified client name; ``[UNAVAILABLE]`` for none.
+    name: str
+    #: Reverse (PTR) name; ``[UNAVAILABLE]`` for none.
+    reverse_name: str
+    helo: str
+
+    def xclient(self) -> str:
+        """The XCLIENT arguments presenting this identity."""
+        fields = {
+            "ADDR": self.address,
+            "NAME": self.name,
+            "REVERSE_NAME": self.reverse_name,
+            "HELO": self.helo,
+            "PROTO": "ESMTP",
+        }
+        return " ".join(f"{k}={xtext(v)}" for k, v in fields.items())
+
+
+def bot_identities(count: int, rng: random.Random) -> list[Identity]:
+    """*count* bot identities: three /24s, no reverse DNS, odd HELOs.
+
+    The HELOs are bare words, a forged name or a foreign IP literal.
+    """
+    networks = ("203.0.113", "198.18.7", "192.0.2")
+    helos = ("localhost", "user", "WIN-{n:04X}", "mail.example.test", "[10.0.0.{n}]")
+    identities = []
+    for n in range(count):
+        address = f"{networks[n % len(networks)]}.{rng.randrange(2, 250)}"
+        helo = helos[n % len(helos)].format(n=rng.randrange(1, 250))
+        identities.append(Identity(address, "[UNAVAILABLE]", "[UNAVAILABLE]", helo))
+    return identities
+
+
+def sender_identities(count: int) -> list[Identity]:
+    """*count* clean identities: verified names, matching HELOs."""
+    return [
+        Identity(
+            f"198.51.100.{10 + n}",
+            f"mx{n}.sender{n}.example",
+            f"mx{n}.sender{n}.example",
+            f"mx{n}.sender{n}.example",
+        )
+        for n in range(count)
+    ]
+
+
+@attrs.define
+class Session:
+    """One SMTP connection."""
+
+    client: int
+    #: When connect() was called.
+    started: float
+    #: When the greeting arrived: an smtpd process took the connection.
+    greeted: float | None = None
+    #: When the connection was closed (by either side).
+    ended: float = 0.0
+    outcome: str = DROPPED
+    #: The last command sent (a `STAGES` member): where a refusal or a drop
+    #: happened.
+    stage: str = CONNECT
+    code: int = 0
+    reply: str = ""
+
+    @property
+    def greeting_wait(self) -> float | None:
+        """Seconds from connect to the greeting (queueing for a process)."""
+        return None if self.greeted is None else self.greeted - self.started
+
+    def held(self, start: float, end: float) -> float:
+        """Seconds of smtpd process time this session held within [start, end]."""
+        if self.greeted is None:
+            return 0.0
+        return max(0.0, min(self.ended, end) - max(self.greeted, start))
+
+
+@attrs.define
+class Message:
+    """One legitimate message, across its delivery attempts."""
+
+    sender: int
+    number: int
+    #: When the first attempt began.
+    first_attempt: float
+    accepted: float | None = None
+    refused: bool = False
+    attempts: list[Session] = attrs.field(factory=list)
+
+    @property
+    def delay(self) -> float | None:
+        """Seconds from first attempt to acceptance."""
+        return None if self.accepted is None else self.accepted - self.first_attempt
+
+
+class _Stopped(Exception):
+    """The runner ended the session."""
+
+
+class _Client(threading.Thread):
+    """A thread holding at most one SMTP connection, which `stop` can cut."""
+
+    def __init__(
+        self,
+        number: int,
+        identity: Identity,
+        address: tuple[str, int],
+        timeout: float,
+        name: str,
+    ) -> None:
+        super().__init__(name=f"{name}-{number}", daemon=True)
+        self.number = number
+        self.identity = identity
+        self.address = address
+        self.timeout = timeout
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._socket: socket.socket | None = None
+        self.error: BaseException | None = None
+
+    def stop(self) -> None:
+        """Stop: end the current session at once, start no other."""
+        self.stopping.set()
+        with self._lock:
+            if self._socket is not None:
+                # Unblocks a recv() waiting for a greeting or a reply.
+                with contextlib.suppress(OSError):
+                    self._socket.shutdown(socket.SHUT_RDWR)
+
+    def _pause(self, seconds: float) -> None:
+        if seconds > 0 and self.stopping.wait(seconds):
+            raise _Stopped
+
+    @staticmethod
+    def _do(session: Session, stage: str, call: Callable[[], tuple[int, bytes]]) -> int:
+        """Send one command (*call*), record its reply; return the code."""
+        session.stage = stage
+        code, text = call()
+        session.code, session.reply = code, text.decode("utf-8", "replace")
+        if 400 <= code < 500:
+            session.outcome = DEFERRED
+        elif code >= 500:
+            session.outcome = REFUSED
+        return code
+
+    def _session(
+        self, session: Session, body: Callable[[smtplib.SMTP], None]
+    ) -> Session:
+        """Connect, present the identity, run *body*; record how it ended."""
+        client = smtplib.SMTP(timeout=self.timeout)
+        session.stage = CONNECT
+        try:
+            if self.stopping.is_set():
+                raise _Stopped
+            sock = socket.create_connection(self.address, self.timeout)
+            with self._lock:
+                self._socket = sock
+            if self.stopping.is_set():
+                raise _Stopped
+            # smtplib.SMTP.connect(), with the socket where `stop` can cut it
+            # while the greeting is awaited (the accept queue can be long).
+            client.sock = sock
+            code = self._do(session, CONNECT, client.getreply)
+            session.greeted = time.monotonic()
+            if code != 220:
+                return session
+            # The identity this connection stands for.  smtpd answers the
+            # XCLIENT like a new greeting, after its connect-stage checks.
+            client.ehlo_or_helo_if_needed()
+            xclient = self.identity.xclient()
+            if (
+                self._do(session, CONNECT, lambda: client.docmd("XCLIENT", xclient))
+                != 220
+            ):
+                return session
+            client.ehlo_resp = client.helo_resp = None
+            client.esmtp_features = {}
+            client.does_esmtp = False
+            session.outcome = DROPPED  # until the body says otherwise
+            body(client)
+            if session.code != 421:  # after a 421, smtpd has hung up
+                with contextlib.suppress(smtplib.SMTPException, OSError):
+                    client.docmd("QUIT")
+        except _Stopped:
+            session.outcome = STOPPED
+        except (smtplib.SMTPException, OSError) as e:
+            if self.stopping.is_set():
+                session.outcome = STOPPED
+            elif session.outcome not in (DEFERRED, REFUSED, ACCEPTED):
+                session.outcome = DROPPED
+                session.reply = str(e) or type(e).__name__
+        finally:
+            with self._lock:
+                self._socket = None
+            client.close()
+            session.ended = time.monotonic()
+        return session
+
+    def run(self) -> None:
+        try:
+            self.loop()
+        except BaseException as e:  # noqa: BLE001 - reported by the runner
+            self.error = e
+
+    def loop(self) -> None:
+        """The client's life; overridden."""
+        raise NotImplementedError
+
+
+class Bot(_Client):
+    """Holds smtpd processes: dawdles before every command, reconnects."""
+
+    def __init__(
+        self,
+        number: int,
+        identity: Identity,
+        address: tuple[str, int],
+        *,
+        dawdle: float,
+        reconnect_pause: float,
+        recipient: str,
+        timeout: float = 60.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(number, identity, address, timeout, "bot")
+        self.dawdle = dawdle
+        self.reconnect_pause = reconnect_pause
+        self.recipient = recipient
+        self.sessions: list[Session] = []
+        self._rng = random.Random(seed * 1000 + number)
+
+    def _wait(self) -> None:
+        # +-25% so that the bots do not march in step.
+        self._pause(self.dawdle * self._rng.uniform(0.75, 1.25))
+
+    def _converse(self, client: smtplib.SMTP, *, session: Session) -> None:
+        do = self._do
+        helo = self.identity.helo
+        self._wait()
+        if not 200 <= do(session, "EHLO", lambda: client.ehlo(helo)) < 300:
+            return
+        self._wait()
+        sender = f"info@{self.identity.address.replace('.', '-')}.example"
+        if do(session, "MAIL", lambda: client.mail(sender)) != 250:
+            return
+        self._wait()
+        if do(session, "RCPT", lambda: client.rcpt(self.recipient)) not in (250, 251):
+            return
+        self._wait()
+        if do(session, "DATA", lambda: client.docmd("DATA")) != 354:
+            return
+        client.send(b"Subject: offer\r\n\r\nBuy now.\r\n.\r\n")
+        if do(session, "DATA-END", client.getreply) == 250:
+            session.outcome = ACCEPTED
+
+    def loop(self) -> None:
+        """Connect, dawdle through one message, reconnect; until stopped."""
+        while not self.stopping.is_set():
+            session = Session(self.number, time.monotonic())
+            self._session(session, functools.partial(self._converse, session=session))
+            self.sessions.append(session)
+            if self.reconnect_pause > 0:
+                self.stopping.wait(self.reconnect_pause)
+
+
+class Sender(_Client):
+    """A legitimate MTA, with a queue.
+
+    One message per connection, sent as soon as the last one is done;
+    deferred messages are retried after *retry_delay*.
+    """
+
+    def __init__(
+        self,
+        number: int,
+        identity: Identity,
+        address: tuple[str, int],
+        *,
+        retry_delay: float,
+        recipients: Sequence[str],
+        timeout: float = 60.0,
+    ) -> None:
+        super().__init__(number, identity, address, timeout, "sender")
+        self.retry_delay = retry_delay
+        self.recipients = tuple(recipients)
+        self.messages: list[Message] = []
+        #: Set by the runner when the flood ends: send no new message, only
+        #: retry the deferred ones.
+        self.draining = threading.Event()
+        self._pending: list[tuple[float, Message]] = []
+
+    @property
+    def pending(self) -> int:
+        """Messages deferred and not yet accepted."""
+        return sum(1 for m in self.messages if m.accepted is None and not m.refused)
+
+    def _converse(
+        self, client: smtplib.SMTP, *, session: Session, message: Message
+    ) -> None:
+        do = self._do
+        helo = self.identity.helo
+        if not 200 <= do(session, "EHLO", lambda: client.ehlo(helo)) < 300:
+            return
+        sender = f"news{message.number}@{self.identity.name}"
+        if do(session, "MAIL", lambda: client.mail(sender)) != 250:
+            return
+        for recipient in self.recipients:
+            reply = do(session, "RCPT", lambda: client.rcpt(recipient))  # noqa: B023
+            if reply not in (250, 251):
+                return
+        if do(session, "DATA", lambda: client.docmd("DATA")) != 354:
+            return
+        client.send(
+            (
+                f"From: <{sender}>\r\nTo: <{self.recipients[0]}>\r\n"
+                f"Subject: message {self.number}.{message.number}\r\n\r\n"
+                "Your statement is ready.\r\n.\r\n"
+            ).encode()
+        )
+        if do(session, "DATA-END", client.getreply) == 250:
+            session.outcome = ACCEPTED
+
+    def _next(self) -> Message | None:
+        """The next message to try: a due retry, else a new one, else wait."""
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            if self._pending and self._pending[0][0] <= now:
+                return self._pending.pop(0)[1]
+            if not self.draining.is_set():
+                message = Message(self.number, len(self.messages), now)
+                self.messages.append(message)
+                return message
+            if not self._pending:
+                return None
+            self.stopping.wait(self._pending[0][0] - now)
+        return None
+
+    def loop(self) -> None:
+        """Send until draining and nothing is pending, or until stopped."""
+        while (message := self._next()) is not None:
+            session = Session(self.number, time.monotonic())
+            if not message.attempts:
+                message.first_attempt = session.started
+            self._session(
+                session,
+                functools.partial(self._converse, session=session, message=message),
+            )
+            message.attempts.append(session)
+            if session.outcome == ACCEPTED:
+                message.accepted = session.ended
+            elif session.outcome == REFUSED:
+                message.refused = True
+            elif session.outcome == STOPPED:
+                return
+            else:
+                # Deferred or dropped: the queue tries again later.
+                self._pending.append((session.ended + self.retry_delay, message))
+                self._pending.sort(key=lambda item: item[0])

@@ -1,0 +1,835 @@
+r"""
+The overload scenario: bots exhaust a real Postfix's smtpd processes.
+
+Does policyd keep legitimate mail flowing?  One command (as root; see
+docs/overload.md)::
+
+    python bench/overload/overload.py --docs docs/
+
+runs, one after the other, against one private Postfix instance (restarted
+for each run):
+
+=================  =======  ==========================================
+run                bots     policyd
+=================  =======  ==========================================
+``baseline``       no       none
+``no-policyd``     yes      in dry run, wired at CONNECT (never refuses)
+``rcpt``           yes      wired in smtpd_recipient_restrictions
+``connect``        yes      wired in smtpd_client_restrictions,
+                            ``smtpd_delay_reject=no``
+``connect-pause``  yes,     as ``connect``
+                   1 s
+                   pause
+=================  =======  ==========================================
+
+and prints, for each, what the legitimate senders got done while the bots
+were flooding, where the bots were refused, and policyd's stress level over
+time; ``--docs DIR`` also writes ``overload-results.md`` (the table) and
+``overload.png`` (legitimate messages per second over time) there.
+
+How the runner stages a flood (and why):
+
+* Postfix and policyd run in a private network namespace, the clients
+  outside it (`postfix_bed.NetworkNamespace`): master(8) only enters stress
+  mode for a listener that is not loopback-only.  Without a namespace
+  (``ip netns`` unavailable) the listener gets ``-o stress=yes`` for every
+  run instead, and the output says so.
+* master marks only smtpd processes started *after* a service hit its
+  process limit as stressed; the first generation would run the whole flood
+  with the unstressed 300 s timeouts.  So before a run with bots, the runner
+  hits the limit once (``maxproc + 1`` idle connections, until master logs
+  the warning), lets go, and reloads Postfix: every smtpd of the run is
+  stressed, as on an MX some minutes into a real flood.  The baseline is not
+  primed (no flood, no stress).
+* Every client is a thread of this runner using `smtplib`; each presents
+  its identity with XCLIENT (`crowd`), so the policy requests carry the bot
+  and sender addresses and names.  The runner's own address (the XCLIENT
+  proxy) is in ``POLICYD_ALLOW_NETWORKS``: with CONNECT wiring Postfix asks
+  once for the real connection before the XCLIENT, and that must pass.
+  Everything else is policyd's defaults, except ``POLICYD_SMTPD_CAPACITY``,
+  which is the process limit.
+* Timeline of a run: bots and senders start together; the first
+  ``--warmup`` seconds are not measured; the measured flood lasts
+  ``--duration`` seconds; then the bots stop and the senders send nothing
+  new but keep retrying deferred messages until all are accepted (at most
+  ``--drain`` seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+
+_HERE = Path(__file__).resolve().parent
+_ROOT = _HERE.parents[1]
+sys.path.insert(0, str(_ROOT / "tests"))
+
+from crowd import (  # noqa: E402
+    ACCEPTED,
+    CONNECT,
+    DEFERRED,
+    DROPPED,
+    REFUSED,
+    Bot,
+    Message,
+    Sender,
+    Session,
+    bot_identities,
+    sender_identities,
+)
+from postfix_bed import (  # noqa: E402
+    RELAY_DOMAIN,
+    NetworkNamespace,
+    PolicydProcess,
+    PostfixConfig,
+    PostfixInstance,
+    PostfixTools,
+    SmtpListener,
+    Unavailable,
+    ensure_iproute2,
+    ensure_postfix,
+    free_port,
+    wait_until,
+)
+
+LEVELS: Final = ("normal", "elevated", "overload")
+PROCESS_LIMIT_WARNING: Final = "has reached its process limit"
+
+
+@attrs.frozen
+class RunSpec:
+    """One run of the scenario."""
+
+    name: str
+    title: str
+    bots: bool
+    #: Where policyd is wired: None (no policy check), "rcpt" or "connect".
+    wiring: str | None
+    dry_run: bool = False
+    #: Seconds a dropped bot waits before it reconnects (None: the scenario's).
+    reconnect_pause: float | None = None
+
+
+RUNS: Final = {
+    spec.name: spec
+    for spec in (
+        RunSpec("baseline", "no bots (baseline)", bots=False, wiring=None),
+        RunSpec(
+            "no-policyd",
+            "bots, no policyd (dry run at CONNECT)",
+            bots=True,
+            wiring="connect",
+            dry_run=True,
+        ),
+        RunSpec("rcpt", "bots, policyd at RCPT", bots=True, wiring="rcpt"),
+        RunSpec("connect", "bots, policyd at CONNECT", bots=True, wiring="connect"),
+        RunSpec(
+            "connect-pause",
+            "bots pausing 1 s, policyd at CONNECT",
+            bots=True,
+            wiring="connect",
+            reconnect_pause=1.0,
+        ),
+    )
+}
+
+
+@attrs.frozen
+class Scenario:
+    """The load: how many of whom, how they behave, for how long."""
+
+    maxproc: int = 10
+    bots: int = 20
+    senders: int = 8
+    #: Seconds a bot waits before each command (+-25%).
+    dawdle: float = 4.0
+    reconnect_pause: float = 0.0
+    #: Seconds a sender waits before retrying a deferred message.
+    retry_delay: float = 2.0
+    warmup: float = 10.0
+    duration: float = 60.0
+    #: Longest the senders may take to get their deferred messages accepted
+    #: once the flood is over.
+    drain: float = 60.0
+    seed: int = 1
+
+
+@attrs.frozen
+class Sample:
+    """What the monitor saw at one moment (seconds since the run began)."""
+
+    at: float
+    level: int | None
+    smtpd: int
+    stressed: int
+
+
+@attrs.define
+class RunResult:
+    """Everything recorded in one run; times are `time.monotonic` values."""
+
+    spec: RunSpec
+    scenario: Scenario
+    began: float
+    flood_end: float
+    sessions: list[Session]
+    messages: list[Message]
+    samples: list[Sample]
+    #: How Postfix's stress mode came about: "automatic" or "forced".
+    postfix_stress: str
+    process_limit_warnings: int
+    decisions: dict[str, float] = attrs.field(factory=dict)
+    drained: bool = True
+
+    @property
+    def window(self) -> tuple[float, float]:
+        """The measured part of the flood."""
+        return self.flood_end - self.scenario.duration, self.flood_end
+
+
+def percentile(values: Sequence[float], share: float) -> float | None:
+    """The *share* percentile (0..1) by the nearest-rank method; None if empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(share * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def summarize(result: RunResult) -> dict[str, Any]:
+    """The figures of one run (see docs/overload.md for what each means)."""
+    start, end = result.window
+    seconds = end - start
+    scenario = result.scenario
+    messages = result.messages
+    accepted_in_window = [
+        m for m in messages if m.accepted is not None and start <= m.accepted < end
+    ]
+    flood_messages = [m for m in messages if start <= m.first_attempt < end]
+    delays = [m.delay for m in flood_messages if m.delay is not None]
+    sender_sessions = [s for m in messages for s in m.attempts]
+    greeting_waits = [
+        wait
+        for s in sender_sessions
+        if start <= s.started < end and (wait := s.greeting_wait) is not None
+    ]
+    bot_sessions = [s for s in result.sessions if s.started < end]
+    window_bots = [s for s in bot_sessions if start <= s.started]
+    refused_at: dict[str, int] = {}
+    for session in window_bots:
+        if session.outcome in (DEFERRED, REFUSED):
+            stage = "CONNECT" if session.stage == CONNECT else session.stage
+            refused_at[stage] = refused_at.get(stage, 0) + 1
+    capacity = scenario.maxproc * seconds
+    levels = [s.level for s in result.samples if start <= s.at + result.began < end]
+    known = [level for level in levels if level is not None]
+    return {
+        "run": result.spec.name,
+        "title": result.spec.title,
+        "legit_accepted": len(accepted_in_window),
+        "legit_per_second": len(accepted_in_window) / seconds,
+        "delay_p50": percentile(delays, 0.5),
+        "delay_p99": percentile(delays, 0.99),
+        "greeting_wait_p50": percentile(greeting_waits, 0.5),
+        "greeting_wait_p99": percentile(greeting_waits, 0.99),
+        "legit_messages": len(messages),
+        "legit_deferred_then_accepted": sum(
+            1 for m in messages if m.accepted is not None and len(m.attempts) > 1
+        ),
+        "legit_refused": sum(1 for m in messages if m.refused),
+        "legit_pending": sum(
+            1 for m in messages if m.accepted is None and not m.refused
+        ),
+        "legit_attempts_refused": sum(
+            1 for s in sender_sessions if s.outcome in (DEFERRED, REFUSED)
+        ),
+        "legit_attempts_dropped": sum(
+            1 for s in sender_sessions if s.outcome == DROPPED
+        ),
+        "bot_share": sum(s.held(start, end) for s in bot_sessions) / capacity,
+        "legit_share": sum(s.held(start, end) for s in sender_sessions) / capacity,
+        "bot_sessions": len(window_bots),
+        "bot_sessions_per_second": len(window_bots) / seconds,
+        "bot_refused_at": dict(sorted(refused_at.items())),
+        "bot_accepted": sum(1 for s in window_bots if s.outcome == ACCEPTED),
+        "bot_dropped": sum(1 for s in window_bots if s.outcome == DROPPED),
+        "overload_share": (
+            sum(1 for level in known if level == 2) / len(known) if known else None
+        ),
+        "max_level": LEVELS[max(known)] if known else None,
+        "postfix_stress": result.postfix_stress,
+        "process_limit_warnings": result.process_limit_warnings,
+        "stressed_smtpd_seen": max((s.stressed for s in result.samples), default=0),
+        "decisions": result.decisions,
+        "drained": result.drained,
+    }
+
+
+def throughput_series(
+    result: RunResult, bucket: float = 1.0
+) -> list[tuple[float, float]]:
+    """Legitimate messages accepted per second, per *bucket*, from the run's start."""
+    last = max(
+        [result.flood_end]
+        + [m.accepted for m in result.messages if m.accepted is not None]
+    )
+    buckets = [0] * (int((last - result.began) / bucket) + 1)
+    for message in result.messages:
+        if message.accepted is not None:
+            buckets[int((message.accepted - result.began) / bucket)] += 1
+    return [(i * bucket, count / bucket) for i, count in enumerate(buckets)]
+
+
+# --------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------
+
+
+@attrs.define
+class Bed:
+    """The Postfix instance and where it lives, shared by every run."""
+
+    tools: PostfixTools
+    postfix: PostfixInstance
+    netns: NetworkNamespace | None
+    port: int
+
+    @property
+    def client_address(self) -> str:
+        """The address our connections come from, as Postfix sees them."""
+        return self.netns.host_address if self.netns is not None else "127.0.0.1"
+
+
+def _postfix_config(
+    bed_port: int,
+    scenario: Scenario,
+    netns: NetworkNamespace | None,
+    policy_port: int,
+    wiring: str | None,
+) -> PostfixConfig:
+    options = {} if netns is not None else {"stress": "yes"}
+    client = netns.host_address if netns is not None else "127.0.0.1"
+    return PostfixConfig(
+        policy_port=policy_port,
+        listeners=(SmtpListener("smtp", bed_port, scenario.maxproc, options),),
+        listen_address="all" if netns is not None else "127.0.0.1",
+        xclient_hosts=f"{client}/32" if netns is not None else "127.0.0.0/8",
+        policy_restriction={
+            None: None,
+            "rcpt": "smtpd_recipient_restrictions",
+            "connect": "smtpd_client_restrictions",
+        }[wiring],
+        delay_reject=wiring != "connect",
+        main_extra={
+            # Only the process limit shapes the load: anvil's per-client
+            # limits would count every XCLIENT'd session against our one
+            # real address.
+            "smtpd_client_connection_count_limit": "0",
+            "smtpd_client_connection_rate_limit": "0",
+            "smtpd_client_message_rate_limit": "0",
+            "smtpd_client_recipient_rate_limit": "0",
+            "smtpd_client_new_tls_session_rate_limit": "0",
+        },
+    )
+
+
+@contextlib.contextmanager
+def open_bed(
+    scenario: Scenario, *, use_netns: bool = True, log: Callable[[str], None] = print
+) -> Iterator[Bed]:
+    """A Postfix instance (not yet configured for a run) in a namespace if possible."""
+    tools = ensure_postfix()
+    netns: NetworkNamespace | None = None
+    if use_netns:
+        try:
+            netns = NetworkNamespace(ensure_iproute2()).create()
+        except (Unavailable, RuntimeError) as e:
+            log(
+                f"no private network namespace ({e}): falling back to loopback "
+                "with -o stress=yes on the listener (Postfix's stress mode is "
+                "forced, not automatic)"
+            )
+    try:
+        port = free_port()
+        config = _postfix_config(port, scenario, netns, free_port(), None)
+        with PostfixInstance(config, tools, netns=netns) as postfix:
+            yield Bed(tools, postfix, netns, port)
+    finally:
+        if netns is not None:
+            netns.destroy()
+
+
+def prime_stress(bed: Bed, maxproc: int, timeout: float = 15.0) -> int:
+    """Make master hit the process limit once, then reload.
+
+    From then on master starts every new smtpd process with ``stress=yes``.
+    Return how many process-limit warnings master logged.
+    """
+    postfix = bed.postfix
+    mark = postfix.maillog.mark()
+    host, port = postfix.address("smtp")
+    held = []
+    try:
+        for _ in range(maxproc + 1):
+            held.append(socket.create_connection((host, port), timeout=5.0))
+        wait_until(
+            lambda: PROCESS_LIMIT_WARNING in postfix.maillog.text(mark),
+            timeout,
+            "master's process-limit warning",
+        )
+    finally:
+        for conn in held:
+            conn.close()
+    postfix.reconfigure(postfix.config)
+    return postfix.maillog.text(mark).count(PROCESS_LIMIT_WARNING)
+
+
+def _stressed(pid: int) -> bool:
+    try:
+        return b"stress=yes" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+class Monitor(threading.Thread):
+    """Samples policyd's stress level and Postfix's smtpd processes."""
+
+    def __init__(
+        self, bed: Bed, policyd: PolicydProcess | None, began: float, every: float = 0.5
+    ) -> None:
+        super().__init__(name="monitor", daemon=True)
+        self.bed = bed
+        self.policyd = policyd
+        self.began = began
+        self.every = every
+        self.samples: list[Sample] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        """Sample every *every* seconds until stopped."""
+        while not self.stopping.wait(self.every):
+            level: float | None = None
+            if self.policyd is not None:
+                with contextlib.suppress(OSError, RuntimeError):
+                    level = self.policyd.metric("policyd_stress_level")
+            pids = self.bed.postfix.smtpd_pids()
+            self.samples.append(
+                Sample(
+                    time.monotonic() - self.began,
+                    None if level is None else int(level),
+                    len(pids),
+                    sum(1 for pid in pids if _stressed(pid)),
+                )
+            )
+
+
+def run_one(
+    bed: Bed, spec: RunSpec, scenario: Scenario, log: Callable[[str], None] = print
+) -> RunResult:
+    """Run *spec* on *bed* and return what happened."""
+    policyd: PolicydProcess | None = None
+    if spec.wiring is not None:
+        env = {
+            "POLICYD_SMTPD_CAPACITY": str(scenario.maxproc),
+            "POLICYD_ALLOW_NETWORKS": f"{bed.client_address}/32",
+            "POLICYD_LOG_LEVEL": "info",
+            "POLICYD_DRY_RUN": "1" if spec.dry_run else "0",
+        }
+        policyd = PolicydProcess(env, netns=bed.netns).start()
+    try:
+        config = _postfix_config(
+            bed.port,
+            scenario,
+            bed.netns,
+            policyd.port if policyd is not None else free_port(),
+            spec.wiring,
+        )
+        # A fresh master: no stress left over from the previous run.
+        bed.postfix.restart(config)
+        warnings = 0
+        stress = "forced" if bed.netns is None else "automatic"
+        if spec.bots and bed.netns is not None:
+            warnings = prime_stress(bed, scenario.maxproc)
+        mark = bed.postfix.maillog.mark()
+        address = bed.postfix.address("smtp")
+        rng = random.Random(scenario.seed)
+        pause = (
+            spec.reconnect_pause
+            if spec.reconnect_pause is not None
+            else scenario.reconnect_pause
+        )
+        bots = (
+            [
+                Bot(
+                    n,
+                    identity,
+                    address,
+                    dawdle=scenario.dawdle,
+                    reconnect_pause=pause,
+                    recipient=f"user{n}@{RELAY_DOMAIN}",
+                    seed=scenario.seed,
+                )
+                for n, identity in enumerate(bot_identities(scenario.bots, rng))
+            ]
+            if spec.bots
+            else []
+        )
+        senders = [
+            Sender(
+                n,
+                identity,
+                address,
+                retry_delay=scenario.retry_delay,
+                recipients=[f"customer{n}@{RELAY_DOMAIN}"],
+            )
+            for n, identity in enumerate(sender_identities(scenario.senders))
+        ]
+        began = time.monotonic()
+        monitor = Monitor(bed, policyd, began)
+        monitor.start()
+        for client in [*bots, *senders]:
+            client.start()
+        flood_end = began + scenario.warmup + scenario.duration
+        while time.monotonic() < flood_end:
+            time.sleep(min(0.5, max(0.0, flood_end - time.monotonic())))
+            failed = [c for c in [*bots, *senders] if c.error is not None]
+            if failed:
+                raise RuntimeError(f"{failed[0].name} failed: {failed[0].error!r}")
+        for bot in bots:
+            bot.stop()
+        for sender in senders:
+            sender.draining.set()
+        deadline = time.monotonic() + scenario.drain
+        for sender in senders:
+            sender.join(max(0.0, deadline - time.monotonic()))
+        drained = not any(sender.is_alive() for sender in senders)
+        for client in [*bots, *senders]:
+            client.stop()
+        for client in [*bots, *senders]:
+            client.join(30.0)
+        monitor.stopping.set()
+        monitor.join(10.0)
+        decisions: dict[str, float] = {}
+        if policyd is not None:
+            for outcome in (
+                "pass",
+                "exempt",
+                "defer",
+                "reject",
+                "dry_run_defer",
+                "dry_run_reject",
+            ):
+                value = policyd.metric("policyd_decisions_total", {"outcome": outcome})
+                if value:
+                    decisions[outcome] = value
+        warnings += bed.postfix.maillog.text(mark).count(PROCESS_LIMIT_WARNING)
+        return RunResult(
+            spec=spec,
+            scenario=scenario,
+            began=began,
+            flood_end=flood_end,
+            sessions=[s for bot in bots for s in bot.sessions],
+            messages=[m for sender in senders for m in sender.messages],
+            samples=monitor.samples,
+            postfix_stress=stress,
+            process_limit_warnings=warnings,
+            decisions=decisions,
+            drained=drained,
+        )
+    finally:
+        if policyd is not None:
+            policyd.terminate()
+
+
+# --------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.1f} s"
+
+
+def _ratio(value: float, reference: float | None) -> str:
+    if reference is None:
+        return "-"
+    if reference <= 0:
+        return "inf" if value > 0 else "-"
+    return f"{value / reference:.2f}x"
+
+
+def table(summaries: Sequence[dict[str, Any]]) -> str:
+    """The results as a Markdown table, one row per run."""
+    by_run = {s["run"]: s for s in summaries}
+    baseline = by_run.get("baseline", {}).get("legit_per_second")
+    no_policyd = by_run.get("no-policyd", {}).get("legit_per_second")
+    rows = [
+        "| run | legit msg/s | vs no policyd | vs baseline | delay p50 / p99 "
+        "| greeting wait p50 / p99 | refused for good | pending at end "
+        "| bots' share of smtpd time | bot sessions/s | bots refused at "
+        "| policyd level |",
+        "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---|---|",
+    ]
+    for s in summaries:
+        refused = ", ".join(f"{k} {v}" for k, v in s["bot_refused_at"].items()) or "-"
+        if s["max_level"] is None:
+            level = "-"
+        else:
+            level = f"{s['overload_share']:.0%} of the flood at overload"
+        rate = s["legit_per_second"]
+        versus = _ratio(rate, no_policyd) if s["run"] != "baseline" else "-"
+        delays = f"{_seconds(s['delay_p50'])} / {_seconds(s['delay_p99'])}"
+        waits = (
+            f"{_seconds(s['greeting_wait_p50'])} / {_seconds(s['greeting_wait_p99'])}"
+        )
+        rows.append(
+            f"| {s['title']} | {rate:.1f} | {versus} | {_ratio(rate, baseline)} "
+            f"| {delays} | {waits} "
+            f"| {s['legit_refused']} | {s['legit_pending']} "
+            f"| {s['bot_share']:.0%} | {s['bot_sessions_per_second']:.1f} "
+            f"| {refused} | {level} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def plot(results: Sequence[RunResult], path: Path) -> bool:
+    """Draw legitimate messages per second over time; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, axes = plt.subplots(figsize=(10, 5.5), dpi=100)
+    for result in results:
+        series = throughput_series(result, bucket=2.0)
+        axes.plot(
+            [t for t, _ in series],
+            [rate for _, rate in series],
+            label=result.spec.title,
+            linewidth=1.6,
+        )
+    if results:
+        scenario = results[0].scenario
+        start = scenario.warmup
+        end = scenario.warmup + scenario.duration
+        axes.axvspan(start, end, color="0.92", zorder=0, label="measured flood")
+        axes.axvline(end, color="0.5", linestyle="--", linewidth=1)
+        axes.text(end, axes.get_ylim()[1] * 0.97, " bots stop", va="top", color="0.4")
+        axes.set_title(
+            f"Legitimate mail during a bot flood: {scenario.maxproc} smtpd "
+            f"processes, {scenario.bots} bots (dawdling {scenario.dawdle:g} s), "
+            f"{scenario.senders} senders",
+            fontsize=10,
+        )
+    axes.set_xlabel("seconds since the flood began")
+    axes.set_ylabel("legitimate messages accepted per second (2 s buckets)")
+    axes.set_ylim(bottom=0)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8, loc="upper right")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return True
+
+
+def machine() -> str:
+    """One line about where the numbers were measured."""
+    cpus = os.cpu_count() or 0
+    return (
+        f"{platform.system()} {platform.release()}, {cpus} CPUs, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def describe(result: RunResult, summary: dict[str, Any]) -> str:
+    """A few lines on one run, for the console."""
+    s = summary
+    lines = [
+        f"{result.spec.name}: {s['title']}",
+        f"  legitimate: {s['legit_accepted']} accepted in the flood window "
+        f"({s['legit_per_second']:.1f}/s); {s['legit_messages']} messages in all, "
+        f"{s['legit_deferred_then_accepted']} deferred then accepted, "
+        f"{s['legit_refused']} refused for good, {s['legit_pending']} pending; "
+        f"delay p50/p99 {_seconds(s['delay_p50'])}/{_seconds(s['delay_p99'])}, "
+        f"greeting wait p50/p99 {_seconds(s['greeting_wait_p50'])}/"
+        f"{_seconds(s['greeting_wait_p99'])}",
+        f"  bots: {s['bot_sessions']} sessions ({s['bot_sessions_per_second']:.1f}/s), "
+        f"{s['bot_share']:.0%} of smtpd time (legitimate {s['legit_share']:.0%}), "
+        f"refused at {s['bot_refused_at'] or '-'}, {s['bot_accepted']} messages "
+        f"accepted, {s['bot_dropped']} dropped",
+        f"  postfix stress {s['postfix_stress']} (process-limit warnings "
+        f"{s['process_limit_warnings']}, up to {s['stressed_smtpd_seen']} stressed "
+        f"smtpd at once); policyd level max {s['max_level']}, overload "
+        f"{'-' if s['overload_share'] is None else format(s['overload_share'], '.0%')}"
+        f" of the flood; decisions {s['decisions'] or '-'}",
+    ]
+    if not s["drained"]:
+        lines.append(
+            "  WARNING: senders still had deferred messages at the drain limit"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        description="Bots flood a real Postfix; how much legitimate mail gets through?"
+    )
+    defaults = Scenario()
+    parser.add_argument(
+        "--runs",
+        default=",".join(RUNS),
+        help=f"comma-separated runs, in order (default: all: {','.join(RUNS)})",
+    )
+    parser.add_argument("--maxproc", type=int, default=defaults.maxproc)
+    parser.add_argument("--bots", type=int, default=defaults.bots)
+    parser.add_argument("--senders", type=int, default=defaults.senders)
+    parser.add_argument("--dawdle", type=float, default=defaults.dawdle)
+    parser.add_argument(
+        "--reconnect-pause", type=float, default=defaults.reconnect_pause
+    )
+    parser.add_argument("--retry-delay", type=float, default=defaults.retry_delay)
+    parser.add_argument("--warmup", type=float, default=defaults.warmup)
+    parser.add_argument("--duration", type=float, default=defaults.duration)
+    parser.add_argument("--drain", type=float, default=defaults.drain)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short version: 5 processes, 10 bots dawdling 1.5 s, 3 senders, 15 s",
+    )
+    parser.add_argument(
+        "--no-netns",
+        action="store_true",
+        help="run on loopback with Postfix's stress mode forced",
+    )
+    parser.add_argument("--json", type=Path, help="write every figure to this file")
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        help="write overload-results.md and overload.png into this directory",
+    )
+    return parser.parse_args(argv)
+
+
+QUICK: Final = Scenario(
+    maxproc=5, bots=10, senders=3, dawdle=1.5, warmup=4, duration=15, drain=30
+)
+
+
+def scenario_from(args: argparse.Namespace) -> Scenario:
+    """The scenario the command line asks for."""
+    if args.quick:
+        return QUICK
+    return Scenario(
+        maxproc=args.maxproc,
+        bots=args.bots,
+        senders=args.senders,
+        dawdle=args.dawdle,
+        reconnect_pause=args.reconnect_pause,
+        retry_delay=args.retry_delay,
+        warmup=args.warmup,
+        duration=args.duration,
+        drain=args.drain,
+        seed=args.seed,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the scenario; print and write the results."""
+    args = parse_args(argv)
+    names = [name.strip() for name in args.runs.split(",") if name.strip()]
+    unknown = [name for name in names if name not in RUNS]
+    if unknown:
+        print(f"unknown run(s) {', '.join(unknown)}; known: {', '.join(RUNS)}")
+        return 2
+    if os.geteuid() != 0:
+        print(
+            "the overload scenario starts Postfix and a network namespace: run as root"
+        )
+        return 2
+    scenario = scenario_from(args)
+    command = "python bench/overload/overload.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    print(f"scenario: {attrs.asdict(scenario)}", flush=True)
+    results: list[RunResult] = []
+    summaries: list[dict[str, Any]] = []
+    with open_bed(scenario, use_netns=not args.no_netns) as bed:
+        print(
+            f"Postfix {bed.tools.mail_version()}, "
+            + (
+                f"in network namespace {bed.netns.name} (automatic stress mode)"
+                if bed.netns is not None
+                else "on loopback (stress mode forced)"
+            ),
+            flush=True,
+        )
+        for name in names:
+            started = time.monotonic()
+            result = run_one(bed, RUNS[name], scenario)
+            summary = summarize(result)
+            results.append(result)
+            summaries.append(summary)
+            print(describe(result, summary), flush=True)
+            print(f"  ({time.monotonic() - started:.0f} s)", flush=True)
+    print()
+    print(table(summaries))
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "scenario": attrs.asdict(scenario),
+                    "machine": machine(),
+                    "runs": summaries,
+                    "throughput": {
+                        r.spec.name: throughput_series(r, 2.0) for r in results
+                    },
+                },
+                indent=2,
+            )
+        )
+    if args.docs is not None:
+        args.docs.mkdir(parents=True, exist_ok=True)
+        drawn = plot(results, args.docs / "overload.png")
+        (args.docs / "overload-results.md").write_text(
+            "# Overload scenario: results\n\n"
+            "Written by the overload scenario runner; how to read it: "
+            "[overload.md](overload.md).\n\n"
+            f"Command: `{command.strip()}`  \n"
+            f"Machine: {machine()}  \n"
+            f"Scenario: {scenario.maxproc} smtpd processes, {scenario.bots} bots "
+            f"dawdling {scenario.dawdle:g} s before each command, "
+            f"{scenario.senders} legitimate senders retrying after "
+            f"{scenario.retry_delay:g} s; {scenario.warmup:g} s warm-up, "
+            f"{scenario.duration:g} s measured flood.\n\n"
+            + table(summaries)
+            + ("\n![legitimate messages per second](overload.png)\n" if drawn else "")
+        )
+        print(
+            f"wrote {args.docs / 'overload-results.md'}"
+            + (" and overload.png" if drawn else "")
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
