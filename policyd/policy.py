@@ -67,6 +67,14 @@ SIGNALS: Final = (
 # towards a permanent refusal.
 DNS_SIGNALS: Final = frozenset({NO_CLIENT_NAME, NO_REVERSE_NAME})
 
+# What a client does rather than who it is.  Volume is no sign of a bot: a
+# bank's newsletter or a mailing list sends fast over many connections and
+# comes back quickly after a 4xx.  These only add to the score of a client
+# that already shows an identity signal (the others); alone they never refuse.
+BEHAVIOUR_SIGNALS: Final = frozenset(
+    {CONCURRENCY, MESSAGE_RATE, SESSION_RATE, QUICK_RETRY}
+)
+
 # Outcomes (the ``outcome`` metric label).
 PASS: Final = "pass"  # noqa: S105 - an outcome, not a password
 EXEMPT: Final = "exempt"
@@ -349,7 +357,9 @@ def decide(
     # client: neither is a reason to refuse, in the reply, the log or the
     # metric.
     reasons = tuple(s for s in found if weights[s] > 0)
-    if score < settings.suspicious_score:
+    if score < settings.suspicious_score or all(
+        s in BEHAVIOUR_SIGNALS for s in reasons
+    ):
         return Verdict(DUNNO, PASS, level, score, reasons)
     firm = sum(weights[s] for s in found if s not in DNS_SIGNALS)
     very = firm >= settings.reject_score

@@ -28,6 +28,7 @@ from policyd.policy import (
     AUTHENTICATED,
     CONCURRENCY,
     DEFER,
+    BEHAVIOUR_SIGNALS,
     DNS_SIGNALS,
     DYNAMIC_NAME,
     EXEMPT,
@@ -1035,6 +1036,43 @@ class TestDnsNeverRejects:
         verdict = decide(request, OVERLOAD, QUIET, settings)
         assert verdict.outcome == DEFER
         assert verdict.score == 2 * weight
+
+
+class TestBehaviourNeedsIdentity:
+    """Volume alone never refuses: a clean identity sending a lot passes."""
+
+    #: Everything a busy, clean sender can trip: 6 connections, 400 messages
+    #: and 400 sessions a minute, back 2 s after a refusal.
+    BUSY = stats(concurrency=6, session_rate=400, message_rate=400, since_refusal=2)
+
+    @pytest.mark.parametrize("level", [ELEVATED, OVERLOAD])
+    @pytest.mark.parametrize("state", ["CONNECT", "RCPT"])
+    def test_clean_busy_sender_passes(self, level: int, state: str) -> None:
+        """Every behaviour signal fires, the score is far above 3, yet DUNNO."""
+        verdict = decide(req(state=state), level, self.BUSY, DEFAULTS)
+        assert set(verdict.reasons) == BEHAVIOUR_SIGNALS
+        assert verdict.score >= DEFAULTS.reject_score
+        assert (verdict.outcome, verdict.action) == (PASS, DUNNO)
+
+    def test_behaviour_adds_to_identity(self) -> None:
+        """With one identity signal, behaviour counts in full (here: to 521)."""
+        verdict = decide(
+            req(helo_name="mail"), OVERLOAD, self.BUSY, DEFAULTS
+        )  # helo_not_fqdn 2 + behaviour 10
+        assert verdict.outcome == REJECT
+        assert HELO_NOT_FQDN in verdict.reasons
+
+    def test_identity_weighted_zero_is_no_identity(self) -> None:
+        """An identity signal switched off (weight 0) does not let behaviour in."""
+        settings = weighted(helo_not_fqdn=0)
+        verdict = decide(req(helo_name="mail"), OVERLOAD, self.BUSY, settings)
+        assert verdict.outcome == PASS
+
+    def test_behaviour_signals(self) -> None:
+        """The four behaviour signals; every other signal is about identity."""
+        assert {CONCURRENCY, MESSAGE_RATE, SESSION_RATE, QUICK_RETRY} == (
+            BEHAVIOUR_SIGNALS
+        )
 
 
 # --------------------------------------------------------------------------

@@ -194,6 +194,9 @@ class RunResult:
     process_limit_warnings: int
     decisions: dict[str, float] = attrs.field(factory=dict)
     drained: bool = True
+    #: Cores used during the measured flood: "runner" (every client thread),
+    #: "policyd", "machine" (all busy CPU), "other" (Postfix, mostly).
+    cores: dict[str, float] = attrs.field(factory=dict)
 
     @property
     def window(self) -> tuple[float, float]:
@@ -276,6 +279,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "stressed_smtpd_seen": max((s.stressed for s in result.samples), default=0),
         "decisions": result.decisions,
         "drained": result.drained,
+        "cores": result.cores,
     }
 
 
@@ -398,6 +402,43 @@ def prime_stress(bed: Bed, maxproc: int, timeout: float = 15.0) -> int:
     return postfix.maillog.text(mark).count(PROCESS_LIMIT_WARNING)
 
 
+@attrs.frozen
+class Cpu:
+    """CPU seconds used so far: by this runner (the clients), policyd, all."""
+
+    runner: float
+    policyd: float
+    machine: float
+
+    @classmethod
+    def now(cls, policyd_pid: int | None) -> Cpu:
+        """Read the counters."""
+        times = os.times()
+        tick = os.sysconf("SC_CLK_TCK")
+        policyd = 0.0
+        if policyd_pid is not None:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = Path(f"/proc/{policyd_pid}/stat").read_text().rsplit(")", 1)
+                values = fields[1].split()
+                policyd = (int(values[11]) + int(values[12])) / tick
+        with open("/proc/stat") as stat:
+            cpu = [int(v) for v in stat.readline().split()[1:]]
+        idle = cpu[3] + (cpu[4] if len(cpu) > 4 else 0)
+        return cls(times.user + times.system, policyd, (sum(cpu) - idle) / tick)
+
+    def cores(self, earlier: Cpu, seconds: float) -> dict[str, float]:
+        """Cores used on average since *earlier*, over *seconds*."""
+        runner = (self.runner - earlier.runner) / seconds
+        policyd = (self.policyd - earlier.policyd) / seconds
+        machine = (self.machine - earlier.machine) / seconds
+        return {
+            "runner": runner,
+            "policyd": policyd,
+            "machine": machine,
+            "other": max(0.0, machine - runner - policyd),
+        }
+
+
 def _stressed(pid: int) -> bool:
     try:
         return b"stress=yes" in Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -504,11 +545,20 @@ def run_one(
         for client in [*bots, *senders]:
             client.start()
         flood_end = began + scenario.warmup + scenario.duration
-        while time.monotonic() < flood_end:
-            time.sleep(min(0.5, max(0.0, flood_end - time.monotonic())))
+        policyd_pid = policyd.pid if policyd is not None else None
+        cpu_start: Cpu | None = None
+        while (now := time.monotonic()) < flood_end:
+            if cpu_start is None and now >= flood_end - scenario.duration:
+                cpu_start = Cpu.now(policyd_pid)
+            time.sleep(min(0.25, max(0.0, flood_end - now)))
             failed = [c for c in [*bots, *senders] if c.error is not None]
             if failed:
                 raise RuntimeError(f"{failed[0].name} failed: {failed[0].error!r}")
+        cores = (
+            Cpu.now(policyd_pid).cores(cpu_start, scenario.duration)
+            if cpu_start is not None
+            else {}
+        )
         for bot in bots:
             bot.stop()
         for sender in senders:
@@ -549,6 +599,7 @@ def run_one(
             process_limit_warnings=warnings,
             decisions=decisions,
             drained=drained,
+            cores=cores,
         )
     finally:
         if policyd is not None:
@@ -583,8 +634,8 @@ def table(summaries: Sequence[dict[str, Any]]) -> str:
         "| run | legit msg/s | vs no policyd | vs baseline | delay p50 / p99 "
         "| greeting wait p50 / p99 | refused for good | pending at end "
         "| bots' share of smtpd time | bot sessions/s | bots refused at "
-        "| policyd level |",
-        "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---|---|",
+        "| policyd level | cores: clients / Postfix / policyd |",
+        "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---|---|---|",
     ]
     for s in summaries:
         refused = ", ".join(f"{k} {v}" for k, v in s["bot_refused_at"].items()) or "-"
@@ -592,6 +643,12 @@ def table(summaries: Sequence[dict[str, Any]]) -> str:
             level = "-"
         else:
             level = f"{s['overload_share']:.0%} of the flood at overload"
+        used = s["cores"]
+        cores = (
+            f"{used['runner']:.2f} / {used['other']:.2f} / {used['policyd']:.2f}"
+            if used
+            else "-"
+        )
         rate = s["legit_per_second"]
         versus = _ratio(rate, no_policyd) if s["run"] != "baseline" else "-"
         delays = f"{_seconds(s['delay_p50'])} / {_seconds(s['delay_p99'])}"
@@ -603,7 +660,7 @@ def table(summaries: Sequence[dict[str, Any]]) -> str:
             f"| {delays} | {waits} "
             f"| {s['legit_refused']} | {s['legit_pending']} "
             f"| {s['bot_share']:.0%} | {s['bot_sessions_per_second']:.1f} "
-            f"| {refused} | {level} |"
+            f"| {refused} | {level} | {cores} |"
         )
     return "\n".join(rows) + "\n"
 
@@ -680,6 +737,8 @@ def describe(result: RunResult, summary: dict[str, Any]) -> str:
         f"smtpd at once); policyd level max {s['max_level']}, overload "
         f"{'-' if s['overload_share'] is None else format(s['overload_share'], '.0%')}"
         f" of the flood; decisions {s['decisions'] or '-'}",
+        "  cores used in the flood: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in s["cores"].items()),
     ]
     if not s["drained"]:
         lines.append(
