@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import multiprocessing
 import random
 import smtplib
 import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Any, Final
 
 import attrs
 
@@ -270,7 +271,11 @@ class _Client(threading.Thread):
 
 
 class Bot(_Client):
-    """Holds smtpd processes: dawdles before every command, reconnects."""
+    """Holds smtpd processes: dawdles before every command, reconnects.
+
+    The commands are EHLO, MAIL, RCPT, DATA and QUIT: five dawdles for a
+    session that gets its message in, three before a refusal at RCPT.
+    """
 
     def __init__(
         self,
@@ -296,6 +301,11 @@ class Bot(_Client):
         self._pause(self.dawdle * self._rng.uniform(0.75, 1.25))
 
     def _converse(self, client: smtplib.SMTP, *, session: Session) -> None:
+        self._message(client, session)
+        if session.code != 421:  # smtpd has not hung up: QUIT, after a dawdle
+            self._wait()
+
+    def _message(self, client: smtplib.SMTP, session: Session) -> None:
         do = self._do
         helo = self.identity.helo
         self._wait()
@@ -418,3 +428,86 @@ class Sender(_Client):
                 # Deferred or dropped: the queue tries again later.
                 self._pending.append((session.ended + self.retry_delay, message))
                 self._pending.sort(key=lambda item: item[0])
+
+
+@attrs.frozen
+class SwarmSpec:
+    """What `BotSwarm` needs to build its bots in another process."""
+
+    identities: tuple[Identity, ...]
+    address: tuple[str, int]
+    dawdle: float
+    reconnect_pause: float
+    recipient_domain: str
+    seed: int
+
+
+def _swarm(
+    spec: SwarmSpec, stop: Any, results: Any
+) -> None:  # pragma: no cover - runs in the swarm's process
+    bots = [
+        Bot(
+            n,
+            identity,
+            spec.address,
+            dawdle=spec.dawdle,
+            reconnect_pause=spec.reconnect_pause,
+            recipient=f"user{n}@{spec.recipient_domain}",
+            seed=spec.seed,
+        )
+        for n, identity in enumerate(spec.identities)
+    ]
+    for bot in bots:
+        bot.start()
+    stop.wait()
+    for bot in bots:
+        bot.stop()
+    for bot in bots:
+        bot.join(30.0)
+    errors = [f"{bot.name}: {bot.error!r}" for bot in bots if bot.error is not None]
+    results.put(([s for bot in bots for s in bot.sessions], errors))
+
+
+class BotSwarm:
+    """
+    The bots, as threads of a process of their own.
+
+    In the runner's process they would compete with the legitimate senders
+    for Python's global interpreter lock, and every bot reconnect would slow
+    the senders down: a cost of this test bed, not of the mail server.
+    """
+
+    def __init__(self, spec: SwarmSpec) -> None:
+        self.spec = spec
+        context = multiprocessing.get_context("spawn")
+        self._stop = context.Event()
+        self._results: Any = context.Queue()
+        self._process = context.Process(
+            target=_swarm, args=(spec, self._stop, self._results), daemon=True
+        )
+
+    @property
+    def pid(self) -> int | None:
+        """The swarm's process id, once started."""
+        return self._process.pid
+
+    def start(self) -> None:
+        """Start the bots."""
+        self._process.start()
+
+    def alive(self) -> bool:
+        """Whether the swarm's process still runs."""
+        return self._process.is_alive()
+
+    def stop(self, timeout: float = 60.0) -> list[Session]:
+        """Stop every bot; return their sessions (raise if one failed)."""
+        self._stop.set()
+        try:
+            sessions, errors = self._results.get(timeout=timeout)
+        finally:
+            self._process.join(10.0)
+            if self._process.is_alive():
+                self._process.kill()
+        if errors:
+            raise RuntimeError("bot failed: " + "; ".join(errors))
+        return list(sessions)

@@ -64,6 +64,7 @@ import math
 import os
 import platform
 import random
+import signal
 import socket
 import sys
 import threading
@@ -84,10 +85,11 @@ from crowd import (  # noqa: E402
     DEFERRED,
     DROPPED,
     REFUSED,
-    Bot,
+    BotSwarm,
     Message,
     Sender,
     Session,
+    SwarmSpec,
     bot_identities,
     sender_identities,
 )
@@ -377,7 +379,9 @@ def open_bed(
             netns.destroy()
 
 
-def prime_stress(bed: Bed, maxproc: int, timeout: float = 15.0) -> int:
+def prime_stress(
+    bed: Bed, maxproc: int, timeout: float = 15.0, log: Callable[[str], None] = print
+) -> int:
     """Make master hit the process limit once, then reload.
 
     From then on master starts every new smtpd process with ``stress=yes``.
@@ -398,8 +402,33 @@ def prime_stress(bed: Bed, maxproc: int, timeout: float = 15.0) -> int:
     finally:
         for conn in held:
             conn.close()
-    postfix.reconfigure(postfix.config)
+    # Reload: every smtpd of the first generation exits after its session.
+    # One that lingers (seen: a process that had taken the queued priming
+    # connection after we closed it) is killed; it serves nobody.
+    old = set(postfix.smtpd_pids())
+    postfix.postfix("reload")
+    with contextlib.suppress(TimeoutError):
+        wait_until(
+            lambda: not old & set(postfix.smtpd_pids()), 10.0, "old smtpd to exit"
+        )
+    lingering = old & set(postfix.smtpd_pids())
+    for pid in lingering:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if lingering:
+        log(f"  priming: killed {len(lingering)} first-generation smtpd still there")
     return postfix.maillog.text(mark).count(PROCESS_LIMIT_WARNING)
+
+
+def _process_cpu(pid: int | None) -> float:
+    """Utime + stime of *pid*, in seconds (0 if there is none)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 @attrs.frozen
@@ -411,20 +440,17 @@ class Cpu:
     machine: float
 
     @classmethod
-    def now(cls, policyd_pid: int | None) -> Cpu:
-        """Read the counters."""
+    def now(cls, policyd_pid: int | None, bots_pid: int | None) -> Cpu:
+        """Read the counters (the runner's include the bots' process)."""
         times = os.times()
-        tick = os.sysconf("SC_CLK_TCK")
-        policyd = 0.0
-        if policyd_pid is not None:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                fields = Path(f"/proc/{policyd_pid}/stat").read_text().rsplit(")", 1)
-                values = fields[1].split()
-                policyd = (int(values[11]) + int(values[12])) / tick
         with open("/proc/stat") as stat:
             cpu = [int(v) for v in stat.readline().split()[1:]]
         idle = cpu[3] + (cpu[4] if len(cpu) > 4 else 0)
-        return cls(times.user + times.system, policyd, (sum(cpu) - idle) / tick)
+        return cls(
+            times.user + times.system + _process_cpu(bots_pid),
+            _process_cpu(policyd_pid),
+            (sum(cpu) - idle) / os.sysconf("SC_CLK_TCK"),
+        )
 
     def cores(self, earlier: Cpu, seconds: float) -> dict[str, float]:
         """Cores used on average since *earlier*, over *seconds*."""
@@ -504,7 +530,7 @@ def run_one(
         warnings = 0
         stress = "forced" if bed.netns is None else "automatic"
         if spec.bots and bed.netns is not None:
-            warnings = prime_stress(bed, scenario.maxproc)
+            warnings = prime_stress(bed, scenario.maxproc, log=log)
         mark = bed.postfix.maillog.mark()
         address = bed.postfix.address("smtp")
         rng = random.Random(scenario.seed)
@@ -513,21 +539,19 @@ def run_one(
             if spec.reconnect_pause is not None
             else scenario.reconnect_pause
         )
-        bots = (
-            [
-                Bot(
-                    n,
-                    identity,
+        swarm = (
+            BotSwarm(
+                SwarmSpec(
+                    tuple(bot_identities(scenario.bots, rng)),
                     address,
-                    dawdle=scenario.dawdle,
-                    reconnect_pause=pause,
-                    recipient=f"user{n}@{RELAY_DOMAIN}",
-                    seed=scenario.seed,
+                    scenario.dawdle,
+                    pause,
+                    RELAY_DOMAIN,
+                    scenario.seed,
                 )
-                for n, identity in enumerate(bot_identities(scenario.bots, rng))
-            ]
+            )
             if spec.bots
-            else []
+            else None
         )
         senders = [
             Sender(
@@ -542,35 +566,39 @@ def run_one(
         began = time.monotonic()
         monitor = Monitor(bed, policyd, began)
         monitor.start()
-        for client in [*bots, *senders]:
-            client.start()
+        if swarm is not None:
+            swarm.start()
+        for sender in senders:
+            sender.start()
         flood_end = began + scenario.warmup + scenario.duration
         policyd_pid = policyd.pid if policyd is not None else None
+        bots_pid = swarm.pid if swarm is not None else None
         cpu_start: Cpu | None = None
         while (now := time.monotonic()) < flood_end:
             if cpu_start is None and now >= flood_end - scenario.duration:
-                cpu_start = Cpu.now(policyd_pid)
+                cpu_start = Cpu.now(policyd_pid, bots_pid)
             time.sleep(min(0.25, max(0.0, flood_end - now)))
-            failed = [c for c in [*bots, *senders] if c.error is not None]
+            failed = [c for c in senders if c.error is not None]
             if failed:
                 raise RuntimeError(f"{failed[0].name} failed: {failed[0].error!r}")
+            if swarm is not None and not swarm.alive():
+                raise RuntimeError("the bots' process died")
         cores = (
-            Cpu.now(policyd_pid).cores(cpu_start, scenario.duration)
+            Cpu.now(policyd_pid, bots_pid).cores(cpu_start, scenario.duration)
             if cpu_start is not None
             else {}
         )
-        for bot in bots:
-            bot.stop()
+        bot_sessions = swarm.stop() if swarm is not None else []
         for sender in senders:
             sender.draining.set()
         deadline = time.monotonic() + scenario.drain
         for sender in senders:
             sender.join(max(0.0, deadline - time.monotonic()))
         drained = not any(sender.is_alive() for sender in senders)
-        for client in [*bots, *senders]:
-            client.stop()
-        for client in [*bots, *senders]:
-            client.join(30.0)
+        for sender in senders:
+            sender.stop()
+        for sender in senders:
+            sender.join(30.0)
         monitor.stopping.set()
         monitor.join(10.0)
         decisions: dict[str, float] = {}
@@ -592,7 +620,7 @@ def run_one(
             scenario=scenario,
             began=began,
             flood_end=flood_end,
-            sessions=[s for bot in bots for s in bot.sessions],
+            sessions=bot_sessions,
             messages=[m for sender in senders for m in sender.messages],
             samples=monitor.samples,
             postfix_stress=stress,
