@@ -21,6 +21,7 @@ Contract with Postfix, in brief:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 import attrs
@@ -119,11 +120,19 @@ class PolicyProtocol(Protocol):
         self._queue: deque[PolicyRequest] = deque()
         self._advancing = False  # _next is working through _queue
         self.closing = False
+        # The socket's send(), while replies may bypass Twisted (`_write`).
+        self._send: Callable[[bytes], int] | None = None
 
     # -- connection life ---------------------------------------------------
 
     def connectionMade(self) -> None:
         """Register with the factory, which counts and sweeps connections."""
+        # Replies go straight to the socket while it takes them whole (see
+        # `_write`); transports without a socket (tests, TLS) never do.
+        handle = getattr(self.transport, "getHandle", None)
+        sock = handle() if handle is not None else None
+        send = getattr(sock, "send", None)
+        self._send = send if callable(send) else None
         self.factory.connection_made(self)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008 - Twisted API
@@ -415,11 +424,35 @@ class PolicyProtocol(Protocol):
         )
         self._reply(request, factory.fallback, elapsed)
 
+    def _write(self, data: bytes) -> None:
+        """Send *data* now if the socket takes it all, else through Twisted.
+
+        Twisted's ``write`` buffers and sends on the reactor's next turn,
+        registering for writability and unregistering after (two
+        ``epoll_ctl`` calls and a loop iteration per reply).  A reply is a
+        few bytes that a socket with an empty buffer takes at once, so
+        policyd sends it directly.  The first time the socket does not take
+        a whole reply (or fails), the rest and every later reply go through
+        ``transport.write``, so nothing is ever reordered; a real error is
+        then reported by Twisted as usual.
+        """
+        send = self._send
+        if send is not None:
+            try:
+                sent = send(data)
+            except OSError:
+                sent = 0
+            if sent == len(data):
+                return
+            self._send = None
+            data = data[sent:]
+        self.transport.write(data)  # type: ignore[union-attr]
+
     def _reply(self, request: PolicyRequest, action: Action, elapsed: float) -> None:
         if self.closing:
             return
         factory = self.factory
-        self.transport.write(action.wire)  # type: ignore[union-attr]
+        self._write(action.wire)
         self._last_activity = factory.clock.seconds()
         factory.metrics.answered(action, elapsed)
         if factory.log_requests:

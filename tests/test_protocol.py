@@ -21,6 +21,7 @@ from helpers import (
     FixedDecider,
     Harness,
     RaisingDecider,
+    RecordingTransport,
     SlowDecider,
     WrongTypeDecider,
     capture_logs,
@@ -1121,3 +1122,71 @@ class TestFramingProperties:
             d.callback(Action.parse(f"INFO seq {seq}"))
         for client, count in zip(clients, counts, strict=True):
             assert client.writes == [seq_reply(n) for n in range(count)]
+
+
+class FakeSocket:
+    """A socket whose send() takes what a script says, then everything."""
+
+    def __init__(self, *script: int | OSError) -> None:
+        self.script = list(script)
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        """Take the scripted number of bytes (or raise the scripted error)."""
+        step = self.script.pop(0) if self.script else len(data)
+        if isinstance(step, OSError):
+            raise step
+        self.sent.append(bytes(data[:step]))
+        return step
+
+
+class SocketTransport(RecordingTransport):
+    """A transport that offers its socket through getHandle, as TCP does."""
+
+    def __init__(self, sock: FakeSocket) -> None:
+        super().__init__()
+        self.sock = sock
+
+    def getHandle(self) -> FakeSocket:
+        """The socket."""
+        return self.sock
+
+
+class TestDirectWrite:
+    """Replies go straight to the socket, in order, whatever it takes."""
+
+    def _client(self, sock: FakeSocket) -> Client:
+        return Client(Harness(SeqDecider()).factory, SocketTransport(sock))
+
+    def test_whole_reply_bypasses_twisted(self) -> None:
+        """A socket that takes the reply whole gets it directly, no buffering."""
+        sock = FakeSocket()
+        client = self._client(sock)
+        client.send(numbered(1), numbered(2))
+        assert sock.sent == [seq_reply(1), seq_reply(2)]
+        assert client.writes == []
+
+    @pytest.mark.parametrize(
+        "refusal",
+        [3, 0, BlockingIOError(), BrokenPipeError()],
+        ids=["partial", "nothing", "would-block", "broken-pipe"],
+    )
+    def test_fallback_keeps_order(self, refusal: int | OSError) -> None:
+        """After the socket refuses part of a reply, the transport takes over.
+
+        The rest of that reply and every later one go through the transport,
+        so the bytes stay in order.
+        """
+        sock = FakeSocket(refusal)
+        client = self._client(sock)
+        client.send(numbered(1), numbered(2), numbered(3))
+        direct = b"".join(sock.sent)
+        buffered = b"".join(client.writes)
+        assert direct + buffered == seq_reply(1) + seq_reply(2) + seq_reply(3)
+        assert len(sock.sent) <= 1  # never direct again after the fallback
+
+    def test_without_a_socket(self) -> None:
+        """A transport without getHandle (a test, TLS) gets plain writes."""
+        client = Harness(SeqDecider()).connect()
+        client.send(numbered(1))
+        assert client.writes == [seq_reply(1)]

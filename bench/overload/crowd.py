@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import multiprocessing
+import os
 import random
 import smtplib
 import socket
@@ -227,9 +228,10 @@ class _Client(threading.Thread):
             session.greeted = time.monotonic()
             if code != 220:
                 return session
-            # The identity this connection stands for.  smtpd answers the
-            # XCLIENT like a new greeting, after its connect-stage checks.
-            client.ehlo_or_helo_if_needed()
+            # The identity this connection stands for, sent at once (no EHLO
+            # first: smtpd does not need one, and a real client would not
+            # have sent anything yet).  smtpd answers the XCLIENT like a new
+            # greeting, after its connect-stage checks.
             xclient = self.identity.xclient()
             if (
                 self._do(session, CONNECT, lambda: client.docmd("XCLIENT", xclient))
@@ -440,11 +442,16 @@ class SwarmSpec:
     reconnect_pause: float
     recipient_domain: str
     seed: int
+    #: Added to the swarm process's nice value (0: compete for the CPU as
+    #: equals; 19: take only what Postfix, policyd and the senders leave).
+    nice: int = 0
 
 
 def _swarm(
     spec: SwarmSpec, stop: Any, results: Any
 ) -> None:  # pragma: no cover - runs in the swarm's process
+    if spec.nice:
+        os.nice(spec.nice)
     bots = [
         Bot(
             n,

@@ -124,6 +124,8 @@ class RunSpec:
     dry_run: bool = False
     #: Seconds a dropped bot waits before it reconnects (None: the scenario's).
     reconnect_pause: float | None = None
+    #: Nice increment of the bots' client process.
+    bots_nice: int = 0
 
 
 RUNS: Final = {
@@ -139,6 +141,13 @@ RUNS: Final = {
         ),
         RunSpec("rcpt", "bots, policyd at RCPT", bots=True, wiring="rcpt"),
         RunSpec("connect", "bots, policyd at CONNECT", bots=True, wiring="connect"),
+        RunSpec(
+            "connect-nice",
+            "bots' client at nice 19, policyd at CONNECT",
+            bots=True,
+            wiring="connect",
+            bots_nice=19,
+        ),
         RunSpec(
             "connect-pause",
             "bots pausing 1 s, policyd at CONNECT",
@@ -548,6 +557,7 @@ def run_one(
                     pause,
                     RELAY_DOMAIN,
                     scenario.seed,
+                    spec.bots_nice,
                 )
             )
             if spec.bots
