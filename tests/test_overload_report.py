@@ -26,7 +26,6 @@ from crowd import (
     Session,
     bot_identities,
     sender_identities,
-    xtext,
 )
 from overload import (
     RUNS,
@@ -34,6 +33,7 @@ from overload import (
     Sample,
     Scenario,
     percentile,
+    reproducible_argv,
     summarize,
     table,
     throughput_series,
@@ -258,4 +258,9 @@ class TestIdentities:
         """XCLIENT values are xtext: '+', '=' and controls are escaped."""
         identity = Identity("192.0.2.1", "[UNAVAILABLE]", "[UNAVAILABLE]", "a=b+c")
         assert "HELO=a+3Db+2Bc" in identity.xclient()
-        assert xtext("x y") == "x+20y"
+
+
+def test_recorded_command_leaves_out_json() -> None:
+    """The command written into the docs drops --json FILE (a local path)."""
+    argv = ["--quick", "--json", "/x/results.json", "--docs", "docs/", "--json=/y"]
+    assert reproducible_argv(argv) == ["--quick", "--docs", "docs/"]

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import attrs
+from postfix_bed import xtext
 
 #: Where a session or message attempt ended (the ``stage`` of a refusal).
 CONNECT: Final = "CONNECT"  # greeting or XCLIENT: connect-stage restrictions
@@ -46,16 +47,6 @@ DEFERRED: Final = "deferred"  # a 4xx reply: try again later
 REFUSED: Final = "refused"  # a 5xx reply: refused for good
 DROPPED: Final = "dropped"  # the server hung up or timed out, with no reply
 STOPPED: Final = "stopped"  # the runner ended the session (end of the flood)
-
-_XTEXT_SAFE: Final = frozenset(chr(c) for c in range(33, 127)) - {"+", "="}
-
-
-def xtext(value: str) -> str:
-    """RFC 3461 xtext, the encoding of XCLIENT attribute values."""
-    return "".join(
-        ch if ch in _XTEXT_SAFE else "".join(f"+{b:02X}" for b in ch.encode("utf-8"))
-        for ch in value
-    )
 
 
 @attrs.frozen

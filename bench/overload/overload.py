@@ -17,6 +17,8 @@ run                bots     policyd
 ``rcpt``           yes      wired in smtpd_recipient_restrictions
 ``connect``        yes      wired in smtpd_client_restrictions,
                             ``smtpd_delay_reject=no``
+``connect-nice``   yes,     as ``connect``; the bots' client process
+                   niced    runs at nice 19, as if on other machines
 ``connect-pause``  yes,     as ``connect``
                    1 s
                    pause
@@ -703,8 +705,12 @@ def table(summaries: Sequence[dict[str, Any]]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def plot(results: Sequence[RunResult], path: Path) -> bool:
-    """Draw legitimate messages per second over time; False without matplotlib."""
+def plot(
+    runs: Sequence[tuple[str, Sequence[tuple[float, float]]]],
+    scenario: Scenario,
+    path: Path,
+) -> bool:
+    """Draw each run's (title, throughput series); False without matplotlib."""
     try:
         import matplotlib
 
@@ -712,22 +718,20 @@ def plot(results: Sequence[RunResult], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    figure, axes = plt.subplots(figsize=(10, 5.5), dpi=100)
-    for result in results:
-        series = throughput_series(result, bucket=2.0)
+    figure, axes = plt.subplots(figsize=(10, 6.5), dpi=100)
+    for title, series in runs:
         axes.plot(
             [t for t, _ in series],
             [rate for _, rate in series],
-            label=result.spec.title,
+            label=title,
             linewidth=1.6,
         )
-    if results:
-        scenario = results[0].scenario
+    if runs:
         start = scenario.warmup
         end = scenario.warmup + scenario.duration
         axes.axvspan(start, end, color="0.92", zorder=0, label="measured flood")
         axes.axvline(end, color="0.5", linestyle="--", linewidth=1)
-        axes.text(end, axes.get_ylim()[1] * 0.97, " bots stop", va="top", color="0.4")
+        axes.text(end, 0, " bots stop", va="bottom", color="0.4")
         axes.set_title(
             f"Legitimate mail during a bot flood: {scenario.maxproc} smtpd "
             f"processes, {scenario.bots} bots (dawdling {scenario.dawdle:g} s), "
@@ -738,7 +742,7 @@ def plot(results: Sequence[RunResult], path: Path) -> bool:
     axes.set_ylabel("legitimate messages accepted per second (2 s buckets)")
     axes.set_ylim(bottom=0)
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8, loc="upper right")
+    axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -820,6 +824,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, help="write every figure to this file")
     parser.add_argument(
+        "--replot",
+        type=Path,
+        metavar="JSON",
+        help="only redraw overload.png (into --docs) from an earlier --json file",
+    )
+    parser.add_argument(
         "--docs",
         type=Path,
         help="write overload-results.md and overload.png into this directory",
@@ -850,9 +860,34 @@ def scenario_from(args: argparse.Namespace) -> Scenario:
     )
 
 
+def reproducible_argv(argv: Sequence[str]) -> list[str]:
+    """*argv* without ``--json FILE``: where the figures went is nobody's business."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--json":
+            skip = True
+        elif not arg.startswith("--json="):
+            kept.append(arg)
+    return kept
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the scenario; print and write the results."""
     args = parse_args(argv)
+    if args.replot is not None:
+        saved = json.loads(args.replot.read_text())
+        titles = {run["run"]: run["title"] for run in saved["runs"]}
+        target = (args.docs or Path(".")) / "overload.png"
+        drawn = plot(
+            [(titles[name], series) for name, series in saved["throughput"].items()],
+            Scenario(**saved["scenario"]),
+            target,
+        )
+        print(f"wrote {target}" if drawn else "matplotlib is not installed")
+        return 0 if drawn else 1
     names = [name.strip() for name in args.runs.split(",") if name.strip()]
     unknown = [name for name in names if name not in RUNS]
     if unknown:
@@ -864,8 +899,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     scenario = scenario_from(args)
-    command = "python bench/overload/overload.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]
+    command = " ".join(
+        ["python bench/overload/overload.py", *reproducible_argv(argv or sys.argv[1:])]
     )
     print(f"scenario: {attrs.asdict(scenario)}", flush=True)
     results: list[RunResult] = []
@@ -906,7 +941,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.docs is not None:
         args.docs.mkdir(parents=True, exist_ok=True)
-        drawn = plot(results, args.docs / "overload.png")
+        drawn = plot(
+            [(r.spec.title, throughput_series(r, 2.0)) for r in results],
+            scenario,
+            args.docs / "overload.png",
+        )
         (args.docs / "overload-results.md").write_text(
             "# Overload scenario: results\n\n"
             "Written by the overload scenario runner; how to read it: "
