@@ -705,12 +705,25 @@ def table(summaries: Sequence[dict[str, Any]]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def plot(
-    runs: Sequence[tuple[str, Sequence[tuple[float, float]]]],
-    scenario: Scenario,
-    path: Path,
-) -> bool:
-    """Draw each run's (title, throughput series); False without matplotlib."""
+@attrs.frozen
+class PlotRun:
+    """What the plot shows of one run."""
+
+    title: str
+    #: (seconds since the run began, legitimate messages per second).
+    throughput: Sequence[tuple[float, float]]
+    #: (seconds since the run began, policyd stress level 0-2); empty
+    #: without policyd.
+    levels: Sequence[tuple[float, int]] = ()
+
+
+def level_series(result: RunResult) -> list[tuple[float, int]]:
+    """The stress level policyd reported during the run (sampled)."""
+    return [(s.at, s.level) for s in result.samples if s.level is not None]
+
+
+def plot(runs: Sequence[PlotRun], scenario: Scenario, path: Path) -> bool:
+    """Draw throughput and policyd's level over time; False without matplotlib."""
     try:
         import matplotlib
 
@@ -718,32 +731,56 @@ def plot(
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    figure, axes = plt.subplots(figsize=(10, 6.5), dpi=100)
-    for title, series in runs:
+    figure, (axes, levels) = plt.subplots(
+        2,
+        1,
+        figsize=(10, 8.5),
+        dpi=100,
+        sharex=True,
+        gridspec_kw={"height_ratios": [3, 1]},
+    )
+    start = scenario.warmup
+    end = scenario.warmup + scenario.duration
+    for number, run in enumerate(runs):
+        color = f"C{number}"
         axes.plot(
-            [t for t, _ in series],
-            [rate for _, rate in series],
-            label=title,
+            [t for t, _ in run.throughput],
+            [rate for _, rate in run.throughput],
+            label=run.title,
             linewidth=1.6,
+            color=color,
         )
-    if runs:
-        start = scenario.warmup
-        end = scenario.warmup + scenario.duration
-        axes.axvspan(start, end, color="0.92", zorder=0, label="measured flood")
-        axes.axvline(end, color="0.5", linestyle="--", linewidth=1)
-        axes.text(end, 0, " bots stop", va="bottom", color="0.4")
-        axes.set_title(
-            f"Legitimate mail during a bot flood: {scenario.maxproc} smtpd "
-            f"processes, {scenario.bots} bots (dawdling {scenario.dawdle:g} s), "
-            f"{scenario.senders} senders",
-            fontsize=10,
-        )
-    axes.set_xlabel("seconds since the flood began")
-    axes.set_ylabel("legitimate messages accepted per second (2 s buckets)")
+        if run.levels:
+            # Runs at the same level would hide each other: spread them.
+            offset = (number - len(runs) / 2) * 0.03
+            levels.step(
+                [t for t, _ in run.levels],
+                [level + offset for _, level in run.levels],
+                where="post",
+                linewidth=1.2,
+                color=color,
+            )
+    for panel in (axes, levels):
+        panel.axvspan(start, end, color="0.92", zorder=0)
+        panel.axvline(end, color="0.5", linestyle="--", linewidth=1)
+        panel.grid(True, alpha=0.3)
+    axes.axvspan(start, end, color="0.92", zorder=0, label="measured flood")
+    axes.text(end, 0, " bots stop", va="bottom", color="0.4")
+    axes.set_title(
+        f"Legitimate mail during a bot flood: {scenario.maxproc} smtpd "
+        f"processes, {scenario.bots} bots (dawdling {scenario.dawdle:g} s), "
+        f"{scenario.senders} senders",
+        fontsize=10,
+    )
+    axes.set_ylabel("legitimate messages accepted\nper second (2 s buckets)")
     axes.set_ylim(bottom=0)
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
-    figure.tight_layout()
+    handles, labels = axes.get_legend_handles_labels()
+    figure.legend(handles, labels, fontsize=8, loc="lower center", ncol=3)
+    levels.set_yticks([0, 1, 2], list(LEVELS))
+    levels.set_ylim(-0.3, 2.3)
+    levels.set_ylabel("policyd level")
+    levels.set_xlabel("seconds since the flood began")
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
     figure.savefig(path)
     plt.close(figure)
     return True
@@ -881,8 +918,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         saved = json.loads(args.replot.read_text())
         titles = {run["run"]: run["title"] for run in saved["runs"]}
         target = (args.docs or Path(".")) / "overload.png"
+        levels = saved.get("levels", {})
         drawn = plot(
-            [(titles[name], series) for name, series in saved["throughput"].items()],
+            [
+                PlotRun(titles[name], series, levels.get(name, ()))
+                for name, series in saved["throughput"].items()
+            ],
             Scenario(**saved["scenario"]),
             target,
         )
@@ -935,6 +976,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "throughput": {
                         r.spec.name: throughput_series(r, 2.0) for r in results
                     },
+                    "levels": {r.spec.name: level_series(r) for r in results},
                 },
                 indent=2,
             )
@@ -942,7 +984,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.docs is not None:
         args.docs.mkdir(parents=True, exist_ok=True)
         drawn = plot(
-            [(r.spec.title, throughput_series(r, 2.0)) for r in results],
+            [
+                PlotRun(r.spec.title, throughput_series(r, 2.0), level_series(r))
+                for r in results
+            ],
             scenario,
             args.docs / "overload.png",
         )
