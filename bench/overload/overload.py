@@ -63,6 +63,7 @@ import argparse
 import contextlib
 import json
 import math
+import multiprocessing
 import os
 import platform
 import random
@@ -89,7 +90,8 @@ from crowd import (  # noqa: E402
     REFUSED,
     BotSwarm,
     Message,
-    Sender,
+    SenderProcess,
+    SenderSpec,
     Session,
     SwarmSpec,
     bot_identities,
@@ -451,14 +453,14 @@ class Cpu:
     machine: float
 
     @classmethod
-    def now(cls, policyd_pid: int | None, bots_pid: int | None) -> Cpu:
-        """Read the counters (the runner's include the bots' process)."""
+    def now(cls, policyd_pid: int | None, client_pids: Sequence[int]) -> Cpu:
+        """Read the counters ("runner": this process and the clients' ones)."""
         times = os.times()
         with open("/proc/stat") as stat:
             cpu = [int(v) for v in stat.readline().split()[1:]]
         idle = cpu[3] + (cpu[4] if len(cpu) > 4 else 0)
         return cls(
-            times.user + times.system + _process_cpu(bots_pid),
+            times.user + times.system + sum(map(_process_cpu, client_pids)),
             _process_cpu(policyd_pid),
             (sum(cpu) - idle) / os.sysconf("SC_CLK_TCK"),
         )
@@ -565,13 +567,17 @@ def run_one(
             if spec.bots
             else None
         )
+        drain = multiprocessing.get_context("spawn").Event()
         senders = [
-            Sender(
-                n,
-                identity,
-                address,
-                retry_delay=scenario.retry_delay,
-                recipients=[f"customer{n}@{RELAY_DOMAIN}"],
+            SenderProcess(
+                SenderSpec(
+                    n,
+                    identity,
+                    address,
+                    scenario.retry_delay,
+                    (f"customer{n}@{RELAY_DOMAIN}",),
+                ),
+                drain,
             )
             for n, identity in enumerate(sender_identities(scenario.senders))
         ]
@@ -584,33 +590,35 @@ def run_one(
             sender.start()
         flood_end = began + scenario.warmup + scenario.duration
         policyd_pid = policyd.pid if policyd is not None else None
-        bots_pid = swarm.pid if swarm is not None else None
+        client_pids = [
+            pid
+            for pid in [swarm.pid if swarm is not None else None]
+            + [sender.pid for sender in senders]
+            if pid is not None
+        ]
         cpu_start: Cpu | None = None
         while (now := time.monotonic()) < flood_end:
             if cpu_start is None and now >= flood_end - scenario.duration:
-                cpu_start = Cpu.now(policyd_pid, bots_pid)
+                cpu_start = Cpu.now(policyd_pid, client_pids)
             time.sleep(min(0.25, max(0.0, flood_end - now)))
-            failed = [c for c in senders if c.error is not None]
-            if failed:
-                raise RuntimeError(f"{failed[0].name} failed: {failed[0].error!r}")
+            if not all(sender.alive() for sender in senders):
+                raise RuntimeError("a sender's process ended during the flood")
             if swarm is not None and not swarm.alive():
                 raise RuntimeError("the bots' process died")
         cores = (
-            Cpu.now(policyd_pid, bots_pid).cores(cpu_start, scenario.duration)
+            Cpu.now(policyd_pid, client_pids).cores(cpu_start, scenario.duration)
             if cpu_start is not None
             else {}
         )
         bot_sessions = swarm.stop() if swarm is not None else []
-        for sender in senders:
-            sender.draining.set()
+        drain.set()
         deadline = time.monotonic() + scenario.drain
+        # Every sender must be finished (and its messages collected), so no
+        # all() that would stop at the first one still busy.
+        drained = True
         for sender in senders:
-            sender.join(max(0.0, deadline - time.monotonic()))
-        drained = not any(sender.is_alive() for sender in senders)
-        for sender in senders:
-            sender.stop()
-        for sender in senders:
-            sender.join(30.0)
+            if not sender.finish(max(0.1, deadline - time.monotonic())):
+                drained = False
         monitor.stopping.set()
         monitor.join(10.0)
         decisions: dict[str, float] = {}
