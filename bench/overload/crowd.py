@@ -424,6 +424,10 @@ class Sender(_Client):
                 self._pending.sort(key=lambda item: item[0])
 
 
+#: Bots per `BotSwarm` process.
+BOTS_PER_PROCESS: Final = 5
+
+
 @attrs.frozen
 class SwarmSpec:
     """What `BotSwarm` needs to build its bots in another process."""
@@ -437,6 +441,8 @@ class SwarmSpec:
     #: Added to the swarm process's nice value (0: compete for the CPU as
     #: equals; 19: take only what Postfix, policyd and the senders leave).
     nice: int = 0
+    #: The number of the first bot (bots are numbered across swarms).
+    first: int = 0
 
 
 def _swarm(
@@ -454,7 +460,7 @@ def _swarm(
             recipient=f"user{n}@{spec.recipient_domain}",
             seed=spec.seed,
         )
-        for n, identity in enumerate(spec.identities)
+        for n, identity in enumerate(spec.identities, start=spec.first)
     ]
     for bot in bots:
         bot.start()
@@ -469,11 +475,13 @@ def _swarm(
 
 class BotSwarm:
     """
-    The bots, as threads of a process of their own.
+    Some bots, as threads of a process of their own.
 
     In the runner's process they would compete with the legitimate senders
     for Python's global interpreter lock, and every bot reconnect would slow
-    the senders down: a cost of this test bed, not of the mail server.
+    the senders down: a cost of this test bed, not of the mail server.  The
+    runner starts one swarm per `BOTS_PER_PROCESS` bots: twenty threads in
+    one process fell into spells of burning more CPU per reconnect.
     """
 
     def __init__(self, spec: SwarmSpec) -> None:

@@ -84,6 +84,7 @@ sys.path.insert(0, str(_ROOT / "tests"))
 
 from crowd import (  # noqa: E402
     ACCEPTED,
+    BOTS_PER_PROCESS,
     CONNECT,
     DEFERRED,
     DROPPED,
@@ -552,21 +553,22 @@ def run_one(
             if spec.reconnect_pause is not None
             else scenario.reconnect_pause
         )
-        swarm = (
+        identities = bot_identities(scenario.bots, rng) if spec.bots else []
+        swarms = [
             BotSwarm(
                 SwarmSpec(
-                    tuple(bot_identities(scenario.bots, rng)),
+                    tuple(identities[first : first + BOTS_PER_PROCESS]),
                     address,
                     scenario.dawdle,
                     pause,
                     RELAY_DOMAIN,
                     scenario.seed,
                     spec.bots_nice,
+                    first,
                 )
             )
-            if spec.bots
-            else None
-        )
+            for first in range(0, len(identities), BOTS_PER_PROCESS)
+        ]
         drain = multiprocessing.get_context("spawn").Event()
         senders = [
             SenderProcess(
@@ -584,7 +586,7 @@ def run_one(
         began = time.monotonic()
         monitor = Monitor(bed, policyd, began)
         monitor.start()
-        if swarm is not None:
+        for swarm in swarms:
             swarm.start()
         for sender in senders:
             sender.start()
@@ -592,7 +594,7 @@ def run_one(
         policyd_pid = policyd.pid if policyd is not None else None
         client_pids = [
             pid
-            for pid in [swarm.pid if swarm is not None else None]
+            for pid in [swarm.pid for swarm in swarms]
             + [sender.pid for sender in senders]
             if pid is not None
         ]
@@ -603,14 +605,14 @@ def run_one(
             time.sleep(min(0.25, max(0.0, flood_end - now)))
             if not all(sender.alive() for sender in senders):
                 raise RuntimeError("a sender's process ended during the flood")
-            if swarm is not None and not swarm.alive():
-                raise RuntimeError("the bots' process died")
+            if not all(swarm.alive() for swarm in swarms):
+                raise RuntimeError("a bots' process died")
         cores = (
             Cpu.now(policyd_pid, client_pids).cores(cpu_start, scenario.duration)
             if cpu_start is not None
             else {}
         )
-        bot_sessions = swarm.stop() if swarm is not None else []
+        bot_sessions = [s for swarm in swarms for s in swarm.stop()]
         drain.set()
         deadline = time.monotonic() + scenario.drain
         # Every sender must be finished (and its messages collected), so no
