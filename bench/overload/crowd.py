@@ -424,6 +424,58 @@ class Sender(_Client):
                 self._pending.sort(key=lambda item: item[0])
 
 
+class _ClientProcess:
+    """A process running clients; it reports once, through a queue, and exits.
+
+    *target* is called in the new process as ``target(*args, stop, results)``
+    and puts exactly one result on *results* before it returns.
+    """
+
+    def __init__(self, target: Callable[..., None], *args: Any) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._stop = context.Event()
+        self._results: Any = context.Queue()
+        self._process = context.Process(
+            target=target, args=(*args, self._stop, self._results), daemon=True
+        )
+
+    @property
+    def pid(self) -> int | None:
+        """The process id, once started."""
+        return self._process.pid
+
+    def start(self) -> None:
+        """Start the process (and so its clients)."""
+        self._process.start()
+
+    def alive(self) -> bool:
+        """Whether the process still runs."""
+        return self._process.is_alive()
+
+    def _collect(self, timeout: float) -> Any:
+        """The process's one result; queue.Empty if none came within *timeout*.
+
+        Once it came, the process is joined (killed if it lingers).
+        """
+        result = self._results.get(timeout=timeout)
+        self._end()
+        return result
+
+    def _end(self) -> None:
+        """Join the process; kill it if it does not exit by itself."""
+        self._process.join(10.0)
+        if self._process.is_alive():
+            self._process.kill()
+
+    def _collect_or_kill(self, timeout: float) -> Any:
+        """`_collect`, but a process that never reports is killed."""
+        try:
+            return self._collect(timeout)
+        except queue.Empty:
+            self._end()
+            raise
+
+
 #: Bots per `BotSwarm` process.
 BOTS_PER_PROCESS: Final = 5
 
@@ -473,7 +525,7 @@ def _swarm(
     results.put(([s for bot in bots for s in bot.sessions], errors))
 
 
-class BotSwarm:
+class BotSwarm(_ClientProcess):
     """
     Some bots, as threads of a process of their own.
 
@@ -485,36 +537,13 @@ class BotSwarm:
     """
 
     def __init__(self, spec: SwarmSpec) -> None:
+        super().__init__(_swarm, spec)
         self.spec = spec
-        context = multiprocessing.get_context("spawn")
-        self._stop = context.Event()
-        self._results: Any = context.Queue()
-        self._process = context.Process(
-            target=_swarm, args=(spec, self._stop, self._results), daemon=True
-        )
-
-    @property
-    def pid(self) -> int | None:
-        """The swarm's process id, once started."""
-        return self._process.pid
-
-    def start(self) -> None:
-        """Start the bots."""
-        self._process.start()
-
-    def alive(self) -> bool:
-        """Whether the swarm's process still runs."""
-        return self._process.is_alive()
 
     def stop(self, timeout: float = 60.0) -> list[Session]:
         """Stop every bot; return their sessions (raise if one failed)."""
         self._stop.set()
-        try:
-            sessions, errors = self._results.get(timeout=timeout)
-        finally:
-            self._process.join(10.0)
-            if self._process.is_alive():
-                self._process.kill()
+        sessions, errors = self._collect_or_kill(timeout)
         if errors:
             raise RuntimeError("bot failed: " + "; ".join(errors))
         return list(sessions)
@@ -552,7 +581,7 @@ def _sender(
     results.put((sender.messages, error))
 
 
-class SenderProcess:
+class SenderProcess(_ClientProcess):
     """
     One legitimate sender in a process of its own.
 
@@ -565,29 +594,9 @@ class SenderProcess:
     """
 
     def __init__(self, spec: SenderSpec, drain: Any) -> None:
+        super().__init__(_sender, spec, drain)
         self.spec = spec
-        context = multiprocessing.get_context("spawn")
-        self._stop = context.Event()
-        self._results: Any = context.Queue()
-        self._process = context.Process(
-            target=_sender,
-            args=(spec, drain, self._stop, self._results),
-            daemon=True,
-        )
         self.messages: list[Message] = []
-
-    @property
-    def pid(self) -> int | None:
-        """The sender's process id, once started."""
-        return self._process.pid
-
-    def start(self) -> None:
-        """Start sending."""
-        self._process.start()
-
-    def alive(self) -> bool:
-        """Whether the process still runs."""
-        return self._process.is_alive()
 
     def finish(self, timeout: float) -> bool:
         """Wait up to *timeout* for the sender to drain, then stop it.
@@ -596,15 +605,11 @@ class SenderProcess:
         """
         drained = True
         try:
-            messages, error = self._results.get(timeout=timeout)
+            messages, error = self._collect(timeout)
         except queue.Empty:
             drained = False
             self._stop.set()
-            messages, error = self._results.get(timeout=60.0)
-        finally:
-            self._process.join(10.0)
-            if self._process.is_alive():
-                self._process.kill()
+            messages, error = self._collect_or_kill(60.0)
         if error:
             raise RuntimeError(f"sender failed: {error}")
         self.messages = list(messages)
