@@ -81,6 +81,8 @@ import attrs
 _HERE = Path(__file__).resolve().parent
 _ROOT = _HERE.parents[1]
 sys.path.insert(0, str(_ROOT / "tests"))
+# The benchmark's /proc CPU helpers (bench/loadgen.py).
+sys.path.insert(0, str(_ROOT / "bench"))
 
 from crowd import (  # noqa: E402
     ACCEPTED,
@@ -98,6 +100,7 @@ from crowd import (  # noqa: E402
     bot_identities,
     sender_identities,
 )
+from loadgen import machine_cpu_seconds, proc_cpu_seconds  # noqa: E402
 from postfix_bed import (  # noqa: E402
     RELAY_DOMAIN,
     NetworkNamespace,
@@ -435,14 +438,8 @@ def prime_stress(
 
 
 def _process_cpu(pid: int | None) -> float:
-    """Utime + stime of *pid*, in seconds (0 if there is none)."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
+    """Utime + stime of *pid*, in seconds (0 if there is none, or it is gone)."""
+    return (proc_cpu_seconds(pid) or 0.0) if pid is not None else 0.0
 
 
 @attrs.frozen
@@ -457,13 +454,11 @@ class Cpu:
     def now(cls, policyd_pid: int | None, client_pids: Sequence[int]) -> Cpu:
         """Read the counters ("runner": this process and the clients' ones)."""
         times = os.times()
-        with open("/proc/stat") as stat:
-            cpu = [int(v) for v in stat.readline().split()[1:]]
-        idle = cpu[3] + (cpu[4] if len(cpu) > 4 else 0)
+        machine = machine_cpu_seconds()
         return cls(
             times.user + times.system + sum(map(_process_cpu, client_pids)),
             _process_cpu(policyd_pid),
-            (sum(cpu) - idle) / os.sysconf("SC_CLK_TCK"),
+            machine[0] if machine is not None else 0.0,
         )
 
     def cores(self, earlier: Cpu, seconds: float) -> dict[str, float]:
