@@ -492,6 +492,23 @@ class Config:
         "Score from which a client is suspicious: under stress it gets the "
         "temporary action of the level.",
     )
+    overload_suspicious_score: int = _setting(
+        "2",
+        integer(1, 1000),
+        "The lowest score from which a client is suspicious at the overload "
+        "level, reached once overload has lasted (see POLICYD_BAR_STEP): the "
+        "bar falls from POLICYD_SUSPICIOUS_SCORE one point per step. 2 (the "
+        "weight of one identity sign) refuses, temporarily, a client with a "
+        "single sign. At or above POLICYD_SUSPICIOUS_SCORE the bar stays fixed.",
+    )
+    bar_step: float = _setting(
+        "10s",
+        duration(0, 3600),
+        "How long overload must last, with the load above POLICYD_OVERLOAD_EXIT, "
+        "to lower the bar by one point, and how long the load must stay below "
+        "it to raise the bar again by one. 0 lowers it as soon as overload "
+        "begins.",
+    )
     reject_score: int = _setting(
         "8",
         integer(1, 1000),
@@ -567,6 +584,32 @@ class Config:
         integer(-100, 100),
         "Score for a client coming back within POLICYD_QUICK_RETRY_WINDOW of being "
         "refused (real MTAs wait minutes before retrying).",
+    )
+    weight_process_holder: int = _setting(
+        "3",
+        integer(-100, 100),
+        "Score for a client that held smtpd processes without progress for more "
+        "than POLICYD_HOLD_LIMIT (it counts towards temporary refusals only).",
+    )
+    hold_limit: float = _setting(
+        "20s",
+        duration(0, 86400),
+        "Process time a client (address prefix) may hold without progress, decayed "
+        "over POLICYD_HOLD_WINDOW, before it scores POLICYD_WEIGHT_PROCESS_HOLDER.",
+    )
+    hold_grace: float = _setting(
+        "5s",
+        duration(0, 3600),
+        "The part of every wait between two requests of one session that is not "
+        "held against the client (round trips of a slow link, Postfix's own DNS "
+        "lookups). The wait from DATA to the end of the message is never held "
+        "against it.",
+    )
+    hold_window: float = _setting(
+        "10m",
+        duration(1, 86400),
+        "Time constant with which the process time a client held without "
+        "progress is forgotten.",
     )
     client_concurrency_limit: int = _setting(
         "5",

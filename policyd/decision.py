@@ -121,7 +121,11 @@ class PolicyDecider:
             verdict = _NORMAL
         else:
             verdict = policy.decide(
-                request, level, self.tracker.client(request), self.settings
+                request,
+                level,
+                self.tracker.client(request),
+                self.settings,
+                self.tracker.pressure,
             )
         if instance:
             pins = self._pinned
@@ -189,7 +193,7 @@ class PolicyDecider:
             self._logged += 1
         log.info(
             "{what} {client} ({name}, helo {helo}) at {stress_level}: {action} "
-            "(score {score}: {reason_list})",
+            "(score {score}, bar {bar}: {reason_list})",
             event="refusal",
             what="Would refuse" if self.dry_run else "Refused",
             dry_run=self.dry_run,
@@ -200,6 +204,7 @@ class PolicyDecider:
             action=verdict.action.text,
             outcome=verdict.outcome,
             score=verdict.score,
+            bar=verdict.bar,
             reasons=list(verdict.reasons),
             reason_list=", ".join(verdict.reasons),
             instance=escape(request.instance),

@@ -32,3 +32,7 @@ class ClientStats:
     # Refusals, decayed like the rates, and seconds since the last one.
     refusals: float
     since_refusal: float | None
+    # Seconds of smtpd process time held without progress (waits beyond the
+    # grace, sessions that ended before any recipient), decayed over
+    # `LoadSettings.hold_window`.
+    held: float = 0.0

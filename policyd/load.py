@@ -69,6 +69,12 @@ log = Logger()
 SESSION_STATES: Final = frozenset({"CONNECT", "XCLIENT"})
 
 END_OF_MESSAGE: Final = "END-OF-MESSAGE"
+DATA: Final = "DATA"
+
+# Stages that show a session making progress: it got as far as naming a
+# recipient (or beyond).  A session that never gets here and is not refused
+# held its smtpd process for nothing.
+PROGRESS_STATES: Final = frozenset({"RCPT", DATA, END_OF_MESSAGE})
 
 # "Never refused": one shared float object, so that a million clients do not
 # carry a million copies of it.
@@ -100,6 +106,16 @@ class LoadSettings:
     ipv6_prefix: int = 64
     max_tracked_clients: int = 100_000
     client_rate_window: float = 60.0
+    # Process holders: the first hold_grace seconds of every wait between two
+    # requests of a session are free; the rest is charged to the client and
+    # decays with the time constant hold_window.
+    hold_grace: float = 5.0
+    hold_window: float = 600.0
+    # Overload pressure: one step per pressure_step seconds of overload with
+    # the load above overload_exit (down one per pressure_step below it),
+    # from 0 to max_pressure; 0 s jumps at once.
+    pressure_step: float = 10.0
+    max_pressure: int = 1
 
 
 @attrs.frozen
@@ -137,6 +153,20 @@ class LoadTracker(Protocol):
     def level(self) -> int:
         """The current stress level: `NORMAL`, `ELEVATED` or `OVERLOAD`."""
 
+    @property
+    def pressure(self) -> int:
+        """
+        How long the current overload has lasted, in steps.
+
+        0 outside overload; one more per `LoadSettings.pressure_step` while
+        the load stays above `LoadSettings.overload_exit`, up to
+        `LoadSettings.max_pressure`; one less per step once it falls.  The
+        policy lowers its bar by this much (`policyd.policy.bar`).
+        """
+
+    def busy_requests(self) -> list[PolicyRequest]:
+        """The latest request of each busy connection (who holds the processes)."""
+
     def connection_opened(self, connection: int) -> None:
         """A policy connection (an smtpd process) arrived."""
 
@@ -168,12 +198,12 @@ class LoadTracker(Protocol):
 NO_EVENTS: Final = -math.inf
 
 
-def _add_event(stored: float, now: float, window: float) -> float:
-    """*stored* (see `NO_EVENTS`) with one more event at *now*."""
+def _add_event(stored: float, now: float, window: float, amount: float = 1.0) -> float:
+    """*stored* (see `NO_EVENTS`) with *amount* more events at *now*."""
     base = now / window
     if stored == NO_EVENTS:
-        return base  # ln(1) + now / window
-    return math.log(math.exp(stored - base) + 1.0) + base
+        return math.log(amount) + base
+    return math.log(math.exp(stored - base) + amount) + base
 
 
 def _events(stored: float, now: float, window: float) -> float:
@@ -195,6 +225,7 @@ class _Client:
 
     __slots__ = (
         "busy",
+        "held",
         "messages",
         "refusals",
         "refused_at",
@@ -207,6 +238,8 @@ class _Client:
         # until the first event, so an idle client costs no float objects.
         self.sessions = NO_EVENTS
         self.messages = NO_EVENTS
+        # Seconds of smtpd process time held without progress (decayed).
+        self.held = NO_EVENTS
         self.refusals = 0.0
         self.refused_at = NEVER  # shared: one float object for all clients
 
@@ -214,7 +247,19 @@ class _Client:
 class _Connection:
     """What the tracker knows about one policy connection (one smtpd process)."""
 
-    __slots__ = ("busy", "busy_until", "client", "closed", "instance")
+    __slots__ = (
+        "busy",
+        "busy_until",
+        "client",
+        "closed",
+        "in_data",
+        "instance",
+        "last_at",
+        "progress",
+        "refused",
+        "request",
+        "session_known",
+    )
 
     def __init__(self) -> None:
         self.busy = False
@@ -222,6 +267,17 @@ class _Connection:
         self.busy_until = 0.0
         self.client: int | None = None
         self.instance = ""
+        # The latest request, and when it came: who holds the process now.
+        self.request: PolicyRequest | None = None
+        self.last_at = 0.0
+        # The current session began with a CONNECT (or XCLIENT) request we
+        # saw, so we know where it starts and that it is still the same one.
+        self.session_known = False
+        # It named a recipient (or got further); policyd refused it.
+        self.progress = False
+        self.refused = False
+        # The latest request was DATA: the message is being transferred.
+        self.in_data = False
 
 
 class ClientKeys:
@@ -277,7 +333,10 @@ class MemoryLoadTracker:
         self._lingering = 0
         self._transactions = 0
         self._level = NORMAL
+        self._pressure = 0
+        self._pressing = False
         now = clock.seconds()
+        self._pressure_at = now
         # When the load last justified the current level; the level drops
         # only once this is min_dwell in the past.
         self._held_at = now
@@ -296,6 +355,19 @@ class MemoryLoadTracker:
     def level(self) -> int:
         """The current stress level."""
         return self._level
+
+    @property
+    def pressure(self) -> int:
+        """How far a lasting overload has lowered the bar (0 to max_pressure)."""
+        return self._pressure
+
+    def busy_requests(self) -> list[PolicyRequest]:
+        """The latest request of every busy connection: who holds the processes."""
+        return [
+            state.request
+            for state in self._connections.values()
+            if state.busy and state.request is not None
+        ]
 
     def connection_opened(self, connection: int) -> None:
         """Start tracking a connection."""
@@ -319,6 +391,7 @@ class MemoryLoadTracker:
             state.instance = ""
             self._transactions -= 1
         now = self.clock.seconds()
+        self._end_session(state, now)
         linger_until = min(state.busy_until, now + self.settings.close_linger)
         if state.busy and linger_until > now:
             state.closed = True
@@ -355,6 +428,7 @@ class MemoryLoadTracker:
             state = self._connections[request.connection] = _Connection()
         key = self.keys.key(request.client_address)
         client = self._touch(key)
+        self._account_hold(state, request, key, client, now)
 
         instance = request.instance
         if instance:
@@ -400,6 +474,77 @@ class MemoryLoadTracker:
         state.client = key
         state.busy_until = busy_until
         return self._evaluate(now)
+
+    def _account_hold(
+        self,
+        state: _Connection,
+        request: PolicyRequest,
+        key: int,
+        client: _Client,
+        now: float,
+    ) -> None:
+        """Charge the wait before *request* to whoever kept the process waiting.
+
+        Only waits that are surely inside one session are charged: after a
+        CONNECT we saw (until the next one), or inside one transaction (same
+        `instance`).  Without the CONNECT request the gap between two
+        sessions of the same client on one smtpd process would look like a
+        wait, and include the time the process sat idle.  The wait between
+        DATA and END-OF-MESSAGE is the message being transferred, which a
+        slow link is entitled to; it is never charged.
+        """
+        state_name = request.protocol_state
+        last = state.request
+        if state_name in SESSION_STATES:
+            self._end_session(state, now)
+            state.session_known = True
+            state.progress = state.refused = False
+        elif last is not None and state.client != key:
+            # Another client on this process: a new session whose start we
+            # did not see (no CONNECT wiring).
+            self._end_session(state, now)
+            state.session_known = False
+            state.progress = state.refused = False
+        elif (
+            last is not None
+            and not state.in_data
+            and (
+                state.session_known
+                or (request.instance and request.instance == last.instance)
+            )
+        ):
+            self._charge(client, now - state.last_at, now)
+        if state_name in PROGRESS_STATES:
+            state.progress = True
+        state.in_data = state_name == DATA
+        state.last_at = now
+        state.request = request
+
+    def _end_session(self, state: _Connection, now: float) -> None:
+        """The session on *state* ended; charge it if it held for nothing.
+
+        A session that began with a CONNECT we saw and ended before naming a
+        recipient, without being refused, is charged the time from its last
+        request to its end, at most `LoadSettings.busy_window` (the same
+        assumption the load count makes: when the next request on the
+        process comes much later, the process may have sat idle meanwhile).
+        """
+        if not state.session_known or state.progress or state.refused:
+            return
+        if state.client is None:
+            return
+        record = self._clients.get(state.client)
+        if record is not None:
+            self._charge(
+                record, min(now - state.last_at, self.settings.busy_window), now
+            )
+
+    def _charge(self, record: _Client, waited: float, now: float) -> None:
+        excess = waited - self.settings.hold_grace
+        if excess > 0:
+            record.held = _add_event(
+                record.held, now, self.settings.hold_window, excess
+            )
 
     def _touch(self, key: int) -> _Client:
         clients = self._clients
@@ -466,6 +611,7 @@ class MemoryLoadTracker:
         record = self._clients.get(key)
         if record is None:
             return ClientStats(self.keys.describe(key), 0, 0.0, 0.0, 0.0, None)
+        settings = self.settings
         per_minute = 60.0 / window
         return ClientStats(
             key=self.keys.describe(key),
@@ -476,12 +622,17 @@ class MemoryLoadTracker:
             since_refusal=None
             if record.refused_at == NEVER
             else now - record.refused_at,
+            held=_events(record.held, now, settings.hold_window),
         )
 
     def record_refusal(self, request: PolicyRequest) -> None:
         """Remember a refusal of the client of *request*."""
         now = self.clock.seconds()
         record = self._touch(self.keys.key(request.client_address))
+        state = self._connections.get(request.connection)
+        if state is not None:
+            # A refused session did not hold its process by choice.
+            state.refused = True
         if record.refused_at == NEVER:
             record.refusals = 1.0
         else:
@@ -547,12 +698,40 @@ class MemoryLoadTracker:
         elif now - self._held_at >= settings.min_dwell:
             self._held_at = now
             self._change(current, target)
+        self._press(now, self._level == OVERLOAD and load >= settings.overload_exit)
         return self._level
+
+    def _press(self, now: float, pressed: bool) -> None:
+        """Move the pressure one step per `LoadSettings.pressure_step`.
+
+        Up while the overload lasts with the load above its exit threshold,
+        down while it does not; each phase starts counting when it begins.
+        """
+        if pressed != self._pressing:
+            self._pressing = pressed
+            self._pressure_at = now
+        top = self.settings.max_pressure
+        if (self._pressure >= top) if pressed else (self._pressure <= 0):
+            return
+        step = self.settings.pressure_step
+        if step <= 0:
+            self._pressure = top if pressed else 0
+            return
+        steps = int((now - self._pressure_at) / step)
+        if steps:
+            self._pressure_at += steps * step
+            change = steps if pressed else -steps
+            self._pressure = max(0, min(top, self._pressure + change))
 
     def _change(self, old: int, new: int) -> None:
         self._level = new
         self._transitions[LEVEL_NAMES[new]] += 1
         snapshot = self.snapshot()
+        if self._on_level_change is not None:
+            # The callback logs the change (policyd.holders.LevelChangeLog
+            # adds who holds the processes and what to do).
+            self._on_level_change(old, new, snapshot)
+            return
         log.info(
             "Stress level {old_level} -> {new_level} (load {load:.2f}, "
             "{busy} busy of {capacity}, {rate:.1f} requests/s, Postfix stress "
@@ -566,8 +745,6 @@ class MemoryLoadTracker:
             rate=snapshot.request_rate,
             postfix_stress="yes" if snapshot.postfix_stress else "no",
         )
-        if self._on_level_change is not None:
-            self._on_level_change(old, new, snapshot)
 
     def snapshot(self) -> LoadSnapshot:
         """The current load."""

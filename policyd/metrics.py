@@ -27,7 +27,9 @@ from twisted.web.server import Request
 
 from policyd import __version__
 from policyd.actions import Action
+from policyd.holders import count_holders, current_bar
 from policyd.load import LoadTracker
+from policyd.policy import PolicySettings
 
 # Decisions are expected in microseconds; the upper buckets show a stalled
 # decider long before Postfix's own policy timeout (reference §1.6).
@@ -304,3 +306,36 @@ class LoadCollector(Collector):
         for level, count in load.transitions.items():
             transitions.add_metric([level], count)
         yield transitions
+
+
+class HoldersCollector(Collector):
+    """
+    Who holds the busy smtpd processes, and the current bar; at scrape time.
+
+    Classifying costs a scoring per busy process (microseconds each, a few
+    hundred at most), paid once per scrape, never per request.
+    """
+
+    def __init__(self, tracker: LoadTracker, settings: PolicySettings) -> None:
+        self._tracker = tracker
+        self._settings = settings
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the busy processes by class and the refusal bar."""
+        holders = GaugeMetricFamily(
+            "policyd_busy_processes",
+            "Busy smtpd processes (policy connections) by the class of the client "
+            "holding them: clean (never refused for load), suspicious (refused "
+            "once overload lasts), exempt (authenticated or allow-listed).",
+            labels=["class"],
+        )
+        for kind, count in count_holders(self._tracker, self._settings).items():
+            holders.add_metric([kind], count)
+        yield holders
+        yield GaugeMetricFamily(
+            "policyd_refusal_bar",
+            "The score a client needs now to be refused under stress: "
+            "POLICYD_SUSPICIOUS_SCORE, falling towards "
+            "POLICYD_OVERLOAD_SUSPICIOUS_SCORE while overload lasts.",
+            value=current_bar(self._tracker, self._settings),
+        )

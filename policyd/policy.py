@@ -46,6 +46,7 @@ CONCURRENCY: Final = "concurrency"
 MESSAGE_RATE: Final = "message_rate"
 SESSION_RATE: Final = "session_rate"
 QUICK_RETRY: Final = "quick_retry"
+PROCESS_HOLDER: Final = "process_holder"
 
 SIGNALS: Final = (
     NO_CLIENT_NAME,
@@ -60,12 +61,18 @@ SIGNALS: Final = (
     MESSAGE_RATE,
     SESSION_RATE,
     QUICK_RETRY,
+    PROCESS_HOLDER,
 )
 
 # `client_name=unknown` and `reverse_client_name=unknown` can mean a DNS
 # lookup that failed temporarily (Postfix does not tell): these never count
 # towards a permanent refusal.
 DNS_SIGNALS: Final = frozenset({NO_CLIENT_NAME, NO_REVERSE_NAME})
+
+# Signals that can only ever refuse temporarily: the DNS ones, and holding
+# processes without progress, which a slow link or a slow DNS on our side can
+# also cause (docs/decisions.md, "Process holders").
+TEMPORARY_SIGNALS: Final = DNS_SIGNALS | {PROCESS_HOLDER}
 
 # What a client does rather than who it is.  Volume is no sign of a bot: a
 # bank's newsletter or a mailing list sends fast over many connections and
@@ -133,14 +140,20 @@ class PolicySettings:
             MESSAGE_RATE: 2,
             SESSION_RATE: 2,
             QUICK_RETRY: 3,
+            PROCESS_HOLDER: 3,
         }
     )
     suspicious_score: int = 3
+    # The lowest the bar goes once overload has lasted (pressure).
+    overload_suspicious_score: int = 2
     reject_score: int = 8
     client_concurrency_limit: int = 5
     client_message_rate_limit: float = 30.0
     client_session_rate_limit: float = 30.0
     quick_retry_window: float = 30.0
+    # Seconds of process time held without progress (decayed) from which a
+    # client is a process holder.
+    hold_limit: float = 20.0
     my_hostnames: tuple[str, ...] = ()
     allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     allow_domains: tuple[str, ...] = ()
@@ -160,6 +173,8 @@ class Verdict:
     score: int
     reasons: tuple[str, ...]
     exemption: str | None = None
+    #: The score that was needed to refuse (0 where nobody is scored).
+    bar: int = 0
 
     @property
     def level_name(self) -> str:
@@ -338,13 +353,42 @@ def signals(
         and now_since_refusal < settings.quick_retry_window
     ):
         found.append(QUICK_RETRY)
+    if client.held > settings.hold_limit:
+        found.append(PROCESS_HOLDER)
     return found
 
 
+def max_pressure(settings: PolicySettings) -> int:
+    """How many steps a lasting overload can lower the bar."""
+    return max(0, settings.suspicious_score - settings.overload_suspicious_score)
+
+
+def bar(level: int, pressure: int, settings: PolicySettings) -> int:
+    """
+    The score from which a client is refused at *level*.
+
+    ``POLICYD_SUSPICIOUS_SCORE`` at ``elevated``; at ``overload`` it falls
+    one point per step of *pressure* (the tracker's count of how long the
+    overload has lasted), down to ``POLICYD_OVERLOAD_SUSPICIOUS_SCORE``: by
+    default, once overload has lasted, a single identity sign is enough for a
+    temporary refusal.
+    """
+    if level == OVERLOAD:
+        return max(
+            min(settings.overload_suspicious_score, settings.suspicious_score),
+            settings.suspicious_score - pressure,
+        )
+    return settings.suspicious_score
+
+
 def decide(
-    request: PolicyRequest, level: int, client: ClientStats, settings: PolicySettings
+    request: PolicyRequest,
+    level: int,
+    client: ClientStats,
+    settings: PolicySettings,
+    pressure: int = 0,
 ) -> Verdict:
-    """The verdict for *request* at stress *level*."""
+    """The verdict for *request* at stress *level* (and overload *pressure*)."""
     if level == NORMAL:
         return Verdict(DUNNO, PASS, level, 0, ())
     exempt = exemption(request, settings)
@@ -357,11 +401,10 @@ def decide(
     # client: neither is a reason to refuse, in the reply, the log or the
     # metric.
     reasons = tuple(s for s in found if weights[s] > 0)
-    if score < settings.suspicious_score or all(
-        s in BEHAVIOUR_SIGNALS for s in reasons
-    ):
-        return Verdict(DUNNO, PASS, level, score, reasons)
-    firm = sum(weights[s] for s in found if s not in DNS_SIGNALS)
+    needed = bar(level, pressure, settings)
+    if score < needed or all(s in BEHAVIOUR_SIGNALS for s in reasons):
+        return Verdict(DUNNO, PASS, level, score, reasons, bar=needed)
+    firm = sum(weights[s] for s in found if s not in TEMPORARY_SIGNALS)
     very = firm >= settings.reject_score
     if level == OVERLOAD:
         template = settings.overload_reject_action if very else settings.overload_action
@@ -370,7 +413,30 @@ def decide(
     else:
         raise ValueError(f"unknown stress level {level}")
     action = refusal(template, reasons)
-    return Verdict(action, outcome_of(action), level, score, reasons)
+    return Verdict(action, outcome_of(action), level, score, reasons, bar=needed)
+
+
+# The classes of clients holding smtpd processes (a metric label).
+CLEAN: Final = "clean"
+SUSPICIOUS: Final = "suspicious"
+HOLDER_CLASSES: Final = (CLEAN, SUSPICIOUS, EXEMPT)
+
+
+def holder_class(
+    request: PolicyRequest, client: ClientStats, settings: PolicySettings
+) -> str:
+    """
+    Whether *request*'s client is exempt, suspicious or clean.
+
+    Suspicious means policyd refuses it once overload has lasted (at the
+    lowest bar); clean ones it never refuses for load, so when they hold
+    the processes the overload is a legitimate surge, which policyd cannot
+    relieve.
+    """
+    verdict = decide(request, OVERLOAD, client, settings, max_pressure(settings))
+    if verdict.exemption is not None:
+        return EXEMPT
+    return SUSPICIOUS if verdict.refused else CLEAN
 
 
 # Keywords that refuse temporarily; every other keyword allowed in a matrix

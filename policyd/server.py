@@ -38,6 +38,7 @@ from policyd import policy
 from policyd.actions import Action
 from policyd.config import Config
 from policyd.decision import Decider, PolicyDecider
+from policyd.holders import LevelChangeLog
 from policyd.load import (
     ELEVATED,
     NORMAL,
@@ -46,7 +47,12 @@ from policyd.load import (
     LoadTracker,
     MemoryLoadTracker,
 )
-from policyd.metrics import LoadCollector, MetricsRoot, PolicyMetrics
+from policyd.metrics import (
+    HoldersCollector,
+    LoadCollector,
+    MetricsRoot,
+    PolicyMetrics,
+)
 from policyd.policy import PolicySettings
 from policyd.protocol import (
     DECISION_FAILURE_REASONS,
@@ -186,6 +192,10 @@ def load_settings(config: Config) -> LoadSettings:
         ipv6_prefix=config.client_ipv6_prefix,
         max_tracked_clients=config.max_tracked_clients,
         client_rate_window=config.client_rate_window,
+        hold_grace=config.hold_grace,
+        hold_window=config.hold_window,
+        pressure_step=config.bar_step,
+        max_pressure=max(0, config.suspicious_score - config.overload_suspicious_score),
     )
 
 
@@ -205,8 +215,11 @@ def policy_settings(config: Config) -> PolicySettings:
             policy.MESSAGE_RATE: config.weight_message_rate,
             policy.SESSION_RATE: config.weight_session_rate,
             policy.QUICK_RETRY: config.weight_quick_retry,
+            policy.PROCESS_HOLDER: config.weight_process_holder,
         },
         suspicious_score=config.suspicious_score,
+        overload_suspicious_score=config.overload_suspicious_score,
+        hold_limit=config.hold_limit,
         reject_score=config.reject_score,
         client_concurrency_limit=config.client_concurrency_limit,
         client_message_rate_limit=config.client_message_rate_limit,
@@ -271,15 +284,21 @@ class PolicyServer:
         self.metrics = PolicyMetrics(
             registry, PROTOCOL_ERROR_REASONS, DECISION_FAILURE_REASONS
         )
-        self.tracker = MemoryLoadTracker(reactor, load_settings(config))
+        settings = policy_settings(config)
+        level_log = LevelChangeLog(settings, config.smtpd_capacity)
+        self.tracker = MemoryLoadTracker(
+            reactor, load_settings(config), level_log.level_changed
+        )
+        level_log.tracker = self.tracker
         registry.register(LoadCollector(self.tracker))
+        registry.register(HoldersCollector(self.tracker, settings))
         self.factory = PolicyFactory(
             clock=reactor,
             decider=decider
             if decider is not None
             else PolicyDecider(
                 self.tracker,
-                policy_settings(config),
+                settings,
                 self.metrics,
                 dry_run=config.dry_run,
                 dry_run_warn=config.dry_run_warn,

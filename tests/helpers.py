@@ -184,11 +184,25 @@ class RecordingTracker:
         self.load = load
         self.calls: list[tuple[str, object]] = []
         self.snapshots = 0
+        self.fixed_pressure = 0
 
     @property
     def level(self) -> int:
         """The level of the fixed load."""
         return self.load.level
+
+    @property
+    def pressure(self) -> int:
+        """The pressure set by the test (0 unless told)."""
+        return self.fixed_pressure
+
+    def busy_requests(self) -> list[PolicyRequest]:
+        """Every request observed (a test double's idea of the holders)."""
+        return [
+            r
+            for name, r in self.calls
+            if name == "observe" and isinstance(r, PolicyRequest)
+        ]
 
     def connection_opened(self, connection: int) -> None:
         """Record ``("opened", connection)``."""

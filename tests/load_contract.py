@@ -77,6 +77,10 @@ BASE = LoadSettings(
     ipv6_prefix=64,
     max_tracked_clients=1000,
     client_rate_window=60.0,
+    hold_grace=5.0,
+    hold_window=600.0,
+    pressure_step=10.0,
+    max_pressure=1,
 )
 
 NO_LOAD = {"normal": 0, "elevated": 0, "overload": 0}
@@ -195,9 +199,13 @@ class Smtpd:
         """What the tracker knows about *client*."""
         return self.tracker.client(request(0, client))
 
-    def refuse(self, client: str = CLIENT) -> None:
-        """Tell the tracker that *client* was refused just now."""
-        self.tracker.record_refusal(request(0, client))
+    def refuse(self, client: str = CLIENT, connection: int = 0) -> None:
+        """Tell the tracker that *client* was refused just now (on *connection*)."""
+        self.tracker.record_refusal(request(connection, client))
+
+    def later(self, seconds: float) -> None:
+        """Let *seconds* pass without a tick (one smtpd session's pace)."""
+        self.clock.advance(seconds)
 
 
 # Sequences of instances on one connection (state RCPT when an instance is
@@ -283,7 +291,261 @@ _OPERATION = st.tuples(
 )
 
 
-class LoadTrackerContract:
+class ProcessHolderContract:
+    """
+    Process time held without progress (`ClientStats.held`).
+
+    Mixed into `LoadTrackerContract`'s subclasses through it; kept apart so
+    that the rules read together.  A wait between two requests of one
+    session is charged beyond `LoadSettings.hold_grace` (5 s in `BASE`); a
+    session that ends before any recipient and was not refused is charged
+    from its last request to its end, at most the busy window (10 s).
+    """
+
+    smtpd: Callable[..., Smtpd]
+
+    def test_wait_before_recipient_charged(self) -> None:
+        """CONNECT, then RCPT 12 s later: 7 s beyond the grace are held."""
+        p = self.smtpd()
+        c = p.connect()
+        p.ask(c, state="CONNECT")
+        p.later(12)
+        p.ask(c, instance="X")
+        assert p.stats().held == pytest.approx(7.0, rel=1e-3)
+
+    def test_slow_link_within_grace_is_free(self) -> None:
+        """Requests 4.9 s apart (a slow link) never add up to anything held."""
+        p = self.smtpd()
+        c = p.connect()
+        p.ask(c, state="CONNECT")
+        for state in ("RCPT", "RCPT", "DATA", "END-OF-MESSAGE", "RCPT"):
+            p.later(4.9)
+            p.ask(c, instance="X", state=state)
+        assert p.stats().held == 0.0
+
+    def test_message_transfer_never_charged(self) -> None:
+        """Two minutes from DATA to END-OF-MESSAGE (a big message) are free."""
+        p = self.smtpd()
+        c = p.connect()
+        p.ask(c, state="CONNECT")
+        p.later(1)
+        p.ask(c, instance="X", state="RCPT")
+        p.later(1)
+        p.ask(c, instance="X", state="DATA")
+        p.later(120)
+        p.ask(c, instance="X", state="END-OF-MESSAGE")
+        assert p.stats().held == 0.0
+        p.later(8)  # then dawdling before the next recipient is charged
+        p.ask(c, instance="Y", state="RCPT")
+        assert p.stats().held == pytest.approx(3.0, rel=1e-3)
+
+    @pytest.mark.parametrize(
+        ("after", "held"),
+        [(3.0, 0.0), (8.0, 3.0), (10.0, 5.0), (100.0, 5.0)],
+    )
+    def test_session_without_recipient(self, after: float, held: float) -> None:
+        """
+        A session that ends before RCPT is charged until the next one starts.
+
+        At most the busy window (10 s): a later CONNECT may follow a time the
+        process sat idle, which is nobody's fault.
+        """
+        p = self.smtpd()
+        c = p.connect()
+        p.ask(c, A, state="CONNECT")
+        p.later(after)
+        p.ask(c, B, state="CONNECT")
+        assert p.stats(A).held == pytest.approx(held, rel=1e-3)
+        assert p.stats(B).held == 0.0
+
+    def test_refused_session_not_charged(self) -> None:
+        """A session policyd refused did not hold its process by choice."""
+        p = self.smtpd()
+        c = p.connect()
+        p.ask(c, A, state="CONNECT")
+        p.refuse(A, connection=c)
+        p.later(9)
+        p.ask(c, B, state="CONNECT")
+        assert p.stats(A).held == 0.0
+
+    def test_close_ends_the_session(self) -> None:
+        """The smtpd process exiting ends a session that named no recipient."""
+        p = self.smtpd()
+        c = p.connect()
+        p.ask(c, A, state="CONNECT")
+        p.later(9)
+        p.close([c])
+        assert p.stats(A).held == pytest.approx(4.0, rel=1e-3)
+
+    def test_session_with_recipient_not_charged_at_its_end(self) -> None:
+        """A session that named a recipient made progress: its end is free."""
+        p = self.smtpd()
+        c = p.connect()
+        p.ask(c, A, state="CONNECT")
+        p.ask(c, A, instance="X")
+        p.later(9)
+        p.ask(c, B, state="CONNECT")
+        p.close([c])
+        assert p.stats(A).held == 0.0
+
+    def test_without_connect_only_inside_a_transaction(self) -> None:
+        """
+        With RCPT-only wiring, only waits inside one transaction count.
+
+        Between two transactions (new instance) the process may have sat
+        idle between two sessions of the same client: not charged.
+        """
+        p = self.smtpd()
+        c = p.connect()
+        p.ask(c, instance="X")
+        p.later(30)
+        p.ask(c, instance="X")
+        assert p.stats().held == pytest.approx(25.0, rel=1e-3)
+        p.later(300)
+        p.ask(c, instance="Y")
+        assert p.stats().held == pytest.approx(25.0 * math.exp(-300 / 600), rel=1e-3)
+
+    def test_other_client_on_the_process_starts_afresh(self) -> None:
+        """Without CONNECT, another client on the process is a new session."""
+        p = self.smtpd()
+        c = p.connect()
+        p.ask(c, A, instance="X")
+        p.later(30)
+        p.ask(c, B, instance="X")
+        assert (p.stats(A).held, p.stats(B).held) == (0.0, 0.0)
+
+    def test_held_adds_up_and_decays(self) -> None:
+        """Held seconds add over sessions and fade with the hold window."""
+        p = self.smtpd(hold_window=600.0)
+        c = p.connect()
+        for _ in range(3):
+            p.ask(c, state="CONNECT")
+            p.later(15)
+            p.ask(c, instance="X")
+        assert p.stats().held == pytest.approx(
+            10 * (1 + math.exp(-15 / 600) + math.exp(-30 / 600)), rel=1e-3
+        )
+        before = p.stats().held
+        p.wait(600)
+        assert p.stats().held == pytest.approx(before / math.e, rel=1e-3)
+
+    @pytest.mark.parametrize("grace", [0.0, 5.0, 20.0])
+    def test_grace_is_a_setting(self, grace: float) -> None:
+        """The free part of each wait is `LoadSettings.hold_grace`."""
+        p = self.smtpd(hold_grace=grace)
+        c = p.connect()
+        p.ask(c, state="CONNECT")
+        p.later(12)
+        p.ask(c, instance="X")
+        assert p.stats().held == pytest.approx(max(0.0, 12 - grace), abs=1e-6)
+
+    def test_held_grouped_by_prefix(self) -> None:
+        """Held time is kept per client prefix, like the other counts."""
+        p = self.smtpd(ipv4_prefix=24)
+        for address in ("192.0.2.1", "192.0.2.77"):
+            c = p.connect()
+            p.ask(c, address, state="CONNECT")
+            p.later(15)
+            p.ask(c, address, instance="X")
+        assert p.stats("192.0.2.200").held == pytest.approx(
+            10 * (1 + math.exp(-15 / 600)), rel=1e-3
+        )
+        assert p.stats("192.0.3.1").held == 0.0
+
+
+class PressureContract:
+    """
+    `LoadTracker.pressure`: how long the overload has lasted, in steps.
+
+    Boundaries are checked half a second either side of a step, as the
+    module docstring explains.
+    """
+
+    steady: Callable[..., Smtpd]
+
+    def test_zero_below_overload(self) -> None:
+        """At normal and elevated the pressure stays 0, however long."""
+        p = self.steady(max_pressure=3)
+        p.busy(15)  # elevated
+        assert p.level == ELEVATED
+        assert p.watch(60, lambda: p.tracker.pressure) == {0}
+
+    @pytest.mark.parametrize("top", [1, 3])
+    def test_rises_one_step_at_a_time(self, top: int) -> None:
+        """One step per pressure_step of overload, up to max_pressure."""
+        p = self.steady(max_pressure=top, pressure_step=10.0)
+        p.busy(19)
+        assert (p.level, p.tracker.pressure) == (OVERLOAD, 0)
+        for step in range(1, top + 2):
+            p.wait(9.5 if step == 1 else 9.0, step=0.5)  # half a second before
+            assert p.tracker.pressure == min(step - 1, top)
+            p.wait(1, step=0.5)  # half a second after
+            assert p.tracker.pressure == min(step, top)
+
+    def test_falls_as_load_falls(self) -> None:
+        """Below overload_exit (still overload for the dwell) it steps down."""
+        p = self.steady(max_pressure=2, pressure_step=10.0, min_dwell=300.0)
+        connections = p.busy(19)
+        p.wait(25)
+        assert p.tracker.pressure == 2
+        p.shed(connections[:6])  # 13 of 20: below the exit of 15
+        assert p.level == OVERLOAD  # the dwell keeps the level
+        p.wait(9.5, step=0.5)
+        assert p.tracker.pressure == 2
+        p.wait(1, step=0.5)
+        assert p.tracker.pressure == 1
+        p.wait(10)
+        assert p.tracker.pressure == 0
+        assert p.level == OVERLOAD
+
+    def test_load_returning_restarts_the_step(self) -> None:
+        """A new rise counts its step from when the load came back."""
+        p = self.steady(max_pressure=1, pressure_step=10.0, min_dwell=300.0)
+        connections = p.busy(19)
+        p.shed(connections[:6])
+        p.wait(7)
+        p.busy(6)
+        p.wait(9, step=0.5)
+        assert p.tracker.pressure == 0
+        p.wait(1.5, step=0.5)
+        assert p.tracker.pressure == 1
+
+    def test_no_step_jumps(self) -> None:
+        """pressure_step 0: the whole way at once, and back at once."""
+        p = self.steady(max_pressure=4, pressure_step=0.0, min_dwell=300.0)
+        connections = p.busy(19)
+        assert p.tracker.pressure == 4
+        p.shed(connections[:6])
+        assert p.tracker.pressure == 0
+
+    def test_no_pressure_allowed(self) -> None:
+        """max_pressure 0 (a fixed bar): always 0."""
+        p = self.steady(max_pressure=0, pressure_step=1.0)
+        p.busy(20)
+        assert p.watch(30, lambda: p.tracker.pressure) == {0}
+
+
+class HoldersContract:
+    """`LoadTracker.busy_requests`: the latest request of each busy process."""
+
+    smtpd: Callable[..., Smtpd]
+
+    def test_latest_request_of_each_busy_connection(self) -> None:
+        """One request per busy connection, the latest; idle ones drop out."""
+        p = self.smtpd(busy_window=10.0)
+        first, second = p.connect(), p.connect()
+        p.ask(first, A, state="CONNECT")
+        p.ask(first, A, state="HELO")
+        p.ask(second, B, state="CONNECT")
+        held = sorted(
+            (r.client_address, r.protocol_state) for r in p.tracker.busy_requests()
+        )
+        assert held == [(A, "HELO"), (B, "CONNECT")]
+        p.wait(11)
+        assert p.tracker.busy_requests() == []
+
+
+class LoadTrackerContract(ProcessHolderContract, PressureContract, HoldersContract):
     """
     The behaviour every `LoadTracker` backend shares.
 

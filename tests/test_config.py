@@ -47,6 +47,8 @@ DOCUMENTED_DEFAULTS = {
     "POLICYD_REFUSAL_LOG_LIMIT": "100",
     "POLICYD_DRY_RUN_WARN": "0",
     "POLICYD_SUSPICIOUS_SCORE": "3",
+    "POLICYD_OVERLOAD_SUSPICIOUS_SCORE": "2",
+    "POLICYD_BAR_STEP": "10s",
     "POLICYD_REJECT_SCORE": "8",
     "POLICYD_WEIGHT_NO_CLIENT_NAME": "2",
     "POLICYD_WEIGHT_NO_REVERSE_NAME": "2",
@@ -60,6 +62,10 @@ DOCUMENTED_DEFAULTS = {
     "POLICYD_WEIGHT_MESSAGE_RATE": "2",
     "POLICYD_WEIGHT_SESSION_RATE": "2",
     "POLICYD_WEIGHT_QUICK_RETRY": "3",
+    "POLICYD_WEIGHT_PROCESS_HOLDER": "3",
+    "POLICYD_HOLD_LIMIT": "20s",
+    "POLICYD_HOLD_GRACE": "5s",
+    "POLICYD_HOLD_WINDOW": "10m",
     "POLICYD_CLIENT_CONCURRENCY_LIMIT": "5",
     "POLICYD_CLIENT_MESSAGE_RATE_LIMIT": "30",
     "POLICYD_CLIENT_SESSION_RATE_LIMIT": "30",
@@ -297,6 +303,11 @@ GOOD: dict[str, list[tuple[str, Any]]] = {
     "POLICYD_DRY_RUN_WARN": [("1", True), ("on", True), ("0", False), ("", False)],
     "POLICYD_REFUSAL_LOG_LIMIT": [("100", 100), ("0", 0), ("1000000", 1000000)],
     "POLICYD_SUSPICIOUS_SCORE": [("3", 3), ("1", 1), ("1000", 1000), (" 12 ", 12)],
+    "POLICYD_OVERLOAD_SUSPICIOUS_SCORE": [("2", 2), ("1", 1), (" 3 ", 3)],
+    "POLICYD_BAR_STEP": [("10s", 10.0), ("0", 0.0), ("1m", 60.0), ("1h", 3600.0)],
+    "POLICYD_HOLD_LIMIT": [("20s", 20.0), ("0", 0.0), ("2m", 120.0)],
+    "POLICYD_HOLD_GRACE": [("5s", 5.0), ("0", 0.0), ("1h", 3600.0)],
+    "POLICYD_HOLD_WINDOW": [("10m", 600.0), ("1", 1.0), ("24h", 86400.0)],
     "POLICYD_REJECT_SCORE": [("8", 8), ("1", 1), ("1000", 1000), ("+20", 20)],
     **{
         name: [
@@ -650,6 +661,14 @@ BAD: dict[str, list[tuple[str, str]]] = {
         ("three", _SCORE),
     ],
     "POLICYD_REJECT_SCORE": [("", _SCORE), ("0", _SCORE), ("1e3", _SCORE)],
+    "POLICYD_OVERLOAD_SUSPICIOUS_SCORE": [("0", _SCORE), ("2.5", _SCORE)],
+    "POLICYD_BAR_STEP": [
+        ("-1", _DURATION),
+        ("2h", _DURATION + r" between 0s and 3600s"),
+    ],
+    "POLICYD_HOLD_LIMIT": [("", _DURATION), ("forever", _DURATION)],
+    "POLICYD_HOLD_GRACE": [("-5", _DURATION), ("2h", _DURATION)],
+    "POLICYD_HOLD_WINDOW": [("0", _DURATION), ("2d", _DURATION)],
     **{
         name: [
             ("", _WEIGHT),

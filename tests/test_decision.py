@@ -73,9 +73,10 @@ IMPOSTOR_REASONS = ("dynamic_name", "helo_impersonates")
 class ForcedLevel:
     """A `MemoryLoadTracker` whose stress level the test sets."""
 
-    def __init__(self, clock: Clock, level: int = NORMAL) -> None:
+    def __init__(self, clock: Clock, level: int = NORMAL, pressure: int = 0) -> None:
         self.real = MemoryLoadTracker(clock, LoadSettings())
         self.forced = level
+        self.pressure = pressure
         self.refusals: list[PolicyRequest] = []
         self.observed: list[PolicyRequest] = []
 
@@ -83,6 +84,10 @@ class ForcedLevel:
     def level(self) -> int:
         """The level the test set."""
         return self.forced
+
+    def busy_requests(self) -> list[PolicyRequest]:
+        """The real tracker's holders."""
+        return self.real.busy_requests()
 
     def connection_opened(self, connection: int) -> None:
         """Pass on."""
@@ -348,6 +353,7 @@ class TestRefusals:
                 "action",
                 "outcome",
                 "score",
+                "bar",
                 "reasons",
                 "instance",
                 "state",
@@ -361,6 +367,7 @@ class TestRefusals:
             "action": O_BOT.text,
             "outcome": "defer",
             "score": 6,
+            "bar": 3,
             "reasons": list(BOT_REASONS),
             "instance": "a1.65f0c1d2.3e4f5.0",
             "state": "RCPT",
@@ -368,7 +375,7 @@ class TestRefusals:
         }
         assert formatEvent(event) == (
             "Refused 203.0.113.45 (unknown, helo user-pc) at overload: "
-            f"{O_BOT.text} (score 6: no_client_name, no_reverse_name, "
+            f"{O_BOT.text} (score 6, bar 3: no_client_name, no_reverse_name, "
             "helo_not_fqdn)"
         )
 
@@ -700,3 +707,23 @@ class TestRefusalLogLimit:
             rig.ask(BOT, connection=connection, instance=f"i{connection}")
         assert len(refusals(logs)) == 20
         assert events_named(logs, "refusals_not_logged") == []
+
+
+class TestPressure:
+    """The decider asks the tracker how far the bar has fallen."""
+
+    def test_one_sign_refused_once_overload_lasts(self) -> None:
+        """One identity sign: DUNNO at fresh overload, 421 once pressure is 1."""
+        rig = Rig(OVERLOAD)
+        one_sign = {**CLEAN, "client_name": "unknown", "protocol_state": "CONNECT"}
+        assert rig.ask(one_sign, connection=1) == DUNNO
+        rig.tracker.pressure = 1
+        action = rig.ask(one_sign, connection=2)
+        assert action.text.startswith("421 4.7.0")
+        assert "no_client_name" in action.text
+
+    def test_clean_client_passes_at_any_pressure(self) -> None:
+        """Pressure never makes a clean client refusable."""
+        rig = Rig(OVERLOAD)
+        rig.tracker.pressure = 9
+        assert rig.ask(CLEAN) == DUNNO

@@ -41,18 +41,23 @@ from policyd.policy import (
     NO_HELO,
     NO_REVERSE_NAME,
     PASS,
+    PROCESS_HOLDER,
     QUICK_RETRY,
     REJECT,
     SESSION_RATE,
     SIGNALS,
+    SUSPICIOUS,
     PolicySettings,
     Verdict,
+    bar,
     decide,
     exemption,
+    holder_class,
     looks_dynamic,
     refusal,
     signals,
 )
+from policyd.policy import CLEAN as CLEAN_CLASS
 from policyd.request import PolicyRequest
 
 # A well-configured MTA at the RCPT stage: nothing about it is suspicious.
@@ -104,6 +109,7 @@ def stats(
     session_rate: float = 0.0,
     message_rate: float = 1.0,
     since_refusal: float | None = None,
+    held: float = 0.0,
 ) -> ClientStats:
     """What the tracker knows about a client; by default a quiet one."""
     refusals = 0.0 if since_refusal is None else 1.0
@@ -114,6 +120,7 @@ def stats(
         message_rate,
         refusals,
         since_refusal,
+        held,
     )
 
 
@@ -278,8 +285,10 @@ class TestMatrix:
     @pytest.mark.parametrize("level", [NORMAL, ELEVATED, OVERLOAD])
     def test_clean_client_never_refused(self, level: int) -> None:
         """A clean client gets DUNNO with score 0 and no reasons at every level."""
-        verdict = decide(req(), level, QUIET, DEFAULTS)
-        assert verdict == Verdict(DUNNO, PASS, level, 0, ())
+        for pressure in (0, 1, 5):
+            verdict = decide(req(), level, QUIET, DEFAULTS, pressure)
+            needed = bar(level, pressure, DEFAULTS) if level != NORMAL else 0
+            assert verdict == Verdict(DUNNO, PASS, level, 0, (), bar=needed)
 
     def test_normal_is_not_scored(self) -> None:
         """At normal nobody is even scored: score 0 and no reasons."""
@@ -490,6 +499,10 @@ SIGNAL_CASES = [
     ),
     pytest.param({}, stats(since_refusal=30.0), [], id="back at the window's end"),
     pytest.param({}, stats(since_refusal=300.0), [], id="back after MTA backoff"),
+    pytest.param({}, stats(held=20.0), [], id="held without progress, at the limit"),
+    pytest.param(
+        {}, stats(held=20.5), [PROCESS_HOLDER], id="held without progress, above"
+    ),
     # -- everything at once, in a stable order --
     pytest.param(
         {
@@ -1164,6 +1177,7 @@ class TestWeights:
             MESSAGE_RATE: stats(message_rate=99),
             SESSION_RATE: stats(session_rate=99),
             QUICK_RETRY: stats(since_refusal=1),
+            PROCESS_HOLDER: stats(held=99),
         }.get(signal, QUIET)
         verdict = decide(req(**found), ELEVATED, known, settings)
         assert (verdict.score, verdict.reasons) == (37, (signal,))
@@ -1302,3 +1316,157 @@ class TestPurity:
             timeout=60,
         )
         assert result.stdout.strip() == "[]"
+
+
+# A client showing one identity sign (score 2) at each stage.
+ONE_SIGN = [
+    pytest.param({"client_name": "unknown", "state": "CONNECT"}, id="unverified PTR"),
+    pytest.param(
+        {
+            "client_address": "203.0.113.7",
+            "client_name": "203-0-113-7.dyn.cable.example.net",
+            "reverse_client_name": "203-0-113-7.dyn.cable.example.net",
+            "state": "XCLIENT",
+        },
+        id="dynamic-looking PTR",
+    ),
+    pytest.param({"helo_name": "pc01"}, id="bare-word HELO at RCPT"),
+]
+
+
+class TestBar:
+    """The bar falls as the overload lasts: `bar` and `decide(..., pressure)`."""
+
+    @pytest.mark.parametrize(
+        ("level", "pressure", "expected"),
+        [
+            (ELEVATED, 0, 3),
+            (ELEVATED, 5, 3),
+            (OVERLOAD, 0, 3),
+            (OVERLOAD, 1, 2),
+            (OVERLOAD, 2, 2),
+            (OVERLOAD, 99, 2),
+        ],
+    )
+    def test_defaults(self, level: int, pressure: int, expected: int) -> None:
+        """3 at elevated; at overload one point less per step, never below 2."""
+        assert bar(level, pressure, DEFAULTS) == expected
+
+    @pytest.mark.parametrize(
+        ("suspicious", "lowest", "pressure", "expected"),
+        [
+            (6, 2, 1, 5),
+            (6, 2, 3, 3),
+            (6, 2, 9, 2),
+            (3, 3, 5, 3),
+            (2, 5, 5, 2),
+        ],
+    )
+    def test_tunable(
+        self, suspicious: int, lowest: int, pressure: int, expected: int
+    ) -> None:
+        """The bar runs from POLICYD_SUSPICIOUS_SCORE down to the overload one.
+
+        A lowest bar above the suspicious score changes nothing: the bar
+        never rises under overload.
+        """
+        settings = attrs.evolve(
+            DEFAULTS, suspicious_score=suspicious, overload_suspicious_score=lowest
+        )
+        assert bar(OVERLOAD, pressure, settings) == expected
+        assert policy.max_pressure(settings) == max(0, suspicious - lowest)
+
+    @pytest.mark.parametrize("attributes", ONE_SIGN)
+    def test_one_sign_refused_once_overload_lasts(
+        self, attributes: dict[str, str]
+    ) -> None:
+        """One identity sign: passes at elevated and fresh overload, 421 later."""
+        request = req(**attributes)
+        assert decide(request, ELEVATED, QUIET, DEFAULTS, 5).outcome == PASS
+        assert decide(request, OVERLOAD, QUIET, DEFAULTS, 0).outcome == PASS
+        verdict = decide(request, OVERLOAD, QUIET, DEFAULTS, 1)
+        assert (verdict.outcome, verdict.score, verdict.bar) == (DEFER, 2, 2)
+        assert verdict.action.text.startswith("421 ")
+
+    def test_lower_bar_never_rejects_for_good(self) -> None:
+        """The bar moves the temporary refusal only: 521 still needs firm 8."""
+        request = req(
+            client_name="unknown", reverse_client_name="unknown", helo_name="pc01"
+        )
+        verdict = decide(request, OVERLOAD, stats(since_refusal=1), DEFAULTS, 1)
+        assert verdict.score == 9
+        assert verdict.outcome == DEFER  # firm: helo 2 + quick retry 3 = 5
+
+    @pytest.mark.parametrize("pressure", [0, 1, 99])
+    def test_behaviour_alone_never_refuses_at_any_bar(self, pressure: int) -> None:
+        """A clean identity that hammers passes, however low the bar."""
+        known = stats(concurrency=99, message_rate=99, session_rate=99, since_refusal=1)
+        verdict = decide(req(), OVERLOAD, known, DEFAULTS, pressure)
+        assert verdict.outcome == PASS
+        assert verdict.score == 10
+
+    @pytest.mark.parametrize("pressure", [0, 1, 99])
+    def test_exempt_never_refused_at_any_bar(self, pressure: int) -> None:
+        """Authenticated clients pass, whatever the bar and the signs."""
+        request = req(client_name="unknown", helo_name="pc01", sasl_username="u")
+        verdict = decide(request, OVERLOAD, HAMMERING, DEFAULTS, pressure)
+        assert verdict.outcome == EXEMPT
+
+
+class TestProcessHolder:
+    """Holding processes without progress: a signal that only ever defers."""
+
+    def test_refuses_a_clean_identity_temporarily(self) -> None:
+        """A clean name that held processes for nothing is deferred under stress.
+
+        Holding a process is the very harm policyd exists to undo, so unlike
+        volume it counts on its own, but it never leads to a permanent
+        refusal (a slow link or slow DNS on our side can cause it too).
+        """
+        verdict = decide(req(), ELEVATED, stats(held=60.0), DEFAULTS)
+        assert (verdict.outcome, verdict.reasons) == (DEFER, (PROCESS_HOLDER,))
+
+    def test_lets_behaviour_add(self) -> None:
+        """Once a holder, its hammering adds to the score (still temporary)."""
+        known = stats(held=60.0, concurrency=9, since_refusal=1)
+        verdict = decide(req(), OVERLOAD, known, DEFAULTS)
+        assert verdict.score == 9
+        assert verdict.reasons == (CONCURRENCY, QUICK_RETRY, PROCESS_HOLDER)
+        assert verdict.outcome == DEFER  # firm 6 (behaviour), not 8
+
+    def test_never_counts_towards_reject(self) -> None:
+        """Firm signals one short of the reject score stay a 421 with a holder."""
+        request = req(helo_name="localhost", reverse_client_name="dsl-1.example.net")
+        settings = attrs.evolve(DEFAULTS, reject_score=8)
+        without = decide(request, OVERLOAD, stats(), settings)
+        held = decide(request, OVERLOAD, stats(held=99.0), settings)
+        assert without.score == 7
+        assert held.score == 10
+        assert (without.outcome, held.outcome) == (DEFER, DEFER)
+
+
+class TestHolderClass:
+    """`holder_class`: who holds the processes, for the metric and the log."""
+
+    @pytest.mark.parametrize(
+        ("attributes", "known", "expected"),
+        [
+            pytest.param({}, QUIET, CLEAN_CLASS, id="clean"),
+            pytest.param({}, HAMMERING, CLEAN_CLASS, id="clean and busy: clean"),
+            pytest.param(
+                {"client_name": "unknown"}, QUIET, SUSPICIOUS, id="one sign: suspicious"
+            ),
+            pytest.param({}, stats(held=99.0), SUSPICIOUS, id="process holder"),
+            pytest.param(
+                {"client_name": "unknown", "sasl_username": "alice"},
+                QUIET,
+                EXEMPT,
+                id="authenticated",
+            ),
+        ],
+    )
+    def test_classes(
+        self, attributes: dict[str, str], known: ClientStats, expected: str
+    ) -> None:
+        """Suspicious means refused at the lowest overload bar."""
+        assert holder_class(req(**attributes), known, DEFAULTS) == expected

@@ -648,6 +648,14 @@ LOAD_SETTINGS: list[tuple[str, str, str, Any]] = [
     ("client_ipv6_prefix", "48", "ipv6_prefix", 48),
     ("max_tracked_clients", "5000", "max_tracked_clients", 5000),
     ("client_rate_window", "5m", "client_rate_window", 300.0),
+    ("hold_grace", "2s", "hold_grace", 2.0),
+    ("hold_window", "1h", "hold_window", 3600.0),
+    ("bar_step", "30s", "pressure_step", 30.0),
+    # How far the bar can fall: from the suspicious score to the overload one.
+    ("overload_suspicious_score", "1", "max_pressure", 2),
+    ("overload_suspicious_score", "3", "max_pressure", 0),
+    ("suspicious_score", "5", "max_pressure", 3),
+    ("suspicious_score", "1", "max_pressure", 0),
 ]
 
 
@@ -796,6 +804,8 @@ class TestLoadWiring:
 # the PolicySettings field it sets, and the value it sets it to.
 POLICY_SETTINGS: list[tuple[str, str, str, Any]] = [
     ("suspicious_score", "4", "suspicious_score", 4),
+    ("overload_suspicious_score", "1", "overload_suspicious_score", 1),
+    ("hold_limit", "1m", "hold_limit", 60.0),
     ("reject_score", "12", "reject_score", 12),
     ("client_concurrency_limit", "20", "client_concurrency_limit", 20),
     ("client_message_rate_limit", "90", "client_message_rate_limit", 90.0),
