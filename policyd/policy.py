@@ -8,12 +8,14 @@ from a table.
 
 At ``normal`` nobody is refused.  Under stress, a client is scored from
 what the request shows (its names, its HELO, its behaviour as the tracker saw
-it); a score at or above `PolicySettings.suspicious_score` makes it
-*suspicious* and it gets the temporary action of the level, and one at or
-above `PolicySettings.reject_score` **not counting** the signals a temporary
-DNS failure can cause makes it *very suspicious* and, at ``overload``, it gets
-a permanent refusal.  Authenticated and allow-listed clients are never
-scored.
+it); a score at or above the *bar* makes it *suspicious* and it gets the
+temporary action of the level.  The bar is `PolicySettings.suspicious_score`
+at ``elevated``, and falls towards `PolicySettings.overload_suspicious_score`
+as an overload lasts (`bar`).  A score at or above
+`PolicySettings.reject_score` **not counting** the signals a temporary DNS
+failure (or a slow link) can cause makes it *very suspicious* and, at
+``overload``, it gets a permanent refusal.  Authenticated and allow-listed
+clients are never scored.
 """
 
 from __future__ import annotations
