@@ -595,7 +595,8 @@ class PostfixConfig:
     )
     #: The restriction list the policy check is appended to; None: no policy
     #: check at all (a Postfix without policyd, for comparison).
-    policy_restriction: str | None = "smtpd_recipient_restrictions"
+    #: The restriction list(s) the policy check goes into (None: none).
+    policy_restriction: str | tuple[str, ...] | None = "smtpd_recipient_restrictions"
     delay_reject: bool = True
     #: Kept narrow so loopback clients never match permit_mynetworks (the
     #: restriction lists do not use it either) nor the anvil exemption.
@@ -644,10 +645,9 @@ class PostfixConfig:
             "smtpd_data_restrictions": [],
             "smtpd_end_of_data_restrictions": [],
         }
-        if self.policy_restriction is not None:
-            restrictions.setdefault(self.policy_restriction, []).append(
-                self.policy_check
-            )
+        wired = self.policy_restriction
+        for name in (wired,) if isinstance(wired, str) else wired or ():
+            restrictions.setdefault(name, []).append(self.policy_check)
         settings = {
             "compatibility_level": "3.6",
             "config_directory": str(root / "etc"),

@@ -64,7 +64,8 @@ class Identity:
     def xclient(self) -> str:
         """The XCLIENT arguments presenting this identity."""
         fields = {
-            "ADDR": self.address,
+            # Postfix wants IPv6 addresses tagged (XCLIENT_README).
+            "ADDR": f"IPV6:{self.address}" if ":" in self.address else self.address,
             "NAME": self.name,
             "REVERSE_NAME": self.reverse_name,
             "HELO": self.helo,
@@ -73,32 +74,102 @@ class Identity:
         return " ".join(f"{k}={xtext(v)}" for k, v in fields.items())
 
 
-def bot_identities(count: int, rng: random.Random) -> list[Identity]:
-    """*count* bot identities: three /24s, no reverse DNS, odd HELOs.
+#: The kinds of bot population (`bot_identities`).
+NO_PTR: Final = "no-ptr"
+MIXED: Final = "mixed"
+WIDE: Final = "wide"
+BOT_MIXES: Final = (NO_PTR, MIXED, WIDE)
 
-    The HELOs are bare words, a forged name or a foreign IP literal.
+_UNAVAILABLE: Final = "[UNAVAILABLE]"
+_BOT_HELOS: Final = (
+    "localhost",
+    "user",
+    "WIN-{n:04X}",
+    "mail.example.test",
+    "[10.0.0.{n}]",
+)
+
+
+def _no_ptr_bot(address: str, rng: random.Random, n: int) -> Identity:
+    """No reverse DNS at all, and an odd HELO (bare word, forged, literal)."""
+    helo = _BOT_HELOS[n % len(_BOT_HELOS)].format(n=rng.randrange(1, 250))
+    return Identity(address, _UNAVAILABLE, _UNAVAILABLE, helo)
+
+
+def _dynamic_bot(address: str, rng: random.Random, n: int) -> Identity:
+    """A home line: a forward-confirmed PTR that looks dynamic, used as HELO.
+
+    One identity sign (``dynamic_name``), at every stage.
     """
-    networks = ("203.0.113", "198.18.7", "192.0.2")
-    helos = ("localhost", "user", "WIN-{n:04X}", "mail.example.test", "[10.0.0.{n}]")
+    if ":" in address:
+        name = f"host-{rng.randrange(1 << 32):08x}.dyn.ipv6.cable.example.net"
+    else:
+        name = f"{address.replace('.', '-')}.dyn.cable.example.net"
+    return Identity(address, name, name, name)
+
+
+def _unconfirmed_bot(address: str, rng: random.Random, n: int) -> Identity:
+    """A PTR that does not forward-confirm (it names some business's server).
+
+    Postfix reports ``client_name=unknown`` and the PTR as the reverse name;
+    the HELO is that name, a valid FQDN: one identity sign (``no_client_name``).
+    """
+    name = f"mail.somebiz{rng.randrange(1, 999)}.example"
+    return Identity(address, _UNAVAILABLE, name, name)
+
+
+_KINDS: Final = (_no_ptr_bot, _dynamic_bot, _unconfirmed_bot)
+
+
+def bot_identities(count: int, rng: random.Random, mix: str = NO_PTR) -> list[Identity]:
+    """*count* bot identities of the population *mix*.
+
+    * `NO_PTR`: three /24s, no reverse DNS, bare-word, forged or IP-literal
+      HELOs (at least two identity signs each).
+    * `MIXED`: the same three /24s, a third each with no PTR, with a
+      forward-confirmed dynamic-looking PTR (one sign), and with a PTR that
+      does not forward-confirm (one sign), as real botnets show.
+    * `WIDE`: as `MIXED`, but spread over 200 IPv4 /24s and 1000 IPv6 /64s,
+      so that hardly any address or prefix is seen twice in a run
+      (*count* is then the size of the pool the bots draw from).
+    """
     identities = []
     for n in range(count):
-        address = f"{networks[n % len(networks)]}.{rng.randrange(2, 250)}"
-        helo = helos[n % len(helos)].format(n=rng.randrange(1, 250))
-        identities.append(Identity(address, "[UNAVAILABLE]", "[UNAVAILABLE]", helo))
+        if mix == WIDE and n % 3 == 2:
+            address = (
+                f"2001:db8:{rng.randrange(1 << 16):x}:{rng.randrange(1 << 16):x}"
+                f"::{rng.randrange(1, 1 << 16):x}"
+            )
+        elif mix == WIDE:
+            address = (
+                f"{rng.choice((100, 101, 102, 103))}.{rng.randrange(64, 114)}."
+                f"{rng.randrange(256)}.{rng.randrange(2, 250)}"
+            )
+        else:
+            networks = ("203.0.113", "198.18.7", "192.0.2")
+            address = f"{networks[n % len(networks)]}.{rng.randrange(2, 250)}"
+        kind = _no_ptr_bot if mix == NO_PTR else _KINDS[n % len(_KINDS)]
+        identities.append(kind(address, rng, n))
     return identities
 
 
-def sender_identities(count: int) -> list[Identity]:
-    """*count* clean identities: verified names, matching HELOs."""
-    return [
-        Identity(
-            f"198.51.100.{10 + n}",
-            f"mx{n}.sender{n}.example",
-            f"mx{n}.sender{n}.example",
-            f"mx{n}.sender{n}.example",
-        )
-        for n in range(count)
-    ]
+def sender_identities(count: int, weak: int = 0) -> list[Identity]:
+    """*count* legitimate identities; the last *weak* of them without a PTR.
+
+    The clean ones have verified names and matching HELOs; the weak ones
+    are small businesses whose address has no reverse DNS (two DNS signs,
+    deferred under stress), with a proper HELO.
+    """
+    identities = []
+    for n in range(count):
+        address = f"198.51.100.{10 + n}"
+        if n >= count - weak:
+            helo = f"mail.smallbiz{n}.example"
+            identities.append(Identity(address, _UNAVAILABLE, _UNAVAILABLE, helo))
+        else:
+            name = f"mx{n}.sender{n}.example"
+            identities.append(Identity(address, name, name, name))
+    return identities
 
 
 @attrs.define
@@ -289,6 +360,9 @@ class Bot(_Client):
         self.recipient = recipient
         self.sessions: list[Session] = []
         self._rng = random.Random(seed * 1000 + number)
+        #: When not empty, each session presents one of these at random (a
+        #: wide botnet: many addresses, each seen rarely).
+        self.pool: Sequence[Identity] = ()
 
     def _wait(self) -> None:
         # +-25% so that the bots do not march in step.
@@ -322,6 +396,8 @@ class Bot(_Client):
     def loop(self) -> None:
         """Connect, dawdle through one message, reconnect; until stopped."""
         while not self.stopping.is_set():
+            if self.pool:
+                self.identity = self._rng.choice(self.pool)
             session = Session(self.number, time.monotonic())
             self._session(session, functools.partial(self._converse, session=session))
             self.sessions.append(session)
@@ -495,6 +571,9 @@ class SwarmSpec:
     nice: int = 0
     #: The number of the first bot (bots are numbered across swarms).
     first: int = 0
+    #: Identities every bot draws from, one per session (empty: each bot
+    #: keeps its own identity).
+    pool: tuple[Identity, ...] = ()
 
 
 def _swarm(
@@ -515,6 +594,7 @@ def _swarm(
         for n, identity in enumerate(spec.identities, start=spec.first)
     ]
     for bot in bots:
+        bot.pool = spec.pool
         bot.start()
     stop.wait()
     for bot in bots:

@@ -90,8 +90,12 @@ from crowd import (  # noqa: E402
     CONNECT,
     DEFERRED,
     DROPPED,
+    MIXED,
+    NO_PTR,
     REFUSED,
+    WIDE,
     BotSwarm,
+    Identity,
     Message,
     SenderProcess,
     SenderSpec,
@@ -116,6 +120,10 @@ from postfix_bed import (  # noqa: E402
     wait_until,
 )
 
+#: Where policyd is asked: at CONNECT and again at RCPT (the wiring the docs
+#: advise), both with one check_policy_service text (one connection).
+CONNECT_RCPT: Final = "connect+rcpt"
+
 LEVELS: Final = ("normal", "elevated", "overload")
 PROCESS_LIMIT_WARNING: Final = "has reached its process limit"
 
@@ -134,6 +142,17 @@ class RunSpec:
     reconnect_pause: float | None = None
     #: Nice increment of the bots' client process.
     bots_nice: int = 0
+    #: Who the bots are (`crowd.BOT_MIXES`).
+    bot_mix: str = NO_PTR
+    #: Legitimate senders as a multiple of the process limit (None: the
+    #: scenario's count).
+    senders_per_process: float | None = None
+    #: How many of the senders have no PTR (weak identity).
+    weak_senders: int = 0
+    #: Environment for policyd beyond the scenario's.
+    policyd_env: tuple[tuple[str, str], ...] = ()
+    #: Longest the senders may take to drain (None: the scenario's).
+    drain: float | None = None
 
 
 RUNS: Final = {
@@ -163,8 +182,75 @@ RUNS: Final = {
             wiring="connect",
             reconnect_pause=1.0,
         ),
+        # -- botnets with a real mix of identities (issue 10) --
+        RunSpec(
+            "mixed-no-policyd",
+            "mixed botnet, no policyd (dry run at CONNECT + RCPT)",
+            bots=True,
+            wiring=CONNECT_RCPT,
+            dry_run=True,
+            bot_mix=MIXED,
+        ),
+        RunSpec(
+            "mixed-rcpt",
+            "mixed botnet, policyd at RCPT",
+            bots=True,
+            wiring="rcpt",
+            bot_mix=MIXED,
+        ),
+        RunSpec(
+            "mixed",
+            "mixed botnet, policyd at CONNECT + RCPT",
+            bots=True,
+            wiring=CONNECT_RCPT,
+            bot_mix=MIXED,
+        ),
+        RunSpec(
+            "mixed-fixed-bar",
+            "mixed botnet, CONNECT + RCPT, fixed bar (as before)",
+            bots=True,
+            wiring=CONNECT_RCPT,
+            bot_mix=MIXED,
+            policyd_env=(("POLICYD_OVERLOAD_SUSPICIOUS_SCORE", "3"),),
+        ),
+        RunSpec(
+            "wide",
+            "wide botnet (IPv4 /24s, IPv6 /64s), CONNECT + RCPT",
+            bots=True,
+            wiring=CONNECT_RCPT,
+            bot_mix=WIDE,
+        ),
+        RunSpec(
+            "weak",
+            "mixed botnet, 2 of the senders without PTR, CONNECT + RCPT",
+            bots=True,
+            wiring=CONNECT_RCPT,
+            bot_mix=MIXED,
+            weak_senders=2,
+            # policyd stays at overload, then elevated, for a dwell each
+            # once the bots stop; the weak senders get through after that.
+            drain=300.0,
+        ),
+        # -- a legitimate surge: no bots, three senders per process --
+        RunSpec(
+            "surge-no-policyd",
+            "legitimate surge (3 senders per process), no policyd",
+            bots=False,
+            wiring=None,
+            senders_per_process=3.0,
+        ),
+        RunSpec(
+            "surge",
+            "legitimate surge (3 senders per process), CONNECT + RCPT",
+            bots=False,
+            wiring=CONNECT_RCPT,
+            senders_per_process=3.0,
+        ),
     )
 }
+
+#: The runs of `main`'s default, and of the docs (``--runs`` picks others).
+DEFAULT_RUNS: Final = tuple(RUNS)
 
 
 @attrs.frozen
@@ -223,6 +309,26 @@ class RunResult:
         return self.flood_end - self.scenario.duration, self.flood_end
 
 
+#: Identities a wide botnet draws from.
+WIDE_POOL: Final = 3000
+
+
+def reference_run(name: str) -> str:
+    """The run without policyd that *name* is compared with."""
+    if name.startswith("surge"):
+        return "surge-no-policyd"
+    if name.startswith(("mixed", "wide", "weak")):
+        return "mixed-no-policyd"
+    return "no-policyd"
+
+
+def sender_count(spec: RunSpec, scenario: Scenario) -> int:
+    """How many legitimate senders *spec* runs."""
+    if spec.senders_per_process is not None:
+        return round(spec.senders_per_process * scenario.maxproc)
+    return scenario.senders
+
+
 def percentile(values: Sequence[float], share: float) -> float | None:
     """The *share* percentile (0..1) by the nearest-rank method; None if empty."""
     if not values:
@@ -257,6 +363,15 @@ def summarize(result: RunResult) -> dict[str, Any]:
             stage = "CONNECT" if session.stage == CONNECT else session.stage
             refused_at[stage] = refused_at.get(stage, 0) + 1
     capacity = scenario.maxproc * seconds
+    count = sender_count(result.spec, scenario)
+    weak_numbers = set(range(count - result.spec.weak_senders, count))
+    weak = [m for m in messages if m.sender in weak_numbers]
+    clean = [m for m in messages if m.sender not in weak_numbers]
+    weak_late = [
+        m.accepted - result.flood_end
+        for m in weak
+        if m.accepted is not None and m.accepted > result.flood_end
+    ]
     levels = [s.level for s in result.samples if start <= s.at + result.began < end]
     known = [level for level in levels if level is not None]
     return {
@@ -282,6 +397,19 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "legit_attempts_dropped": sum(
             1 for s in sender_sessions if s.outcome == DROPPED
         ),
+        "senders": count,
+        "clean_attempts_refused": sum(
+            1 for m in clean for s in m.attempts if s.outcome in (DEFERRED, REFUSED)
+        ),
+        "weak_senders": len(weak_numbers),
+        "weak_messages": len(weak),
+        "weak_deferred": sum(1 for m in weak if len(m.attempts) > 1),
+        "weak_refused": sum(1 for m in weak if m.refused),
+        "weak_pending": sum(1 for m in weak if m.accepted is None and not m.refused),
+        "weak_delay_max": max(
+            (d for m in weak if (d := m.delay) is not None), default=None
+        ),
+        "weak_last_after_flood": max(weak_late, default=None),
         "bot_share": sum(s.held(start, end) for s in bot_sessions) / capacity,
         "legit_share": sum(s.held(start, end) for s in sender_sessions) / capacity,
         "bot_sessions": len(window_bots),
@@ -355,8 +483,9 @@ def _postfix_config(
             None: None,
             "rcpt": "smtpd_recipient_restrictions",
             "connect": "smtpd_client_restrictions",
+            CONNECT_RCPT: ("smtpd_client_restrictions", "smtpd_recipient_restrictions"),
         }[wiring],
-        delay_reject=wiring != "connect",
+        delay_reject=wiring not in ("connect", CONNECT_RCPT),
         main_extra={
             # Only the process limit shapes the load: anvil's per-client
             # limits would count every XCLIENT'd session against our one
@@ -524,6 +653,7 @@ def run_one(
             "POLICYD_ALLOW_NETWORKS": f"{bed.client_address}/32",
             "POLICYD_LOG_LEVEL": "info",
             "POLICYD_DRY_RUN": "1" if spec.dry_run else "0",
+            **dict(spec.policyd_env),
         }
         policyd = PolicydProcess(env, netns=bed.netns).start()
     try:
@@ -548,7 +678,14 @@ def run_one(
             if spec.reconnect_pause is not None
             else scenario.reconnect_pause
         )
-        identities = bot_identities(scenario.bots, rng) if spec.bots else []
+        pool: tuple[Identity, ...] = ()
+        identities: Sequence[Identity] = ()
+        if spec.bots and spec.bot_mix == WIDE:
+            # Each bot draws a fresh identity from the pool for every session.
+            pool = tuple(bot_identities(WIDE_POOL, rng, WIDE))
+            identities = pool[: scenario.bots]
+        elif spec.bots:
+            identities = bot_identities(scenario.bots, rng, spec.bot_mix)
         swarms = [
             BotSwarm(
                 SwarmSpec(
@@ -560,6 +697,7 @@ def run_one(
                     scenario.seed,
                     spec.bots_nice,
                     first,
+                    pool,
                 )
             )
             for first in range(0, len(identities), BOTS_PER_PROCESS)
@@ -576,7 +714,9 @@ def run_one(
                 ),
                 drain,
             )
-            for n, identity in enumerate(sender_identities(scenario.senders))
+            for n, identity in enumerate(
+                sender_identities(sender_count(spec, scenario), spec.weak_senders)
+            )
         ]
         began = time.monotonic()
         monitor = Monitor(bed, policyd, began)
@@ -609,7 +749,9 @@ def run_one(
         )
         bot_sessions = [s for swarm in swarms for s in swarm.stop()]
         drain.set()
-        deadline = time.monotonic() + scenario.drain
+        deadline = time.monotonic() + (
+            spec.drain if spec.drain is not None else scenario.drain
+        )
         # Every sender must be finished (and its messages collected), so no
         # all() that would stop at the first one still busy.
         drained = True
@@ -670,17 +812,28 @@ def _ratio(value: float, reference: float | None) -> str:
     return f"{value / reference:.2f}x"
 
 
+def _weak(summary: dict[str, Any]) -> str:
+    """The weak-identity senders' column: deferred, and how late delivered."""
+    if not summary.get("weak_senders"):
+        return "-"
+    return (
+        f"{summary['weak_deferred']} of {summary['weak_messages']} deferred, "
+        f"last {_seconds(summary['weak_last_after_flood'])} after"
+    )
+
+
 def table(summaries: Sequence[dict[str, Any]]) -> str:
     """The results as a Markdown table, one row per run."""
     by_run = {s["run"]: s for s in summaries}
     baseline = by_run.get("baseline", {}).get("legit_per_second")
-    no_policyd = by_run.get("no-policyd", {}).get("legit_per_second")
     rows = [
         "| run | legit msg/s | vs no policyd | vs baseline | delay p50 / p99 "
         "| greeting wait p50 / p99 | refused for good | pending at end "
         "| bots' share of smtpd time | bot sessions/s | bots refused at "
-        "| policyd level | cores: clients / Postfix / policyd |",
-        "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---|---|---|",
+        "| policyd level | cores: clients / Postfix / policyd "
+        "| clean senders' attempts refused | weak-identity messages: deferred, "
+        "last accepted after the flood |",
+        "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---|---|---|---:|---|",
     ]
     for s in summaries:
         refused = ", ".join(f"{k} {v}" for k, v in s["bot_refused_at"].items()) or "-"
@@ -695,7 +848,12 @@ def table(summaries: Sequence[dict[str, Any]]) -> str:
             else "-"
         )
         rate = s["legit_per_second"]
-        versus = _ratio(rate, no_policyd) if s["run"] != "baseline" else "-"
+        reference = by_run.get(reference_run(s["run"]), {}).get("legit_per_second")
+        versus = (
+            _ratio(rate, reference)
+            if s["run"] not in ("baseline", reference_run(s["run"]))
+            else "-"
+        )
         delays = f"{_seconds(s['delay_p50'])} / {_seconds(s['delay_p99'])}"
         waits = (
             f"{_seconds(s['greeting_wait_p50'])} / {_seconds(s['greeting_wait_p99'])}"
@@ -705,7 +863,8 @@ def table(summaries: Sequence[dict[str, Any]]) -> str:
             f"| {delays} | {waits} "
             f"| {s['legit_refused']} | {s['legit_pending']} "
             f"| {s['bot_share']:.0%} | {s['bot_sessions_per_second']:.1f} "
-            f"| {refused} | {level} | {cores} |"
+            f"| {refused} | {level} | {cores} "
+            f"| {s.get('clean_attempts_refused', '-')} | {_weak(s)} |"
         )
     return "\n".join(rows) + "\n"
 
