@@ -299,6 +299,8 @@ class RunResult:
     process_limit_warnings: int
     decisions: dict[str, float] = attrs.field(factory=dict)
     drained: bool = True
+    #: Policy requests that carried Postfix's stress=yes.
+    postfix_stress_seen: float = 0.0
     #: Cores used during the measured flood: "runner" (every client thread),
     #: "policyd", "machine" (all busy CPU), "other" (Postfix, mostly).
     cores: dict[str, float] = attrs.field(factory=dict)
@@ -311,6 +313,19 @@ class RunResult:
 
 #: Identities a wide botnet draws from.
 WIDE_POOL: Final = 3000
+
+
+#: The identity kinds of a `MIXED` botnet, in the order bots are dealt them.
+BOT_KINDS: Final = ("no-ptr", "dynamic", "unconfirmed")
+
+
+def bot_kind(mix: str, number: int) -> str | None:
+    """Which kind of identity bot *number* shows (None: it changes, `WIDE`)."""
+    if mix == NO_PTR:
+        return BOT_KINDS[0]
+    if mix == MIXED:
+        return BOT_KINDS[number % len(BOT_KINDS)]
+    return None
 
 
 def reference_run(name: str) -> str:
@@ -358,10 +373,15 @@ def summarize(result: RunResult) -> dict[str, Any]:
     bot_sessions = [s for s in result.sessions if s.started < end]
     window_bots = [s for s in bot_sessions if start <= s.started]
     refused_at: dict[str, int] = {}
+    by_kind: dict[str, dict[str, int]] = {}
     for session in window_bots:
         if session.outcome in (DEFERRED, REFUSED):
             stage = "CONNECT" if session.stage == CONNECT else session.stage
             refused_at[stage] = refused_at.get(stage, 0) + 1
+            kind = bot_kind(result.spec.bot_mix, session.client)
+            if kind is not None:
+                counts = by_kind.setdefault(kind, {})
+                counts[stage] = counts.get(stage, 0) + 1
     capacity = scenario.maxproc * seconds
     count = sender_count(result.spec, scenario)
     weak_numbers = set(range(count - result.spec.weak_senders, count))
@@ -415,6 +435,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "bot_sessions": len(window_bots),
         "bot_sessions_per_second": len(window_bots) / seconds,
         "bot_refused_at": dict(sorted(refused_at.items())),
+        "bot_refused_at_by_kind": by_kind,
         "bot_accepted": sum(1 for s in window_bots if s.outcome == ACCEPTED),
         "bot_dropped": sum(1 for s in window_bots if s.outcome == DROPPED),
         "overload_share": (
@@ -425,6 +446,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "process_limit_warnings": result.process_limit_warnings,
         "stressed_smtpd_seen": max((s.stressed for s in result.samples), default=0),
         "decisions": result.decisions,
+        "postfix_stress_seen": result.postfix_stress_seen,
         "drained": result.drained,
         "cores": result.cores,
     }
@@ -773,6 +795,11 @@ def run_one(
                 value = policyd.metric("policyd_decisions_total", {"outcome": outcome})
                 if value:
                     decisions[outcome] = value
+        stress_seen = (
+            policyd.metric("policyd_postfix_stress_seen_total") or 0.0
+            if policyd is not None
+            else 0.0
+        )
         warnings += bed.postfix.maillog.text(mark).count(PROCESS_LIMIT_WARNING)
         return RunResult(
             spec=spec,
@@ -787,6 +814,7 @@ def run_one(
             decisions=decisions,
             drained=drained,
             cores=cores,
+            postfix_stress_seen=stress_seen,
         )
     finally:
         if policyd is not None:
