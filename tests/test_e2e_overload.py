@@ -1,13 +1,13 @@
 """
 The overload scenario, short: with policyd, legitimate mail gets through.
 
-This is a small version of bench/overload/overload.py (docs/overload.md):
-a real Postfix with 5 smtpd processes in a private network namespace, 10
-bots that dawdle 1.5 s before each command and reconnect at once, and 3
-legitimate senders with a retry queue, all presenting their identities
-with XCLIENT.  The load runs with policyd in dry run (so, in effect,
-without it) and with policyd wired at CONNECT, against bots without reverse DNS; then against a
-*mixed* botnet (a third each without PTR, with a dynamic-looking
+This is a small version of bench/overload/overload.py (docs/overload.md): a
+real Postfix with 5 smtpd processes in a private network namespace, 10 bots
+that dawdle 1.5 s before each command and reconnect at once, and 3
+legitimate senders with a retry queue, all presenting their identities with
+XCLIENT.  The load runs with policyd in dry run (so, in effect, without it)
+and with policyd wired at CONNECT, against bots without reverse DNS; then
+against a *mixed* botnet (a third each without PTR, with a dynamic-looking
 forward-confirmed PTR, with a PTR that does not confirm: one identity sign
 for two thirds of them) with policyd at CONNECT + RCPT, with and without two
 legitimate senders that have no PTR; and a legitimate surge (three clean
