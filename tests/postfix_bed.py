@@ -4,7 +4,9 @@ A real-Postfix test bed: a private Postfix instance plus policyd as a process.
 Importable from the end-to-end tests and from benchmark or scenario runners;
 nothing here depends on pytest.  The pieces:
 
-- `ensure_postfix` finds (and, as root, installs) Debian's Postfix programs.
+- `find_postfix` finds Debian's Postfix programs.  Nothing here installs
+  anything: tests/run installs what the tests need (as root), and a runner
+  that wants to install more does so itself, explicitly.
 - `PostfixConfig` / `PostfixInstance` render and run a throw-away instance
   with its own configuration, queue and data directories in a temporary
   directory, started and stopped with ``postfix -c DIR``.  It never reads or
@@ -14,7 +16,7 @@ nothing here depends on pytest.  The pieces:
 - `send_message` (smtplib, optionally with XCLIENT) and `run_smtp_source`
   (or `start_smtp_source`, in the background) drive mail through the
   instance; `MailLog` reads the instance's own log.
-- `NetworkNamespace` (with `ensure_iproute2`) is a private network
+- `NetworkNamespace` (with `find_ip`) is a private network
   namespace joined to this one by a veth pair.  Given one, `PostfixInstance`
   and `PolicydProcess` run inside it; clients stay here.  This is the mode
   in which master(8) can enter stress mode: it never does for a listener
@@ -135,7 +137,8 @@ class PostfixTools:
         return _run([self.postconf, "-dh", "mail_version"]).strip()
 
 
-def _which(name: str) -> str | None:
+def find_program(name: str) -> str | None:
+    """The absolute path of program *name* on ``$PATH`` or in `SBIN_DIRS`."""
     path = os.pathsep.join([os.environ.get("PATH", os.defpath), *SBIN_DIRS])
     return shutil.which(name, path=path)
 
@@ -164,83 +167,34 @@ def _run(argv: Sequence[str], timeout: float = 60.0) -> str:
     return stdout
 
 
-def _apt_install(package: str) -> None:
-    """``apt-get install`` *package*, running ``apt-get update`` if that fails."""
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "--no-install-recommends", package]
-    first = subprocess.run(
-        install, env=env, capture_output=True, text=True, timeout=900, check=False
-    )
-    if first.returncode == 0:
-        return
-    update = subprocess.run(
-        ["apt-get", "update"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    second = subprocess.run(
-        install, env=env, capture_output=True, text=True, timeout=900, check=False
-    )
-    if second.returncode != 0:
-        raise Unavailable(
-            f"apt-get install {package} failed (after apt-get update, which exited "
-            f"{update.returncode}): {second.stderr.strip()[-500:]}"
-        )
-
-
-def _apt_install_postfix() -> None:
-    """Install Debian's postfix without configuring or starting the system MTA."""
-    # "No configuration" keeps the package from writing /etc/postfix/main.cf
-    # and from starting the system instance; the bed brings its own config.
-    if shutil.which("debconf-set-selections"):
-        subprocess.run(
-            ["debconf-set-selections"],
-            input="postfix postfix/main_mailer_type select No configuration\n",
-            text=True,
-            check=False,
-            timeout=60,
-        )
-    _apt_install("postfix")
-
-
-def ensure_postfix(*, install: bool = True) -> PostfixTools:
+def find_postfix() -> PostfixTools:
     """
-    Find the Postfix programs the bed needs, installing Postfix if allowed.
+    Find the Postfix programs the bed needs; `Unavailable` if one is missing.
 
     A private instance can only be started by root, so a non-root caller gets
-    `Unavailable` even when Postfix is installed.  Postfix is installed with
-    apt-get only when *install* is true, we are root and apt-get exists.
+    `Unavailable` even when Postfix is installed.  Nothing is installed here:
+    tests/run installs Debian's postfix (as root) when it is missing.
     """
     if os.geteuid() != 0:
         raise Unavailable(
             "the Postfix test bed needs root: master(8) must start as root to "
             "bind its listeners and switch to mail_owner"
         )
-    if _which("postfix") is None and install:
-        if shutil.which("apt-get") is None:
-            raise Unavailable("postfix is not installed and apt-get is not available")
-        _apt_install_postfix()
-    found = {
-        name: _which(name) for name in ("postfix", "postconf", "postlog", "smtp-source")
-    }
-    missing = sorted(name for name, path in found.items() if path is None)
+    wanted = ("postfix", "postconf", "postlog", "smtp-source")
+    found = {name: path for name in wanted if (path := find_program(name))}
+    missing = [name for name in wanted if name not in found]
     if missing:
         raise Unavailable(f"Postfix programs not found: {', '.join(missing)}")
-    postconf = found["postconf"]
-    assert postconf is not None
-    owner = _run([postconf, "-dh", "mail_owner"]).strip()
+    owner = _run([found["postconf"], "-dh", "mail_owner"]).strip()
     try:
         pwd.getpwnam(owner)
     except KeyError:
         raise Unavailable(f"mail_owner {owner!r} does not exist") from None
     return PostfixTools(
-        postfix=found["postfix"] or "",
-        postconf=postconf,
-        postlog=found["postlog"] or "",
-        smtp_source=found["smtp-source"] or "",
+        postfix=found["postfix"],
+        postconf=found["postconf"],
+        postlog=found["postlog"],
+        smtp_source=found["smtp-source"],
         mail_owner=owner,
     )
 
@@ -337,20 +291,16 @@ NETNS_SUPERNET: Final = ipaddress.IPv4Network("10.200.0.0/16")
 _NETNS_NAME: Final = re.compile(r"pfbed-(\d+)-([0-9a-f]{6})")
 
 
-def ensure_iproute2(*, install: bool = True) -> str:
+def find_ip() -> str:
     """
-    The path of ip(8), installing Debian's iproute2 if it is missing.
+    The path of ip(8); `Unavailable` if it is missing or we are not root.
 
-    Network namespaces need root; iproute2 is installed with apt-get only
-    when *install* is true, we are root and apt-get exists.
+    Network namespaces need root.  ip(8) comes with Debian's iproute2, which
+    tests/run installs (as root) when it is missing.
     """
     if os.geteuid() != 0:
         raise Unavailable("network namespaces need root (ip netns add)")
-    if _which("ip") is None and install:
-        if shutil.which("apt-get") is None:
-            raise Unavailable("ip(8) is not installed and apt-get is not available")
-        _apt_install("iproute2")
-    ip = _which("ip")
+    ip = find_program("ip")
     if ip is None:
         raise Unavailable("ip(8) (Debian package iproute2) is not installed")
     return ip

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from postfix_bed import PostfixTools
+from postfix_bed import NetworkNamespace, PostfixTools
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "overload"))
 
@@ -32,9 +32,11 @@ pytestmark = pytest.mark.postfix
 
 
 @pytest.fixture(scope="module")
-def overload_bed(postfix_tools: PostfixTools) -> Iterator[Bed]:
+def overload_bed(
+    postfix_tools: PostfixTools, network_namespace: NetworkNamespace
+) -> Iterator[Bed]:
     """A Postfix instance in its own network namespace, for the scenario."""
-    with open_bed(QUICK) as bed:
+    with open_bed(QUICK, postfix_tools, network_namespace) as bed:
         yield bed
 
 
