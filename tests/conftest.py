@@ -7,21 +7,20 @@ from collections.abc import Iterator
 
 import attrs
 import pytest
-from postfix_bed import (
-    Bed,
-    NetworkNamespace,
-    PolicydProcess,
+
+from policyd.testing.bed import Bed
+from policyd.testing.daemon import PolicydProcess
+from policyd.testing.netns import NetworkNamespace, find_ip
+from policyd.testing.postfix import (
     PostfixConfig,
     PostfixInstance,
     PostfixTools,
-    Unavailable,
-    find_ip,
     find_postfix,
-    free_port,
 )
+from policyd.testing.system import Unavailable, free_port
 
 # --------------------------------------------------------------------------
-# Real-Postfix end-to-end fixtures (tests/postfix_bed.py)
+# Real-Postfix end-to-end fixtures (policyd.testing)
 # --------------------------------------------------------------------------
 
 

@@ -16,17 +16,14 @@ undelivered once the flood is over.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from postfix_bed import NetworkNamespace, PostfixTools
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "overload"))
-
 from overload import QUICK, RUNS, Bed, open_bed, run_one, summarize
+
+from policyd.testing.netns import NetworkNamespace
+from policyd.testing.postfix import PostfixTools
 
 pytestmark = pytest.mark.postfix
 

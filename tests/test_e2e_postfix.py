@@ -13,14 +13,10 @@ import time
 from collections import defaultdict
 
 import pytest
-from postfix_bed import (
-    RELAY_DOMAIN,
-    Bed,
-    PostfixConfig,
-    PostfixTools,
-    ehlo_features,
-    running_bed,
-)
+
+from policyd.testing.bed import Bed, running_bed
+from policyd.testing.postfix import PostfixConfig, PostfixTools
+from policyd.testing.smtp import RELAY_DOMAIN, ehlo_features
 
 pytestmark = pytest.mark.postfix
 

@@ -32,11 +32,12 @@ time; ``--docs DIR`` also writes ``overload-results.md`` (the table) and
 How the runner stages a flood (and why):
 
 * Postfix and policyd run in a private network namespace, the clients
-  outside it (`postfix_bed.NetworkNamespace`): master(8) only enters stress
-  mode for a listener that is not loopback-only.  Without a namespace
-  (``ip netns`` unavailable) the listener gets ``-o stress=yes`` for every
-  run instead, and the output says so.  The runner installs Debian's
-  postfix and iproute2 with apt-get when they are missing
+  outside it (`policyd.testing.netns.NetworkNamespace`): master(8) only
+  enters stress mode for a listener that is not loopback-only.  Without a
+  namespace (``ip netns`` unavailable) the listener gets ``-o stress=yes``
+  for every run instead, and the output says so.  The Postfix instance and
+  policyd are those of the test bed (`policyd.testing`); the runner
+  installs Debian's postfix and iproute2 with apt-get when they are missing
   (`install_missing`, called by `main` only).
 * master marks only smtpd processes started *after* a service hit its
   process limit as stressed; the first generation would run the whole flood
@@ -81,14 +82,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import attrs
-
-_HERE = Path(__file__).resolve().parent
-_ROOT = _HERE.parents[1]
-sys.path.insert(0, str(_ROOT / "tests"))
-# The benchmark's /proc CPU helpers (bench/loadgen.py).
-sys.path.insert(0, str(_ROOT / "bench"))
-
-from crowd import (  # noqa: E402
+from crowd import (
     ACCEPTED,
     BOTS_PER_PROCESS,
     CONNECT,
@@ -104,22 +98,24 @@ from crowd import (  # noqa: E402
     bot_identities,
     sender_identities,
 )
-from loadgen import machine_cpu_seconds, proc_cpu_seconds  # noqa: E402
-from postfix_bed import (  # noqa: E402
-    RELAY_DOMAIN,
-    NetworkNamespace,
-    PolicydProcess,
+
+from policyd.testing.daemon import PolicydProcess
+from policyd.testing.netns import NetworkNamespace, find_ip
+from policyd.testing.postfix import (
     PostfixConfig,
     PostfixInstance,
     PostfixTools,
     SmtpListener,
-    Unavailable,
-    find_ip,
     find_postfix,
-    find_program,
-    free_port,
-    wait_until,
 )
+from policyd.testing.smtp import RELAY_DOMAIN
+from policyd.testing.system import Unavailable, find_program, free_port, wait_until
+
+# The benchmark's /proc CPU helpers (bench/loadgen.py), one directory up: the
+# protocol benchmark's scripts are run by path and import each other as
+# top-level modules, so bench/ is not a package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from loadgen import machine_cpu_seconds, proc_cpu_seconds
 
 LEVELS: Final = ("normal", "elevated", "overload")
 PROCESS_LIMIT_WARNING: Final = "has reached its process limit"
