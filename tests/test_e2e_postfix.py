@@ -310,7 +310,7 @@ def test_sigterm_with_idle_postfix_connections(postfix_bed: Bed) -> None:
     assert policyd.terminate(timeout=10) == 0, policyd.describe_output()
     assert time.monotonic() - started < 5.0
     assert policyd.snapshot(lambda e: e.get("event") == "stopped")
-    assert policyd.stderr_lines == []
+    assert policyd.stderr == []
     assert policyd.stray_lines == []
 
 

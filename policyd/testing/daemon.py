@@ -1,12 +1,21 @@
 """
-policyd as a child process, for the Postfix test bed and scenario runners.
+policyd as a child process, for the tests and the scenario runners.
 
-`PolicydProcess` runs ``python -m policyd serve`` with JSON logs at debug
-level on port 0, learns its ports from the log, perhaps inside a network
-namespace (`policyd.testing.netns`), and reads its output in background
-threads: the caller waits for the ``request`` events that Postfix's
-questions cause, reads ``/metrics`` and ``/healthz``, and terminates,
-restarts or kills it.
+`PolicydProcess` runs ``python -m policyd serve`` (or a command that execs
+it, such as a socket-activation trampoline) and reads its stdout and stderr
+line by line in background threads.  Every line is kept, every JSON object
+on stdout is also an event, and the caller waits for events or text, reads
+``/metrics`` and ``/healthz``, signals, restarts and reaps the process.
+
+It serves both kinds of caller:
+
+- the command-line tests, which give the exact ``POLICYD_*`` settings
+  (``defaults=False``), start the process without waiting for anything
+  (`PolicydProcess.spawn`), and look at exit statuses, stdout and stderr;
+- the Postfix test bed (`policyd.testing.bed`), which runs it with JSON
+  logs at debug level on port 0, learns the ports from the log
+  (`PolicydProcess.start`), perhaps inside a network namespace, and waits
+  for the ``request`` events Postfix's questions cause.
 
 Nothing here depends on pytest: a wait that fails raises `TimeoutError`,
 saying what the process last wrote.
@@ -26,10 +35,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Final
+from typing import IO, Any, Final, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -40,6 +49,8 @@ from policyd.testing.system import DEFAULT_TIMEOUT
 #: One JSON log record of policyd.
 Event = dict[str, Any]
 
+_T = TypeVar("_T")
+
 # The directory the policyd package imported here comes from: the child
 # gets it first on PYTHONPATH, so that it runs the same code (the work
 # tree's policyd even when another copy is installed).
@@ -48,43 +59,63 @@ _POLICYD_ROOT: Final = str(Path(policyd.__file__).resolve().parents[1])
 
 class PolicydProcess:
     """
-    ``python -m policyd serve`` with JSON logs at debug level.
+    policyd as a child process whose output is read as it comes.
 
-    Its stdout is read in a background thread; every JSON line becomes an
-    event in `events`.  Lines that are not JSON go to `stray_lines` (there
-    should be none), stderr to `stderr_lines`.
+    The child's environment is ours without its ``POLICYD_*`` variables,
+    then the defaults (unless *defaults* is false), then *env*: the
+    ``POLICYD_*`` settings and any other variable (``LISTEN_FDS``, say).
+    The defaults are both listeners on 127.0.0.1 port 0 and JSON logs at
+    debug level, so that every request is an event and `start` can learn the
+    ports from the log.  Without them policyd falls back on its own defaults
+    for whatever *env* does not set, as on a real install.
 
-    With *netns*, policyd runs inside that network namespace: the policy
-    listener on the namespace's own 127.0.0.1 (where a Postfix instance in
-    the same namespace asks it), the metrics listener, unless given, on the
-    namespace's veth address so that `http_get` reaches it from here.
+    *argv* replaces ``python -m policyd serve`` (it must end up running
+    policyd in the same process, e.g. through ``os.execv``); *pass_fds* are
+    inherited by it.  With *netns*, policyd runs inside that network
+    namespace: the default policy listener on the namespace's own 127.0.0.1
+    (where a Postfix instance in the same namespace asks it), the default
+    metrics listener on the namespace's veth address so that `http_get`
+    reaches it from here.
+
+    `spawn` starts the process, `start` also waits until it listens.  Every
+    stdout line is in `stdout`, every stderr line in `stderr` (each with its
+    newline), and every stdout line that is a JSON object also in `events`.
+    As a context manager it is started on entry (unless `spawn` or `start`
+    already did), and killed if still running, and reaped, on exit.
     """
 
     def __init__(
         self,
         env: Mapping[str, str] | None = None,
         *,
-        listen: str = "tcp:0:interface=127.0.0.1",
-        metrics_listen: str | None = None,
-        python: str = sys.executable,
-        source_root: Path | None = None,
+        defaults: bool = True,
+        argv: Sequence[str] | None = None,
+        pass_fds: Sequence[int] = (),
         netns: NetworkNamespace | None = None,
     ) -> None:
-        self.extra_env = dict(env or {})
-        self.listen = listen
         self.netns = netns
-        if metrics_listen is None:
-            host = "127.0.0.1" if netns is None else netns.address
-            metrics_listen = f"tcp:0:interface={host}"
-        self.metrics_listen = metrics_listen
-        interface = re.search(r"(?:^|:)interface=([^:]+)", metrics_listen)
-        #: Where `http_get` connects: the metrics listener's interface.
-        self.metrics_host = interface.group(1) if interface else "127.0.0.1"
-        self.python = python
-        self.source_root = source_root or Path(_POLICYD_ROOT)
+        #: The variables the child gets over our environment (without our
+        #: own POLICYD_* variables).
+        self.settings: dict[str, str] = {}
+        if defaults:
+            metrics_host = "127.0.0.1" if netns is None else netns.address
+            self.settings.update(
+                POLICYD_LISTEN="tcp:0:interface=127.0.0.1",
+                POLICYD_METRICS_LISTEN=f"tcp:0:interface={metrics_host}",
+                POLICYD_LOG_FORMAT="json",
+                POLICYD_LOG_LEVEL="debug",
+            )
+        self.settings.update(env or {})
+        self.argv: tuple[str, ...] = (
+            tuple(argv)
+            if argv is not None
+            else (sys.executable, "-m", "policyd", "serve")
+        )
+        self.pass_fds = tuple(pass_fds)
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
         self.events: list[Event] = []
-        self.stray_lines: list[str] = []
-        self.stderr_lines: list[str] = []
+        #: The policy and metrics ports, once `start` has learnt them.
         self.port = 0
         self.metrics_port = 0
         self.returncode: int | None = None
@@ -92,39 +123,38 @@ class PolicydProcess:
         self._process: subprocess.Popen[str] | None = None
         self._readers: list[threading.Thread] = []
 
+    @property
+    def metrics_host(self) -> str:
+        """Where `http_get` connects: the metrics listener's interface."""
+        listen = self.settings.get("POLICYD_METRICS_LISTEN", "")
+        interface = re.search(r"(?:^|:)interface=([^:\s]+)", listen)
+        return interface.group(1) if interface else "127.0.0.1"
+
     # -- life cycle ----------------------------------------------------------
 
     def environment(self) -> dict[str, str]:
-        """The child's environment: ours minus POLICYD_*, plus the bed's."""
+        """The child's environment: ours minus POLICYD_*, then `settings`."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}
-        # Run the same policyd as this process, even when another copy is
-        # installed.
         env["PYTHONPATH"] = os.pathsep.join(
-            [str(self.source_root), *filter(None, [os.environ.get("PYTHONPATH")])]
+            [_POLICYD_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]
         )
-        env.update(
-            POLICYD_LISTEN=self.listen,
-            POLICYD_METRICS_LISTEN=self.metrics_listen,
-            POLICYD_LOG_FORMAT="json",
-            POLICYD_LOG_LEVEL="debug",
-        )
-        env.update(self.extra_env)
+        env.update(self.settings)
         return env
 
-    def start(self, timeout: float = DEFAULT_TIMEOUT) -> PolicydProcess:
+    def spawn(self) -> PolicydProcess:
         """
-        Start policyd and wait until both listeners are up; learn the ports.
+        Start the process and the readers of its output; wait for nothing.
 
-        The events of an earlier run (see `restart`) are discarded.
+        The output of an earlier run (see `restart`) is discarded.
         """
         if self.running:
             raise RuntimeError("policyd is already running")
         self.returncode = None
         with self._changed:
+            self.stdout.clear()
+            self.stderr.clear()
             self.events.clear()
-            self.stray_lines.clear()
-            self.stderr_lines.clear()
-        argv = [self.python, "-m", "policyd", "serve"]
+        argv = list(self.argv)
         process = subprocess.Popen(
             argv if self.netns is None else self.netns.wrap(argv),
             env=self.environment(),
@@ -135,6 +165,7 @@ class PolicydProcess:
             encoding="utf-8",
             errors="replace",
             bufsize=1,
+            pass_fds=self.pass_fds,
         )
         self._process = process
         atexit.register(self.kill)
@@ -142,27 +173,35 @@ class PolicydProcess:
             raise RuntimeError("Popen gave no pipes")
         self._readers = [
             threading.Thread(
-                target=self._read_stdout, args=(process.stdout,), daemon=True
+                target=self._read,
+                args=(process.stdout, self.stdout, True),
+                daemon=True,
             ),
             threading.Thread(
-                target=self._read_stderr, args=(process.stderr,), daemon=True
+                target=self._read,
+                args=(process.stderr, self.stderr, False),
+                daemon=True,
             ),
         ]
         for reader in self._readers:
             reader.start()
+        return self
+
+    def start(self, timeout: float = DEFAULT_TIMEOUT) -> PolicydProcess:
+        """
+        `spawn`, then wait until the listeners are up; learn their ports.
+
+        The policy port is that of the first ``listening`` event, the
+        metrics port that of the ``metrics_listening`` event (unless the
+        metrics listener is ``none``): this needs JSON logs, as by default.
+        If policyd does not get there, it is killed.
+        """
+        self.spawn()
         try:
-            listening = self.wait_for(
-                lambda e: e.get("event") == "listening",
-                timeout=timeout,
-                what="the 'listening' event",
-            )
+            listening = self.wait_for_event("listening", timeout=timeout)
             self.port = int(listening["port"])
-            if self.metrics_listen != "none":
-                metrics = self.wait_for(
-                    lambda e: e.get("event") == "metrics_listening",
-                    timeout=timeout,
-                    what="the 'metrics_listening' event",
-                )
+            if self.settings.get("POLICYD_METRICS_LISTEN") != "none":
+                metrics = self.wait_for_event("metrics_listening", timeout=timeout)
                 self.metrics_port = int(metrics["port"])
         except BaseException:
             self.kill()
@@ -173,50 +212,66 @@ class PolicydProcess:
         """Start again on the same policy port (Postfix's config is unchanged)."""
         if self.running:
             raise RuntimeError("policyd is still running")
-        if self.port:
-            self.listen = re.sub(r"^tcp:\d+", f"tcp:{self.port}", self.listen)
+        listen = self.settings.get("POLICYD_LISTEN")
+        if self.port and listen is not None:
+            self.settings["POLICYD_LISTEN"] = re.sub(
+                r"^tcp:\d+", f"tcp:{self.port}", listen
+            )
         return self.start(timeout)
+
+    def _started(self) -> subprocess.Popen[str]:
+        if self._process is None:
+            raise RuntimeError("policyd was never started")
+        return self._process
 
     @property
     def pid(self) -> int:
         """The process id (of the current or last run)."""
-        if self._process is None:
-            raise RuntimeError("policyd was never started")
-        return self._process.pid
+        return self._started().pid
 
     @property
     def running(self) -> bool:
         """Whether the process is alive."""
         return self._process is not None and self._process.poll() is None
 
-    def _reap(self, timeout: float) -> int:
-        if self._process is None:
-            raise RuntimeError("policyd was never started")
-        self.returncode = self._process.wait(timeout)
+    def signal(self, signum: int) -> None:
+        """Send *signum* to the process."""
+        self._started().send_signal(signum)
+
+    def wait(self, timeout: float = DEFAULT_TIMEOUT) -> int:
+        """
+        Wait for the exit and the end of its output; return the exit status.
+
+        `subprocess.TimeoutExpired` if it is still running after *timeout*.
+        """
+        process = self._started()
+        self.returncode = process.wait(timeout)
         for reader in self._readers:
-            reader.join(timeout=5.0)
+            reader.join(timeout=timeout)
+        if not any(reader.is_alive() for reader in self._readers):
+            for stream in (process.stdout, process.stderr):
+                if stream is not None:
+                    stream.close()
         return self.returncode
 
     def terminate(self, timeout: float = 10.0) -> int:
-        """Send SIGTERM and wait for the exit; return the exit code."""
-        if self._process is None:
-            raise RuntimeError("policyd was never started")
+        """Send SIGTERM and wait for the exit; return the exit status."""
         if self.running:
-            self._process.send_signal(signal.SIGTERM)
-        return self._reap(timeout)
+            self.signal(signal.SIGTERM)
+        return self.wait(timeout)
 
     def kill(self) -> None:
-        """SIGKILL the process if it still runs (cleanup path)."""
+        """SIGKILL the process if it still runs, and reap it (cleanup path)."""
         if self._process is None:
             return
         if self.running:
             self._process.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self._reap(10.0)
+            self.wait(10.0)
         atexit.unregister(self.kill)
 
     def __enter__(self) -> PolicydProcess:
-        return self.start()
+        return self if self._process is not None else self.start()
 
     def __exit__(
         self,
@@ -226,28 +281,16 @@ class PolicydProcess:
     ) -> None:
         self.kill()
 
-    # -- events ------------------------------------------------------------------
+    # -- output ------------------------------------------------------------------
 
-    def _read_stdout(self, stream: IO[str]) -> None:
+    def _read(self, stream: IO[str], lines: list[str], parse: bool) -> None:
+        """Append each line of *stream* to *lines*; *parse*: JSON ones to `events`."""
         for line in stream:
-            text = line.rstrip("\n")
-            try:
-                event = json.loads(text)
-            except ValueError:
-                event = None
+            event = _json_object(line) if parse else None
             with self._changed:
-                if isinstance(event, dict):
+                lines.append(line)
+                if event is not None:
                     self.events.append(event)
-                elif text:
-                    self.stray_lines.append(text)
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    def _read_stderr(self, stream: IO[str]) -> None:
-        for line in stream:
-            with self._changed:
-                self.stderr_lines.append(line.rstrip("\n"))
                 self._changed.notify_all()
         with self._changed:
             self._changed.notify_all()
@@ -259,6 +302,37 @@ class PolicydProcess:
             and self._process.poll() is not None
             and not any(reader.is_alive() for reader in self._readers)
         )
+
+    def _wait(
+        self, check: Callable[[], _T | None], timeout: float, what: Callable[[], str]
+    ) -> _T:
+        """Wait until *check* (called with the output locked) returns a value."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = check()
+                if found is not None:
+                    return found
+                remaining = deadline - time.monotonic()
+                exited = self._finished()
+                if remaining <= 0 or exited:
+                    reason = (
+                        "policyd exited" if exited else f"timed out after {timeout}s"
+                    )
+                    raise TimeoutError(
+                        f"{reason} waiting for {what()}; {self.describe_output()}"
+                    )
+                self._changed.wait(min(remaining, 0.5))
+
+    @property
+    def stray_lines(self) -> list[str]:
+        """Non-empty stdout lines that are not JSON objects (with JSON logs: none)."""
+        with self._changed:
+            return [
+                line.rstrip("\n")
+                for line in self.stdout
+                if line.strip() and _json_object(line) is None
+            ]
 
     def snapshot(self, predicate: Callable[[Event], bool] | None = None) -> list[Event]:
         """The events so far, only those matching *predicate* if given."""
@@ -273,23 +347,15 @@ class PolicydProcess:
         what: str = "events",
     ) -> list[Event]:
         """Wait until *count* events match *predicate*; return all that match."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                found = [e for e in self.events if predicate(e)]
-                if len(found) >= count:
-                    return found
-                remaining = deadline - time.monotonic()
-                exited = self._finished()
-                if remaining <= 0 or exited:
-                    reason = (
-                        "policyd exited" if exited else f"timed out after {timeout}s"
-                    )
-                    raise TimeoutError(
-                        f"{reason} waiting for {count} x {what}, got {len(found)}; "
-                        f"{self.describe_output()}"
-                    )
-                self._changed.wait(min(remaining, 0.5))
+        found: list[Event] = []
+
+        def enough() -> list[Event] | None:
+            found[:] = [e for e in self.events if predicate(e)]
+            return list(found) if len(found) >= count else None
+
+        return self._wait(
+            enough, timeout, lambda: f"{count} x {what}, got {len(found)}"
+        )
 
     def wait_for(
         self,
@@ -297,8 +363,40 @@ class PolicydProcess:
         timeout: float = DEFAULT_TIMEOUT,
         what: str = "an event",
     ) -> Event:
-        """Wait for the first event matching *predicate* and return it."""
+        """The first event matching *predicate*, waiting for it if need be."""
         return self.wait_for_all(predicate, 1, timeout, what)[0]
+
+    def wait_for_event(
+        self,
+        event: str,
+        match: Callable[[Event], bool] | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        **fields: object,
+    ) -> Event:
+        """
+        The first *event* event whose *fields* have those values and that *match*es.
+
+        Waits for it (at most *timeout*) if there is none yet.
+        """
+
+        def wanted(record: Event) -> bool:
+            return (
+                record.get("event") == event
+                and all(record.get(k) == v for k, v in fields.items())
+                and (match is None or match(record))
+            )
+
+        what = f"the {event!r} event" + (f" with {fields}" if fields else "")
+        return self.wait_for(wanted, timeout, what)
+
+    def wait_for_text(self, text: str, timeout: float = DEFAULT_TIMEOUT) -> str:
+        """The first stdout line containing *text*, waiting for it if need be."""
+        return self._wait(
+            lambda: next((line for line in self.stdout if text in line), None),
+            timeout,
+            lambda: f"a line with {text!r}",
+        )
 
     def requests(self, **attributes: str) -> list[Event]:
         """The ``request`` events whose attributes include *attributes*."""
@@ -315,11 +413,17 @@ class PolicydProcess:
             what=f"request events with {attributes}",
         )
 
+    def output(self) -> str:
+        """Everything read so far, stdout and stderr, for failure messages."""
+        with self._changed:
+            return f"stdout={''.join(self.stdout)!r} stderr={''.join(self.stderr)!r}"
+
     def describe_output(self, lines: int = 15) -> str:
         """The last events, stray lines and stderr, for error messages."""
         with self._changed:
             events = [json.dumps(e)[:400] for e in self.events[-lines:]]
-            stray, stderr = self.stray_lines[-lines:], self.stderr_lines[-lines:]
+            stray = self.stray_lines[-lines:]
+            stderr = [line.rstrip("\n") for line in self.stderr[-lines:]]
         return (
             "last policyd events:\n  "
             + "\n  ".join(events)
@@ -369,6 +473,15 @@ class PolicydProcess:
             if sample.name == name and wanted.items() <= sample.labels.items()
         ]
         return sum(values) if values else None
+
+
+def _json_object(line: str) -> Event | None:
+    """*line* as a JSON object, or None if it is not one."""
+    try:
+        parsed = json.loads(line)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
 
 
 def _is_request(event: Event, attributes: Mapping[str, str]) -> bool:
