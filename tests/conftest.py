@@ -7,21 +7,20 @@ from collections.abc import Iterator
 
 import attrs
 import pytest
-from postfix_bed import (
-    Bed,
-    NetworkNamespace,
-    PolicydProcess,
+
+from policyd.testing.bed import Bed
+from policyd.testing.daemon import PolicydProcess
+from policyd.testing.netns import NetworkNamespace, find_ip
+from policyd.testing.postfix import (
     PostfixConfig,
     PostfixInstance,
     PostfixTools,
-    Unavailable,
-    ensure_iproute2,
-    ensure_postfix,
-    free_port,
+    find_postfix,
 )
+from policyd.testing.system import Unavailable, free_port
 
 # --------------------------------------------------------------------------
-# Real-Postfix end-to-end fixtures (tests/postfix_bed.py)
+# Real-Postfix end-to-end fixtures (policyd.testing)
 # --------------------------------------------------------------------------
 
 
@@ -32,13 +31,13 @@ def _in_ci() -> bool:
 @pytest.fixture(scope="session")
 def postfix_tools() -> PostfixTools:
     """
-    The Postfix programs, installed with apt-get if missing (as root).
+    The Postfix programs (tests/run installs Debian's postfix, as root).
 
     Without them (or without root) the end-to-end tests are skipped, except
     under ``CI=true``, where they must run and a missing prerequisite fails.
     """
     try:
-        return ensure_postfix()
+        return find_postfix()
     except Unavailable as e:
         if _in_ci():
             pytest.fail(f"CI=true but the Postfix test bed is unavailable: {e}")
@@ -62,13 +61,14 @@ def network_namespace(postfix_tools: PostfixTools) -> Iterator[NetworkNamespace]
     """
     A private network namespace joined to this one by a veth pair.
 
-    iproute2 is installed with apt-get if missing (as root).  Without it,
-    or where namespaces cannot be created, the test is skipped, except under
-    ``CI=true``, where it fails.  The namespace, the veth pair and whatever
-    still runs inside are removed at the end of the module.
+    It needs root and ip(8) (tests/run installs Debian's iproute2, as root).
+    Without them, or where namespaces cannot be created, the test is
+    skipped, except under ``CI=true``, where it fails.  The namespace, the
+    veth pair and whatever still runs inside are removed at the end of the
+    module.
     """
     try:
-        ip = ensure_iproute2()
+        ip = find_ip()
         namespace = NetworkNamespace(ip).create()
     except Unavailable as e:
         if _in_ci():

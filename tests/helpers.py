@@ -1,22 +1,16 @@
-"""In-memory test doubles for the protocol and server tests.
+"""In-memory test doubles for the protocol, server and command-line tests.
 
 Nothing here opens a socket or reads the wall clock: connections are
-`StringTransport`s, time is a `Clock`, and every `Harness` has its own
-`CollectorRegistry`.
+`StringTransport`s, time is a `Clock`, every `Harness` has its own
+`CollectorRegistry`, and `run_main` runs the command line in this process.
+policyd as a real process is `policyd.testing.daemon.PolicydProcess`.
 """
 
 from __future__ import annotations
 
-import json
-import queue
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from types import TracebackType
-from typing import IO, Any, cast
+from typing import cast
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -384,128 +378,3 @@ def run_main(
         code = 0
     out, err = capsys.readouterr()
     return code, out, err
-
-
-# Bound on every wait for a policyd subprocess.
-DAEMON_TIMEOUT = 15.0
-
-
-class Daemon:
-    """``python -m policyd serve`` as a subprocess, read line by line."""
-
-    def __init__(
-        self,
-        env: Mapping[str, str],
-        argv: Sequence[str] = (sys.executable, "-m", "policyd", "serve"),
-        pass_fds: Sequence[int] = (),
-    ) -> None:
-        self.process = subprocess.Popen(
-            argv,
-            env=dict(env),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            pass_fds=pass_fds,
-        )
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        assert self.process.stdout is not None
-        assert self.process.stderr is not None
-        self._readers = [
-            threading.Thread(
-                target=self._read, args=(self.process.stdout, self.stdout, True)
-            ),
-            threading.Thread(
-                target=self._read, args=(self.process.stderr, self.stderr, False)
-            ),
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    def _read(self, stream: IO[str], into: list[str], announce: bool) -> None:
-        for line in stream:
-            into.append(line)
-            if announce:
-                self._lines.put(line)
-        if announce:
-            self._lines.put(None)
-
-    def wait_for_event(
-        self,
-        event: str,
-        match: Callable[[dict[str, Any]], bool] = lambda record: True,
-        *,
-        timeout: float = DAEMON_TIMEOUT,
-        **fields: object,
-    ) -> dict[str, Any]:
-        """
-        The next JSON log record of *event* with *fields* that *match*es.
-
-        Lines before it are consumed; the wait is bounded by *timeout*.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                line = self._lines.get(timeout=max(remaining, 0))
-            except queue.Empty:
-                pytest.fail(f"no {event!r} event within {timeout}s: {self.output()}")
-            if line is None:
-                pytest.fail(f"policyd ended before {event!r}: {self.output()}")
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if (
-                record.get("event") == event
-                and all(record.get(k) == v for k, v in fields.items())
-                and match(record)
-            ):
-                return dict(record)
-
-    def wait_for_text(self, text: str, timeout: float = DAEMON_TIMEOUT) -> str:
-        """The first stdout line containing *text*, within *timeout*."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._lines.get(timeout=max(deadline - time.monotonic(), 0))
-            except queue.Empty:
-                pytest.fail(f"no line with {text!r} within {timeout}s: {self.output()}")
-            if line is None:
-                pytest.fail(f"policyd ended before {text!r}: {self.output()}")
-            if text in line:
-                return line
-
-    def signal(self, signum: int) -> None:
-        """Send *signum* to the process."""
-        self.process.send_signal(signum)
-
-    def wait(self, timeout: float = DAEMON_TIMEOUT) -> int:
-        """The exit status, once the process and its output have ended."""
-        code = self.process.wait(timeout=timeout)
-        for reader in self._readers:
-            reader.join(timeout=timeout)
-        return code
-
-    def output(self) -> str:
-        """Everything read so far, for failure messages."""
-        return f"stdout={''.join(self.stdout)!r} stderr={''.join(self.stderr)!r}"
-
-    def __enter__(self) -> Daemon:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.wait()
-        assert self.process.stdout is not None
-        assert self.process.stderr is not None
-        self.process.stdout.close()
-        self.process.stderr.close()

@@ -19,13 +19,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
-from helpers import Daemon, run_main
+from helpers import run_main
 
 from policyd import __version__, config
+from policyd.testing.daemon import PolicydProcess
 
 # A generous bound for anything a subprocess does; normally it takes < 1 s.
 TIMEOUT = 15.0
@@ -324,14 +325,23 @@ class TestUsage:
 # -- the real process --------------------------------------------------------
 
 
-def _json_env(**settings: str) -> dict[str, str]:
+def _json_settings(**settings: str) -> dict[str, str]:
     """Loopback, port 0 for both listeners, JSON logs; then *settings*."""
     defaults = {
         "POLICYD_LISTEN": "tcp:0:interface=127.0.0.1",
         "POLICYD_METRICS_LISTEN": "tcp:0:interface=127.0.0.1",
         "POLICYD_LOG_FORMAT": "json",
     }
-    return _clean_env(**{**defaults, **settings})
+    return {**defaults, **settings}
+
+
+def _serve(
+    env: Mapping[str, str],
+    argv: Sequence[str] | None = None,
+    pass_fds: Sequence[int] = (),
+) -> PolicydProcess:
+    """Start ``policyd serve`` with only *env* among POLICYD_*; wait for nothing."""
+    return PolicydProcess(env, defaults=False, argv=argv, pass_fds=pass_fds).spawn()
 
 
 def _ask(sock: socket.socket, request: bytes = REQUEST) -> bytes:
@@ -378,7 +388,7 @@ def activation_socket() -> Iterator[socket.socket]:
         yield sock
 
 
-def _socket_activated(sock: socket.socket, **settings: str) -> Daemon:
+def _socket_activated(sock: socket.socket, **settings: str) -> PolicydProcess:
     """Start policyd as systemd would, with the listening socket as fd 3.
 
     The socket is bound before policyd starts, so a client can connect at
@@ -396,19 +406,17 @@ def _socket_activated(sock: socket.socket, **settings: str) -> Daemon:
         "os.environ['LISTEN_PID'] = str(os.getpid())\n"
         "os.execv(sys.executable, [sys.executable, '-m', 'policyd', 'serve'])\n"
     )
-    env = _clean_env(
-        **{
-            "LISTEN_FDS": "1",
-            # Twisted ignores inherited sockets unless they are also named
-            # (systemd 227 and later always name them).
-            "LISTEN_FDNAMES": "policyd.socket",
-            "POLICYD_LISTEN": "systemd:domain=INET:index=0",
-            "POLICYD_METRICS_LISTEN": "none",
-            **settings,
-        }
-    )
+    env = {
+        "LISTEN_FDS": "1",
+        # Twisted ignores inherited sockets unless they are also named
+        # (systemd 227 and later always name them).
+        "LISTEN_FDNAMES": "policyd.socket",
+        "POLICYD_LISTEN": "systemd:domain=INET:index=0",
+        "POLICYD_METRICS_LISTEN": "none",
+        **settings,
+    }
     argv = [sys.executable, "-c", trampoline, str(sock.fileno())]
-    return Daemon(env, argv=argv, pass_fds=[sock.fileno()])
+    return _serve(env, argv=argv, pass_fds=[sock.fileno()])
 
 
 class TestServeProcess:
@@ -416,7 +424,7 @@ class TestServeProcess:
 
     def test_serves_and_stops_on_sigterm(self) -> None:
         """Starts, answers policy and HTTP requests, and exits 0 on SIGTERM."""
-        with Daemon(_json_env()) as daemon:
+        with _serve(_json_settings()) as daemon:
             listening = daemon.wait_for_event("listening")
             metrics = daemon.wait_for_event("metrics_listening")
             daemon.wait_for_event("started")
@@ -452,7 +460,7 @@ class TestServeProcess:
 
     def test_sigint(self) -> None:
         """SIGINT (Ctrl-C) stops it cleanly too: exit 0, no traceback."""
-        with Daemon(_json_env(POLICYD_METRICS_LISTEN="none")) as daemon:
+        with _serve(_json_settings(POLICYD_METRICS_LISTEN="none")) as daemon:
             daemon.wait_for_event("started")
             daemon.signal(signal.SIGINT)
             assert daemon.wait() == 0
@@ -470,7 +478,7 @@ class TestServeProcess:
         policyd reads the request before or during its shutdown is up to the
         scheduler, hence a few attempts.
         """
-        with Daemon(_json_env(POLICYD_METRICS_LISTEN="none")) as daemon:
+        with _serve(_json_settings(POLICYD_METRICS_LISTEN="none")) as daemon:
             port = daemon.wait_for_event("listening")["port"]
             daemon.wait_for_event("started")
             with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as a:
@@ -489,8 +497,8 @@ class TestServeProcess:
     @pytest.mark.parametrize("variable", ["POLICYD_LISTEN", "POLICYD_METRICS_LISTEN"])
     def test_port_in_use(self, busy_port: int, variable: str) -> None:
         """A port already in use: exit 1 with one clear line on stderr."""
-        env = _json_env(**{variable: f"tcp:{busy_port}:interface=127.0.0.1"})
-        with Daemon(env) as daemon:
+        env = _json_settings(**{variable: f"tcp:{busy_port}:interface=127.0.0.1"})
+        with _serve(env) as daemon:
             assert daemon.wait() == 1
             assert len(daemon.stderr) == 1, daemon.output()
             (line,) = daemon.stderr
@@ -505,7 +513,7 @@ class TestServeProcess:
     )
     def test_invalid_config(self, name: str, value: str) -> None:
         """An invalid value: exit 2 and one stderr line, before listening."""
-        with Daemon(_json_env(**{name: value})) as daemon:
+        with _serve(_json_settings(**{name: value})) as daemon:
             assert daemon.wait() == 2
             assert daemon.stdout == []
             (line,) = daemon.stderr
@@ -513,8 +521,8 @@ class TestServeProcess:
 
     def test_unknown_variable_warns_but_serves(self) -> None:
         """A POLICYD_ typo is warned about on stderr; the server still runs."""
-        env = _json_env(POLICYD_METRICS_LISTEN="none", POLICYD_LISTN="tcp:1")
-        with Daemon(env) as daemon:
+        env = _json_settings(POLICYD_METRICS_LISTEN="none", POLICYD_LISTN="tcp:1")
+        with _serve(env) as daemon:
             daemon.wait_for_event("started")
             daemon.signal(signal.SIGTERM)
             assert daemon.wait() == 0
@@ -524,8 +532,8 @@ class TestServeProcess:
 
     def test_text_log_one_line_per_event(self) -> None:
         """The text format writes each event as one timestamped line."""
-        env = _json_env(POLICYD_LOG_FORMAT="text")
-        with Daemon(env) as daemon:
+        env = _json_settings(POLICYD_LOG_FORMAT="text")
+        with _serve(env) as daemon:
             daemon.wait_for_text("running; SIGTERM or SIGINT stops it")
             daemon.signal(signal.SIGTERM)
             assert daemon.wait() == 0
@@ -535,7 +543,7 @@ class TestServeProcess:
 
     def test_json_log_one_object_per_line(self) -> None:
         """The JSON format writes one object per line, each with its keys."""
-        with Daemon(_json_env()) as daemon:
+        with _serve(_json_settings()) as daemon:
             daemon.wait_for_event("started")
             daemon.signal(signal.SIGTERM)
             assert daemon.wait() == 0

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Daemon, run_main
+from helpers import run_main
 
 from policyd import ask, config
 from policyd.ask import (
@@ -30,6 +30,7 @@ from policyd.ask import (
     TCPTarget,
     UNIXTarget,
 )
+from policyd.testing.daemon import PolicydProcess
 
 # A generous bound for anything a subprocess does; normally it takes < 1 s.
 TIMEOUT = 15.0
@@ -595,7 +596,7 @@ class TestAskCommandUsage:
 class Served:
     """A running policyd: its TCP port and unix socket path."""
 
-    def __init__(self, server: Daemon, port: int, path: str) -> None:
+    def __init__(self, server: PolicydProcess, port: int, path: str) -> None:
         self.server = server
         self.port = port
         self.path = path
@@ -605,13 +606,13 @@ class Served:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """One policyd for the module, on 127.0.0.1 port 0 and a unix socket."""
     path = str(tmp_path_factory.mktemp("ask") / "policyd.sock")
-    env = _clean_env(
-        POLICYD_LISTEN=f"tcp:0:interface=127.0.0.1 unix:{path}:mode=600",
-        POLICYD_METRICS_LISTEN="none",
-        POLICYD_LOG_FORMAT="json",
-        POLICYD_LOG_LEVEL="debug",
-    )
-    with Daemon(env) as server:
+    env = {
+        "POLICYD_LISTEN": f"tcp:0:interface=127.0.0.1 unix:{path}:mode=600",
+        "POLICYD_METRICS_LISTEN": "none",
+        "POLICYD_LOG_FORMAT": "json",
+        "POLICYD_LOG_LEVEL": "debug",
+    }
+    with PolicydProcess(env, defaults=False).spawn() as server:
         port = server.wait_for_event("listening", address="127.0.0.1")["port"]
         server.wait_for_event("started")
         yield Served(server, port, path)
@@ -723,13 +724,13 @@ class TestAskProcess:
         load: policyd is at overload while it decides.  The action is a code
         and text (reference §1.5), printed on one line as policyd sent it.
         """
-        env = _clean_env(
-            POLICYD_LISTEN="tcp:0:interface=127.0.0.1",
-            POLICYD_METRICS_LISTEN="none",
-            POLICYD_LOG_FORMAT="json",
-            POLICYD_SMTPD_CAPACITY="1",
-        )
-        with Daemon(env) as server:
+        env = {
+            "POLICYD_LISTEN": "tcp:0:interface=127.0.0.1",
+            "POLICYD_METRICS_LISTEN": "none",
+            "POLICYD_LOG_FORMAT": "json",
+            "POLICYD_SMTPD_CAPACITY": "1",
+        }
+        with PolicydProcess(env, defaults=False).spawn() as server:
             port = server.wait_for_event("listening")["port"]
             server.wait_for_event("started")
             result = _ask("--server", f"127.0.0.1:{port}", "helo_name=foo")

@@ -51,20 +51,13 @@ from collections.abc import Mapping
 
 import attrs
 import pytest
-from postfix_bed import (
-    RELAY_DOMAIN,
-    Bed,
-    Event,
-    PolicydProcess,
-    PostfixConfig,
-    PostfixInstance,
-    PostfixTools,
-    SmtpTranscript,
-    ehlo_features,
-    running_bed,
-    wait_until,
-)
 from prometheus_client.parser import text_string_to_metric_families
+
+from policyd.testing.bed import Bed, running_bed
+from policyd.testing.daemon import Event, PolicydProcess
+from policyd.testing.postfix import PostfixConfig, PostfixInstance, PostfixTools
+from policyd.testing.smtp import RELAY_DOMAIN, SmtpTranscript, ehlo_features
+from policyd.testing.system import wait_until
 
 pytestmark = pytest.mark.postfix
 

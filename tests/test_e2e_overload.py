@@ -26,26 +26,25 @@ level comes from policyd's count of busy processes alone.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
-from postfix_bed import PostfixTools
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "overload"))
-
 import attrs
+import pytest
 from overload import QUICK, RUNS, Bed, open_bed, run_one, summarize
+
+from policyd.testing.netns import NetworkNamespace
+from policyd.testing.postfix import PostfixTools
 
 pytestmark = pytest.mark.postfix
 
 
 @pytest.fixture(scope="module")
-def overload_bed(postfix_tools: PostfixTools) -> Iterator[Bed]:
+def overload_bed(
+    postfix_tools: PostfixTools, network_namespace: NetworkNamespace
+) -> Iterator[Bed]:
     """A Postfix instance in its own network namespace, for the scenario."""
-    with open_bed(QUICK) as bed:
+    with open_bed(QUICK, postfix_tools, network_namespace) as bed:
         yield bed
 
 

@@ -13,14 +13,10 @@ import time
 from collections import defaultdict
 
 import pytest
-from postfix_bed import (
-    RELAY_DOMAIN,
-    Bed,
-    PostfixConfig,
-    PostfixTools,
-    ehlo_features,
-    running_bed,
-)
+
+from policyd.testing.bed import Bed, running_bed
+from policyd.testing.postfix import PostfixConfig, PostfixTools
+from policyd.testing.smtp import RELAY_DOMAIN, ehlo_features
 
 pytestmark = pytest.mark.postfix
 
@@ -314,7 +310,7 @@ def test_sigterm_with_idle_postfix_connections(postfix_bed: Bed) -> None:
     assert policyd.terminate(timeout=10) == 0, policyd.describe_output()
     assert time.monotonic() - started < 5.0
     assert policyd.snapshot(lambda e: e.get("event") == "stopped")
-    assert policyd.stderr_lines == []
+    assert policyd.stderr == []
     assert policyd.stray_lines == []
 
 

@@ -3,8 +3,8 @@ End-to-end proof of stress detection (issue 3): real Postfix overloaded.
 
 master(8) puts smtpd into stress mode only for a listener that is not
 loopback-only (reference §5.2), so Postfix and policyd run in a private
-network namespace (`postfix_bed.NetworkNamespace`) and the clients reach
-Postfix over a veth pair::
+network namespace (`policyd.testing.netns.NetworkNamespace`) and the
+clients reach Postfix over a veth pair::
 
     this namespace (pytest, smtp-source)      the bed's namespace
     10.200.X.Y+1  ---------- veth ---------->  10.200.X.Y+2   smtpd, maxproc 5,
@@ -31,16 +31,12 @@ from collections.abc import Callable
 from datetime import datetime
 
 import pytest
-from postfix_bed import (
-    Bed,
-    Event,
-    NetworkNamespace,
-    PolicydProcess,
-    PostfixConfig,
-    SmtpListener,
-    free_port,
-    wait_until,
-)
+
+from policyd.testing.bed import Bed
+from policyd.testing.daemon import Event, PolicydProcess
+from policyd.testing.netns import NetworkNamespace
+from policyd.testing.postfix import PostfixConfig, SmtpListener
+from policyd.testing.system import free_port, wait_until
 
 pytestmark = pytest.mark.postfix
 

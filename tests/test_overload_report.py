@@ -8,13 +8,8 @@ can be checked against a number worked out on paper.
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "overload"))
-
 from crowd import (
     ACCEPTED,
     CONNECT,

@@ -36,7 +36,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import attrs
-from postfix_bed import xtext
+
+from policyd.testing.smtp import xtext
 
 #: Where a session or message attempt ended (the ``stage`` of a refusal).
 CONNECT: Final = "CONNECT"  # greeting or XCLIENT: connect-stage restrictions

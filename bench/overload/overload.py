@@ -32,10 +32,13 @@ time; ``--docs DIR`` also writes ``overload-results.md`` (the table) and
 How the runner stages a flood (and why):
 
 * Postfix and policyd run in a private network namespace, the clients
-  outside it (`postfix_bed.NetworkNamespace`): master(8) only enters stress
-  mode for a listener that is not loopback-only.  Without a namespace
-  (``ip netns`` unavailable) the listener gets ``-o stress=yes`` for every
-  run instead, and the output says so.
+  outside it (`policyd.testing.netns.NetworkNamespace`): master(8) only
+  enters stress mode for a listener that is not loopback-only.  Without a
+  namespace (``ip netns`` unavailable) the listener gets ``-o stress=yes``
+  for every run instead, and the output says so.  The Postfix instance and
+  policyd are those of the test bed (`policyd.testing`); the runner
+  installs Debian's postfix and iproute2 with apt-get when they are missing
+  (`install_missing`, called by `main` only).
 * master marks only smtpd processes started *after* a service hit its
   process limit as stressed; the first generation would run the whole flood
   with the unstressed 300 s timeouts.  So before a run with bots, the runner
@@ -67,8 +70,10 @@ import multiprocessing
 import os
 import platform
 import random
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -77,14 +82,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import attrs
-
-_HERE = Path(__file__).resolve().parent
-_ROOT = _HERE.parents[1]
-sys.path.insert(0, str(_ROOT / "tests"))
-# The benchmark's /proc CPU helpers (bench/loadgen.py).
-sys.path.insert(0, str(_ROOT / "bench"))
-
-from crowd import (  # noqa: E402
+from crowd import (
     ACCEPTED,
     BOTS_PER_PROCESS,
     CONNECT,
@@ -104,21 +102,24 @@ from crowd import (  # noqa: E402
     bot_identities,
     sender_identities,
 )
-from loadgen import machine_cpu_seconds, proc_cpu_seconds  # noqa: E402
-from postfix_bed import (  # noqa: E402
-    RELAY_DOMAIN,
-    NetworkNamespace,
-    PolicydProcess,
+
+from policyd.testing.daemon import PolicydProcess
+from policyd.testing.netns import NetworkNamespace, find_ip
+from policyd.testing.postfix import (
     PostfixConfig,
     PostfixInstance,
     PostfixTools,
     SmtpListener,
-    Unavailable,
-    ensure_iproute2,
-    ensure_postfix,
-    free_port,
-    wait_until,
+    find_postfix,
 )
+from policyd.testing.smtp import RELAY_DOMAIN
+from policyd.testing.system import Unavailable, find_program, free_port, wait_until
+
+# The benchmark's /proc CPU helpers (bench/loadgen.py), one directory up: the
+# protocol benchmark's scripts are run by path and import each other as
+# top-level modules, so bench/ is not a package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from loadgen import machine_cpu_seconds, proc_cpu_seconds
 
 #: Where policyd is asked: at CONNECT and again at RCPT (the wiring the docs
 #: advise), both with one check_policy_service text (one connection).
@@ -521,30 +522,70 @@ def _postfix_config(
     )
 
 
+def _apt_install(packages: Sequence[str], log: Callable[[str], None]) -> None:
+    """``apt-get install`` *packages*, running ``apt-get update`` if that fails."""
+    apt_get = shutil.which("apt-get")
+    if apt_get is None:
+        log(f"{' and '.join(packages)} missing, and there is no apt-get")
+        return
+    log(f"installing {' '.join(packages)} with apt-get")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = [apt_get, "install", "-y", "--no-install-recommends", *packages]
+    if subprocess.run(install, env=env, timeout=900, check=False).returncode == 0:
+        return
+    subprocess.run([apt_get, "update"], env=env, timeout=900, check=False)
+    subprocess.run(install, env=env, timeout=900, check=False)
+
+
+def install_missing(*, netns: bool, log: Callable[[str], None] = print) -> None:
+    """
+    Install Debian's postfix (and, for *netns*, iproute2) if they are missing.
+
+    Only `main` calls this (the runner is run by hand, as root); the tests
+    that import the runner get their programs from tests/run.  Postfix is
+    installed with "No configuration": the package neither writes
+    /etc/postfix/main.cf nor starts the system instance; the runner brings
+    its own.
+    """
+    packages = [] if find_program("postfix") else ["postfix"]
+    if netns and not find_program("ip"):
+        packages.append("iproute2")
+    if not packages:
+        return
+    debconf = shutil.which("debconf-set-selections")
+    if "postfix" in packages and debconf is not None:
+        subprocess.run(
+            [debconf],
+            input="postfix postfix/main_mailer_type select No configuration\n",
+            text=True,
+            check=False,
+            timeout=60,
+        )
+    _apt_install(packages, log)
+
+
+def open_namespace(log: Callable[[str], None] = print) -> NetworkNamespace | None:
+    """A private network namespace for Postfix, or None (and why) if impossible."""
+    try:
+        return NetworkNamespace(find_ip()).create()
+    except (Unavailable, RuntimeError) as e:
+        log(
+            f"no private network namespace ({e}): falling back to loopback "
+            "with -o stress=yes on the listener (Postfix's stress mode is "
+            "forced, not automatic)"
+        )
+        return None
+
+
 @contextlib.contextmanager
 def open_bed(
-    scenario: Scenario, *, use_netns: bool = True, log: Callable[[str], None] = print
+    scenario: Scenario, tools: PostfixTools, netns: NetworkNamespace | None
 ) -> Iterator[Bed]:
-    """A Postfix instance (not yet configured for a run) in a namespace if possible."""
-    tools = ensure_postfix()
-    netns: NetworkNamespace | None = None
-    if use_netns:
-        try:
-            netns = NetworkNamespace(ensure_iproute2()).create()
-        except (Unavailable, RuntimeError) as e:
-            log(
-                f"no private network namespace ({e}): falling back to loopback "
-                "with -o stress=yes on the listener (Postfix's stress mode is "
-                "forced, not automatic)"
-            )
-    try:
-        port = free_port()
-        config = _postfix_config(port, scenario, netns, free_port(), None)
-        with PostfixInstance(config, tools, netns=netns) as postfix:
-            yield Bed(tools, postfix, netns, port)
-    finally:
-        if netns is not None:
-            netns.destroy()
+    """A Postfix instance (not yet configured for a run), in *netns* if given."""
+    port = free_port()
+    config = _postfix_config(port, scenario, netns, free_port(), None)
+    with PostfixInstance(config, tools, netns=netns) as postfix:
+        yield Bed(tools, postfix, netns, port)
 
 
 def prime_stress(
@@ -1138,7 +1179,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"scenario: {attrs.asdict(scenario)}", flush=True)
     results: list[RunResult] = []
     summaries: list[dict[str, Any]] = []
-    with open_bed(scenario, use_netns=not args.no_netns) as bed:
+    install_missing(netns=not args.no_netns)
+    tools = find_postfix()
+    netns = None if args.no_netns else open_namespace()
+    with contextlib.ExitStack() as cleanup:
+        if netns is not None:
+            cleanup.callback(netns.destroy)
+        bed = cleanup.enter_context(open_bed(scenario, tools, netns))
         print(
             f"Postfix {bed.tools.mail_version()}, "
             + (
