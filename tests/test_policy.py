@@ -340,7 +340,9 @@ class TestMatrix:
         The refusal cells are reached only by suspicious clients; "very" only
         picks which of the two refusals.
         """
-        settings = attrs.evolve(DEFAULTS, suspicious_score=10, reject_score=1)
+        settings = attrs.evolve(
+            weighted(helo_impersonates=8), suspicious_score=10, reject_score=1
+        )
         verdict = decide(req(helo_name="pc01"), OVERLOAD, QUIET, settings)
         assert verdict.outcome == PASS
         verdict = decide(req(**HAMMERING_IMPOSTOR), OVERLOAD, HAMMERING, settings)
@@ -1004,9 +1006,16 @@ DNS_CASES = [
     pytest.param(
         UNKNOWN_BOT,
         QUIET,
-        attrs.evolve(DEFAULTS, reject_score=2),
+        attrs.evolve(DEFAULTS, reject_score=2, suspicious_score=2),
         REJECT,
-        id="reject score lowered to the firm part: 521",
+        id="reject and suspicious scores lowered to the firm part: 521",
+    ),
+    pytest.param(
+        UNKNOWN_BOT,
+        stats(concurrency=9, session_rate=99, message_rate=99, since_refusal=1),
+        DEFAULTS,
+        DEFER,
+        id="no rDNS, one weak HELO sign, all behaviour: 421 (identity 2 < 3)",
     ),
     pytest.param(
         UNKNOWN_BOT,
@@ -1068,12 +1077,43 @@ class TestBehaviourNeedsIdentity:
         assert (verdict.outcome, verdict.action) == (PASS, DUNNO)
 
     def test_behaviour_adds_to_identity(self) -> None:
-        """With one identity signal, behaviour counts in full (here: to 521)."""
-        verdict = decide(
-            req(helo_name="mail"), OVERLOAD, self.BUSY, DEFAULTS
-        )  # helo_not_fqdn 2 + behaviour 10
+        """
+        With a strong identity signal, behaviour counts in full (here: to 521).
+
+        helo_bare_ip (3) is suspicious on its own, DNS aside; with the
+        behaviour signals the firm score reaches 8.
+        """
+        verdict = decide(req(helo_name="192.0.2.99"), OVERLOAD, self.BUSY, DEFAULTS)
         assert verdict.outcome == REJECT
-        assert HELO_NOT_FQDN in verdict.reasons
+        assert HELO_BARE_IP in verdict.reasons
+
+    @pytest.mark.parametrize(
+        "attributes",
+        [
+            pytest.param({"helo_name": "mail"}, id="bare-word HELO (Exchange)"),
+            pytest.param(
+                {"reverse_client_name": "dsl-1.example.net"}, id="dynamic-looking PTR"
+            ),
+            pytest.param(
+                {"client_name": "unknown", "reverse_client_name": "unknown"},
+                id="no PTR",
+            ),
+        ],
+    )
+    def test_weak_identity_and_behaviour_never_reject(
+        self, attributes: dict[str, str]
+    ) -> None:
+        """
+        One weak sign plus every behaviour signal: deferred, never 521.
+
+        A legitimate server with a weak identity that flushes its queue after
+        a deferral comes back fast over many connections: behaviour then
+        adds far past the reject score, but its identity alone (DNS aside) is
+        below the suspicious score, so it is only ever deferred.
+        """
+        verdict = decide(req(**attributes), OVERLOAD, self.BUSY, DEFAULTS)
+        assert verdict.score >= DEFAULTS.reject_score
+        assert verdict.outcome == DEFER
 
     def test_identity_weighted_zero_is_no_identity(self) -> None:
         """An identity signal switched off (weight 0) does not let behaviour in."""
