@@ -215,6 +215,22 @@ RUNS: Final = {
             policyd_env=(("POLICYD_OVERLOAD_SUSPICIOUS_SCORE", "3"),),
         ),
         RunSpec(
+            "mixed-no-step",
+            "mixed botnet, CONNECT + RCPT, bar lowered at once (POLICYD_BAR_STEP=0)",
+            bots=True,
+            wiring=CONNECT_RCPT,
+            bot_mix=MIXED,
+            policyd_env=(("POLICYD_BAR_STEP", "0"),),
+        ),
+        RunSpec(
+            "mixed-nice",
+            "mixed botnet, bots' client at nice 19, CONNECT + RCPT",
+            bots=True,
+            wiring=CONNECT_RCPT,
+            bot_mix=MIXED,
+            bots_nice=19,
+        ),
+        RunSpec(
             "wide",
             "wide botnet (IPv4 /24s, IPv6 /64s), CONNECT + RCPT",
             bots=True,
