@@ -79,7 +79,9 @@ class Identity:
 NO_PTR: Final = "no-ptr"
 MIXED: Final = "mixed"
 WIDE: Final = "wide"
-BOT_MIXES: Final = (NO_PTR, MIXED, WIDE)
+#: `MIXED`, with every fifth bot a compromised server with a clean identity.
+MIXED_CLEAN: Final = "mixed-clean"
+BOT_MIXES: Final = (NO_PTR, MIXED, WIDE, MIXED_CLEAN)
 
 _UNAVAILABLE: Final = "[UNAVAILABLE]"
 _BOT_HELOS: Final = (
@@ -119,6 +121,15 @@ def _unconfirmed_bot(address: str, rng: random.Random, n: int) -> Identity:
     return Identity(address, _UNAVAILABLE, name, name)
 
 
+def _clean_bot(address: str, rng: random.Random, n: int) -> Identity:
+    """A compromised mail server: verified name, matching HELO; no sign at all.
+
+    Only how it behaves (holding processes without progress) gives it away.
+    """
+    name = f"mail.hosted{rng.randrange(1, 999)}.example"
+    return Identity(address, name, name, name)
+
+
 _KINDS: Final = (_no_ptr_bot, _dynamic_bot, _unconfirmed_bot)
 
 
@@ -130,6 +141,8 @@ def bot_identities(count: int, rng: random.Random, mix: str = NO_PTR) -> list[Id
     * `MIXED`: the same three /24s, a third each with no PTR, with a
       forward-confirmed dynamic-looking PTR (one sign), and with a PTR that
       does not forward-confirm (one sign), as real botnets show.
+    * `MIXED_CLEAN`: as `MIXED`, but every fifth bot is a compromised server
+      whose names and HELO are in order.
     * `WIDE`: as `MIXED`, but spread over 200 IPv4 /24s and 1000 IPv6 /64s,
       so that hardly any address or prefix is seen twice in a run
       (*count* is then the size of the pool the bots draw from).
@@ -149,7 +162,12 @@ def bot_identities(count: int, rng: random.Random, mix: str = NO_PTR) -> list[Id
         else:
             networks = ("203.0.113", "198.18.7", "192.0.2")
             address = f"{networks[n % len(networks)]}.{rng.randrange(2, 250)}"
-        kind = _no_ptr_bot if mix == NO_PTR else _KINDS[n % len(_KINDS)]
+        if mix == NO_PTR:
+            kind = _no_ptr_bot
+        elif mix == MIXED_CLEAN and n % 5 == 4:
+            kind = _clean_bot
+        else:
+            kind = _KINDS[n % len(_KINDS)]
         identities.append(kind(address, rng, n))
     return identities
 

@@ -89,6 +89,7 @@ from crowd import (
     DEFERRED,
     DROPPED,
     MIXED,
+    MIXED_CLEAN,
     NO_PTR,
     REFUSED,
     WIDE,
@@ -231,6 +232,13 @@ RUNS: Final = {
             bots_nice=19,
         ),
         RunSpec(
+            "mixed-clean",
+            "mixed botnet with 1 in 5 bots clean-named, CONNECT + RCPT",
+            bots=True,
+            wiring=CONNECT_RCPT,
+            bot_mix=MIXED_CLEAN,
+        ),
+        RunSpec(
             "wide",
             "wide botnet (IPv4 /24s, IPv6 /64s), CONNECT + RCPT",
             bots=True,
@@ -342,6 +350,8 @@ def bot_kind(mix: str, number: int) -> str | None:
         return BOT_KINDS[0]
     if mix == MIXED:
         return BOT_KINDS[number % len(BOT_KINDS)]
+    if mix == MIXED_CLEAN:
+        return "clean" if number % 5 == 4 else BOT_KINDS[number % len(BOT_KINDS)]
     return None
 
 
@@ -1059,7 +1069,12 @@ def describe(result: RunResult, summary: dict[str, Any]) -> str:
         f"  bots: {s['bot_sessions']} sessions ({s['bot_sessions_per_second']:.1f}/s), "
         f"{s['bot_share']:.0%} of smtpd time (legitimate {s['legit_share']:.0%}), "
         f"refused at {s['bot_refused_at'] or '-'}, {s['bot_accepted']} messages "
-        f"accepted, {s['bot_dropped']} dropped",
+        f"accepted, {s['bot_dropped']} dropped"
+        + (
+            f"; refused by kind {s['bot_refused_at_by_kind']}"
+            if s["bot_refused_at_by_kind"]
+            else ""
+        ),
         f"  postfix stress {s['postfix_stress']} (process-limit warnings "
         f"{s['process_limit_warnings']}, up to {s['stressed_smtpd_seen']} stressed "
         f"smtpd at once); policyd level max {s['max_level']}, overload "
