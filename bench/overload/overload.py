@@ -402,13 +402,17 @@ def summarize(result: RunResult) -> dict[str, Any]:
     refused_at: dict[str, int] = {}
     by_kind: dict[str, dict[str, int]] = {}
     for session in window_bots:
+        kind = bot_kind(result.spec.bot_mix, session.client)
         if session.outcome in (DEFERRED, REFUSED):
             stage = "CONNECT" if session.stage == CONNECT else session.stage
             refused_at[stage] = refused_at.get(stage, 0) + 1
-            kind = bot_kind(result.spec.bot_mix, session.client)
-            if kind is not None:
-                counts = by_kind.setdefault(kind, {})
-                counts[stage] = counts.get(stage, 0) + 1
+        elif session.outcome == ACCEPTED:
+            stage = "accepted"
+        else:
+            continue
+        if kind is not None:
+            counts = by_kind.setdefault(kind, {})
+            counts[stage] = counts.get(stage, 0) + 1
     capacity = scenario.maxproc * seconds
     count = sender_count(result.spec, scenario)
     weak_numbers = set(range(count - result.spec.weak_senders, count))
