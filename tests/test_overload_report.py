@@ -15,7 +15,10 @@ from crowd import (
     CONNECT,
     DEFERRED,
     DROPPED,
+    MIXED,
+    MIXED_CLEAN,
     REFUSED,
+    WIDE,
     Identity,
     Message,
     Session,
@@ -27,8 +30,11 @@ from overload import (
     RunResult,
     Sample,
     Scenario,
+    bot_kind,
     percentile,
+    reference_run,
     reproducible_argv,
+    sender_count,
     summarize,
     table,
     throughput_series,
@@ -233,8 +239,112 @@ class TestTable:
         assert row[4].strip() == "0.50x"
 
 
+class TestScenarios:
+    """The runs of issue 10: references, sender counts, weak senders, kinds."""
+
+    @pytest.mark.parametrize(
+        ("run", "reference"),
+        [
+            ("connect", "no-policyd"),
+            ("mixed", "mixed-no-policyd"),
+            ("mixed-rcpt", "mixed-no-policyd"),
+            ("wide", "mixed-no-policyd"),
+            ("weak", "mixed-no-policyd"),
+            ("surge", "surge-no-policyd"),
+        ],
+    )
+    def test_reference(self, run: str, reference: str) -> None:
+        """Each run is compared with the run of the same load without policyd."""
+        assert reference_run(run) == reference
+        assert reference in RUNS
+
+    def test_surge_senders(self) -> None:
+        """The surge has three senders per process; other runs the scenario's."""
+        assert sender_count(RUNS["surge"], SCENARIO) == 12
+        assert sender_count(RUNS["mixed"], SCENARIO) == SCENARIO.senders
+
+    def test_weak_senders_counted_apart(self) -> None:
+        """The last senders of a weak run are weak; their figures are their own."""
+        weak = RUNS["weak"]
+        count = sender_count(weak, SCENARIO)
+        late = Message(count - 1, 0, 111.0, FLOOD_END + 42.0, False, [])
+        late.attempts = [
+            Session(count - 1, 111, 111.1, 111.2, DEFERRED, CONNECT),
+            Session(count - 1, FLOOD_END + 42, FLOOD_END + 42, FLOOD_END + 42),
+        ]
+        clean = Message(0, 0, 111.0, 112.0, False, [session(111, 111.1, 112)])
+        figures = summarize(
+            RunResult(
+                spec=weak,
+                scenario=SCENARIO,
+                began=BEGAN,
+                flood_end=FLOOD_END,
+                sessions=[],
+                messages=[late, clean],
+                samples=[],
+                postfix_stress="automatic",
+                process_limit_warnings=1,
+            )
+        )
+        assert figures["weak_messages"] == 1
+        assert figures["weak_deferred"] == 1
+        assert figures["weak_last_after_flood"] == pytest.approx(42.0)
+        assert figures["clean_attempts_refused"] == 0
+        assert "1 of 1 deferred, last 42.0 s after" in table([figures])
+
+    @pytest.mark.parametrize(
+        ("mix", "number", "kind"),
+        [
+            (MIXED, 0, "no-ptr"),
+            (MIXED, 1, "dynamic"),
+            (MIXED, 5, "unconfirmed"),
+            (MIXED_CLEAN, 4, "clean"),
+            (MIXED_CLEAN, 5, "unconfirmed"),
+            (WIDE, 1, None),
+        ],
+    )
+    def test_bot_kind(self, mix: str, number: int, kind: str | None) -> None:
+        """The kind of a bot follows the order identities are dealt in."""
+        assert bot_kind(mix, number) == kind
+
+
 class TestIdentities:
     """The populations' identities."""
+
+    def test_mixed_botnet(self) -> None:
+        """A third each: no PTR, dynamic confirmed PTR, unconfirmed PTR."""
+        bots = bot_identities(6, random.Random(1), MIXED)  # noqa: S311 - not crypto
+        assert (bots[0].name, bots[0].reverse_name) == ("[UNAVAILABLE]",) * 2
+        assert bots[1].name == bots[1].reverse_name == bots[1].helo
+        assert ".dyn." in bots[1].name
+        assert bots[1].address.replace(".", "-") in bots[1].name
+        assert bots[2].name == "[UNAVAILABLE]"
+        assert bots[2].reverse_name == bots[2].helo != "[UNAVAILABLE]"
+        assert bot_kind(MIXED, 2) == "unconfirmed"
+
+    def test_mixed_clean_botnet(self) -> None:
+        """Every fifth bot of MIXED_CLEAN has verified, non-dynamic names."""
+        bots = bot_identities(10, random.Random(1), MIXED_CLEAN)  # noqa: S311
+        for n in (4, 9):
+            assert bots[n].name == bots[n].reverse_name == bots[n].helo
+            assert bots[n].name.startswith("mail.hosted")
+
+    def test_wide_botnet(self) -> None:
+        """Thousands of addresses over many /24s and /64s, IPv6 tagged."""
+        pool = bot_identities(3000, random.Random(1), WIDE)  # noqa: S311
+        v6 = [b for b in pool if ":" in b.address]
+        v4 = [b for b in pool if ":" not in b.address]
+        assert len(v6) == 1000
+        assert len({b.address.rsplit(".", 1)[0] for b in v4}) > 1000
+        assert len({b.address.split("::")[0] for b in v6}) > 900
+        assert "ADDR=IPV6:2001:db8:" in v6[0].xclient()
+
+    def test_weak_senders(self) -> None:
+        """The last *weak* senders have no PTR and a proper HELO."""
+        senders = sender_identities(4, weak=1)
+        assert senders[3].name == senders[3].reverse_name == "[UNAVAILABLE]"
+        assert "." in senders[3].helo
+        assert senders[0].name == senders[0].helo
 
     def test_bots_look_like_bots(self) -> None:
         """Bots have no names and come from three /24s."""
