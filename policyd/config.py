@@ -443,6 +443,14 @@ class Config:
         "The level that Postfix's stress=yes implies: overload, elevated, or ignore "
         "(policyd's own measure alone decides).",
     )
+    postfix_stress_min_load: float = _setting(
+        "0.5",
+        fraction,
+        "Postfix's stress=yes counts only while the load ratio is at least this: "
+        "master keeps marking new smtpd processes for 1000 s after it last hit "
+        "the process limit, so on its own stress=yes means 'was saturated lately'. "
+        "0 counts it whatever the load.",
+    )
     client_ipv4_prefix: int = _setting(
         "32",
         integer(8, 32),

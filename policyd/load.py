@@ -102,6 +102,9 @@ class LoadSettings:
     rate_window: int = 10
     postfix_stress_hold: float = 60.0
     postfix_stress_level: int = OVERLOAD
+    # Postfix's stress=yes counts only while the load ratio is at least this:
+    # master marks new smtpd processes for 1000 s after the last saturation.
+    postfix_stress_min_load: float = 0.5
     ipv4_prefix: int = 32
     ipv6_prefix: int = 64
     max_tracked_clients: int = 100_000
@@ -689,7 +692,15 @@ class MemoryLoadTracker:
             current >= ELEVATED and target < ELEVATED and load >= settings.elevated_exit
         ):
             target = ELEVATED
-        if now - self._stress_at < settings.postfix_stress_hold:
+        if (
+            now - self._stress_at < settings.postfix_stress_hold
+            and load >= settings.postfix_stress_min_load
+        ):
+            # Postfix's stress=yes says "saturated within the last 1000 s"
+            # (master marks every smtpd it starts until then, and they keep
+            # asking with it): a floor only while the load bears it out, or a
+            # flood would keep deferring clients for a quarter of an hour
+            # after it ended, with the processes idle.
             target = max(target, settings.postfix_stress_level)
         if target >= current:
             self._held_at = now

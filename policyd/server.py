@@ -188,6 +188,7 @@ def load_settings(config: Config) -> LoadSettings:
         rate_window=max(1, round(config.rate_window)),
         postfix_stress_hold=config.postfix_stress_hold,
         postfix_stress_level=_STRESS_LEVELS[config.postfix_stress_level],
+        postfix_stress_min_load=config.postfix_stress_min_load,
         ipv4_prefix=config.client_ipv4_prefix,
         ipv6_prefix=config.client_ipv6_prefix,
         max_tracked_clients=config.max_tracked_clients,

@@ -73,6 +73,8 @@ BASE = LoadSettings(
     rate_window=10,
     postfix_stress_hold=60.0,
     postfix_stress_level=OVERLOAD,
+    # The floor's own tests below; corroboration by the load has its tests.
+    postfix_stress_min_load=0.0,
     ipv4_prefix=32,
     ipv6_prefix=64,
     max_tracked_clients=1000,
@@ -1087,6 +1089,35 @@ class LoadTrackerContract(ProcessHolderContract, PressureContract, HoldersContra
         p.shed(connections)
         assert p.levels(120) == {OVERLOAD, ELEVATED}
         assert p.level == ELEVATED
+
+    @pytest.mark.parametrize(
+        ("busy", "level"),
+        [(1, NORMAL), (9, NORMAL), (10, OVERLOAD), (13, OVERLOAD)],
+    )
+    def test_postfix_stress_needs_load(self, busy: int, level: int) -> None:
+        """
+        With postfix_stress_min_load, stress=yes counts only under that load.
+
+        After a flood, master keeps starting processes with stress=yes for
+        1000 s; with the processes idle that must not hold the level up.
+        Capacity 20, minimum 0.5: the floor needs 10 busy processes.
+        """
+        p = self.steady(postfix_stress_min_load=0.5)
+        connections = p.busy(busy - 1)
+        assert p.ask(p.connect(), stress=True) == level
+        assert p.snapshot().postfix_stress  # seen, whether it counted or not
+        assert len(connections) == busy - 1
+
+    def test_postfix_stress_lapses_with_the_load(self) -> None:
+        """The floor holds while the load does, and falls with it."""
+        p = self.steady(postfix_stress_min_load=0.5, min_dwell=0.0)
+        connections = p.busy(11)
+        p.ask(connections[0], stress=True)
+        assert p.level == OVERLOAD
+        p.shed(connections[:5])  # 6 of 20: below 0.5
+        p.wait(1)
+        assert p.level == NORMAL
+        assert p.snapshot().postfix_stress
 
     def test_postfix_stress_seen_counts_requests(self) -> None:
         """postfix_stress_seen counts each request with stress=yes, and only those."""

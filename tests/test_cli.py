@@ -65,6 +65,7 @@ BAD = {
     "POLICYD_CLOSE_LINGER": ("2h", "expected a duration between 0s and 3600s"),
     "POLICYD_ELEVATED_ENTER": ("70%", "expected a number from 0 to 1"),
     "POLICYD_ELEVATED_EXIT": ("1.5", "expected a number from 0 to 1"),
+    "POLICYD_POSTFIX_STRESS_MIN_LOAD": ("-0.1", "expected a number from 0 to 1"),
     "POLICYD_OVERLOAD_ENTER": ("-0.9", "expected a number from 0 to 1"),
     "POLICYD_OVERLOAD_EXIT": ("high", "expected a number from 0 to 1"),
     "POLICYD_LEVEL_MIN_DWELL": ("2h", "expected a duration between 0s and 3600s"),

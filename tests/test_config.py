@@ -39,6 +39,7 @@ DOCUMENTED_DEFAULTS = {
     "POLICYD_RATE_WINDOW": "10s",
     "POLICYD_POSTFIX_STRESS_HOLD": "60s",
     "POLICYD_POSTFIX_STRESS_LEVEL": "overload",
+    "POLICYD_POSTFIX_STRESS_MIN_LOAD": "0.5",
     "POLICYD_CLIENT_IPV4_PREFIX": "32",
     "POLICYD_CLIENT_IPV6_PREFIX": "64",
     "POLICYD_MAX_TRACKED_CLIENTS": "100000",
@@ -227,6 +228,7 @@ GOOD: dict[str, list[tuple[str, Any]]] = {
         ("0.9", 0.9),
         (" .8 ", 0.8),
     ],
+    "POLICYD_POSTFIX_STRESS_MIN_LOAD": [("0.5", 0.5), ("0", 0.0), ("1", 1.0)],
     "POLICYD_ELEVATED_EXIT": [
         ("0.5", 0.5),
         ("0.01", 0.01),
@@ -575,6 +577,7 @@ BAD: dict[str, list[tuple[str, str]]] = {
         ("inf", _FRACTION),
     ],
     "POLICYD_ELEVATED_EXIT": [("", _FRACTION), ("1.5", _FRACTION), ("-1", _FRACTION)],
+    "POLICYD_POSTFIX_STRESS_MIN_LOAD": [("half", _FRACTION), ("2", _FRACTION)],
     "POLICYD_OVERLOAD_ENTER": [("", _FRACTION), ("2", _FRACTION), ("0,9", _FRACTION)],
     "POLICYD_OVERLOAD_EXIT": [("", _FRACTION), ("75", _FRACTION), ("x", _FRACTION)],
     "POLICYD_LEVEL_MIN_DWELL": [

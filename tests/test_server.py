@@ -633,6 +633,7 @@ LOAD_SETTINGS: list[tuple[str, str, str, Any]] = [
     ("close_linger", "2s", "close_linger", 2.0),
     ("elevated_enter", "0.6", "elevated_enter", 0.6),
     ("elevated_exit", "0.4", "elevated_exit", 0.4),
+    ("postfix_stress_min_load", "0", "postfix_stress_min_load", 0.0),
     ("overload_enter", "0.95", "overload_enter", 0.95),
     ("overload_exit", "0.8", "overload_exit", 0.8),
     ("level_min_dwell", "1m", "min_dwell", 60.0),
