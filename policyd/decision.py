@@ -146,7 +146,9 @@ class PolicyDecider:
             if self.dry_run:
                 outcome = "dry_run_" + outcome
             elif first:
-                self.tracker.record_refusal(request)
+                self.tracker.record_refusal(
+                    request, hangup=policy.hangs_up(verdict.action)
+                )
             if first:
                 self._log_refusal(request, verdict)
         decided = self.metrics.decided

@@ -182,8 +182,16 @@ class LoadTracker(Protocol):
     def client(self, request: PolicyRequest) -> ClientStats:
         """What is known about the client of *request*."""
 
-    def record_refusal(self, request: PolicyRequest) -> None:
-        """Remember that the client of *request* was refused just now."""
+    def record_refusal(self, request: PolicyRequest, hangup: bool = False) -> None:
+        """
+        Remember that the client of *request* was refused just now.
+
+        With *hangup* (a 421 or 521: Postfix hangs up at once), the session
+        is over and its smtpd process free: until the process asks again,
+        it counts towards the load once per refused client, not once per
+        process, so that clients hammering at a refusal do not keep the
+        level up on their own.
+        """
 
     def tick(self) -> None:
         """Expire what is stale and re-evaluate the level (about once a second)."""
@@ -229,6 +237,7 @@ class _Client:
     __slots__ = (
         "busy",
         "held",
+        "hung",
         "messages",
         "refusals",
         "refused_at",
@@ -237,6 +246,8 @@ class _Client:
 
     def __init__(self) -> None:
         self.busy = 0
+        # Of those, busy connections whose session policyd hung up.
+        self.hung = 0
         # Decayed counts in one float each (see NO_EVENTS); shared constant
         # until the first event, so an idle client costs no float objects.
         self.sessions = NO_EVENTS
@@ -255,6 +266,7 @@ class _Connection:
         "busy_until",
         "client",
         "closed",
+        "hung",
         "in_data",
         "instance",
         "last_at",
@@ -267,6 +279,8 @@ class _Connection:
     def __init__(self) -> None:
         self.busy = False
         self.closed = False
+        # Busy, but its session was hung up by a refusal (see record_refusal).
+        self.hung = False
         self.busy_until = 0.0
         self.client: int | None = None
         self.instance = ""
@@ -332,6 +346,10 @@ class MemoryLoadTracker:
         self._connections: dict[int, _Connection] = {}
         self._clients: OrderedDict[int, _Client] = OrderedDict()
         self._busy = 0
+        # Busy connections whose session policyd hung up, and the clients
+        # they belong to: such connections count once per client.
+        self._hung = 0
+        self._hung_clients = 0
         # Closed connections still counted busy until their window ends.
         self._lingering = 0
         self._transactions = 0
@@ -407,6 +425,8 @@ class MemoryLoadTracker:
 
     def _release(self, state: _Connection) -> None:
         """A busy connection becomes idle."""
+        if state.hung:
+            self._unhang(state)
         state.busy = False
         self._busy -= 1
         if state.instance:
@@ -429,6 +449,9 @@ class MemoryLoadTracker:
         state = self._connections.get(request.connection)
         if state is None:
             state = self._connections[request.connection] = _Connection()
+        elif state.hung:
+            # The process asks again: it serves someone, and counts in full.
+            self._unhang(state)
         key = self.keys.key(request.client_address)
         client = self._touch(key)
         self._account_hold(state, request, key, client, now)
@@ -549,6 +572,15 @@ class MemoryLoadTracker:
                 record.held, now, self.settings.hold_window, excess
             )
 
+    def _unhang(self, state: _Connection) -> None:
+        state.hung = False
+        self._hung -= 1
+        record = self._clients.get(state.client) if state.client is not None else None
+        if record is not None and record.hung > 0:
+            record.hung -= 1
+            if record.hung == 0:
+                self._hung_clients -= 1
+
     def _touch(self, key: int) -> _Client:
         clients = self._clients
         client = clients.get(key)
@@ -577,7 +609,11 @@ class MemoryLoadTracker:
         else:
             # Every candidate holds a process: the table is smaller than the
             # number of smtpd processes.  Evict anyway to stay bounded.
-            clients.popitem(last=False)
+            _, record = clients.popitem(last=False)
+            if record.hung > 0:
+                # Its hung connections now belong to nobody: count them so.
+                self._hung_clients -= 1
+                record.hung = 0
         self._evictions += 1
 
     def _count_request(self, now: float) -> None:
@@ -618,7 +654,8 @@ class MemoryLoadTracker:
         per_minute = 60.0 / window
         return ClientStats(
             key=self.keys.describe(key),
-            concurrency=record.busy,
+            # Connections hung up by a refusal hold nothing: once in all.
+            concurrency=record.busy - record.hung + (record.hung > 0),
             session_rate=_events(record.sessions, now, window) * per_minute,
             message_rate=_events(record.messages, now, window) * per_minute,
             refusals=_decay(record.refusals, record.refused_at, now, window),
@@ -628,14 +665,21 @@ class MemoryLoadTracker:
             held=_events(record.held, now, settings.hold_window),
         )
 
-    def record_refusal(self, request: PolicyRequest) -> None:
-        """Remember a refusal of the client of *request*."""
+    def record_refusal(self, request: PolicyRequest, hangup: bool = False) -> None:
+        """Remember a refusal of the client of *request* (see `LoadTracker`)."""
         now = self.clock.seconds()
-        record = self._touch(self.keys.key(request.client_address))
+        key = self.keys.key(request.client_address)
+        record = self._touch(key)
         state = self._connections.get(request.connection)
         if state is not None:
             # A refused session did not hold its process by choice.
             state.refused = True
+            if hangup and state.busy and not state.hung and state.client == key:
+                state.hung = True
+                self._hung += 1
+                record.hung += 1
+                if record.hung == 1:
+                    self._hung_clients += 1
         if record.refused_at == NEVER:
             record.refusals = 1.0
         else:
@@ -666,10 +710,14 @@ class MemoryLoadTracker:
             self._lingering -= 1
         self._evaluate(now)
 
+    def _busy_now(self) -> int:
+        """Busy connections, those hung up by a refusal once per client."""
+        return self._busy - self._hung + self._hung_clients
+
     def load_ratio(self) -> float:
         """The load as a fraction of capacity (1.0 = every smtpd process busy)."""
         settings = self.settings
-        load = self._busy / settings.capacity
+        load = self._busy_now() / settings.capacity
         if settings.rate_capacity > 0:
             load = max(load, self.request_rate() / settings.rate_capacity)
         return load
@@ -764,7 +812,7 @@ class MemoryLoadTracker:
             level=self._level,
             load_ratio=self.load_ratio(),
             connections=len(self._connections) - self._lingering,
-            busy_connections=self._busy,
+            busy_connections=self._busy_now(),
             transactions=self._transactions,
             request_rate=self.request_rate(),
             postfix_stress=now - self._stress_at < self.settings.postfix_stress_hold,

@@ -464,6 +464,15 @@ def outcome_of(action: Action) -> str:
     return PASS
 
 
+# Replies after which smtpd hangs up at once (Postfix 2.6+ for 521).
+_HANGUP_CODES: Final = frozenset({"421", "521"})
+
+
+def hangs_up(action: Action) -> bool:
+    """Whether Postfix disconnects the client at once after *action*."""
+    return action.label in _HANGUP_CODES
+
+
 def refusal(template: str, reasons: Sequence[str]) -> Action:
     """The action of *template* with ``{reasons}`` filled in."""
     return Action.parse(template.replace(REASONS_PLACEHOLDER, " ".join(reasons)))

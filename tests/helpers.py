@@ -215,9 +215,9 @@ class RecordingTracker:
         """Nothing known about anyone."""
         return ClientStats(request.client_address, 0, 0.0, 0.0, 0.0, None)
 
-    def record_refusal(self, request: PolicyRequest) -> None:
-        """Record ``("refusal", request)``."""
-        self.calls.append(("refusal", request))
+    def record_refusal(self, request: PolicyRequest, hangup: bool = False) -> None:
+        """Record ``("refusal", request)`` (or ``"hangup"`` with *hangup*)."""
+        self.calls.append(("hangup" if hangup else "refusal", request))
 
     def tick(self) -> None:
         """Record ``("tick", None)``."""

@@ -284,7 +284,7 @@ SESSION_STATES = [
 # Operations for the property test: (kind, connection, client, instance,
 # state, seconds).
 _OPERATION = st.tuples(
-    st.sampled_from(["ask", "ask", "ask", "close", "wait", "refuse"]),
+    st.sampled_from(["ask", "ask", "ask", "close", "wait", "refuse", "hangup"]),
     st.integers(1, 6),
     st.sampled_from(["192.0.2.1", "192.0.2.2", "192.0.2.200", "2001:db8::1", ""]),
     st.sampled_from(["", "", "A", "B", "C"]),
@@ -1119,6 +1119,77 @@ class LoadTrackerContract(ProcessHolderContract, PressureContract, HoldersContra
         assert p.level == NORMAL
         assert p.snapshot().postfix_stress
 
+    # -- sessions hung up by a refusal -----------------------------------------
+
+    def test_hung_up_sessions_count_once_per_client(self) -> None:
+        """
+        Processes whose session a 421 ended count once per refused client.
+
+        One client hammering at its refusal over every process is one
+        client's demand, not a full house; distinct clients each count.
+        """
+        p = self.steady()
+        for connection in p.busy(12, A):
+            p.tracker.record_refusal(request(connection, A), hangup=True)
+        assert p.snapshot().busy_connections == 1
+        assert p.stats(A).concurrency == 1
+        for n, connection in enumerate(p.busy(12, B)):
+            p.tracker.record_refusal(request(connection, f"198.51.100.{n}"), True)
+        # The refusals named other clients than the ones asking: not hung up.
+        assert p.snapshot().busy_connections == 13
+
+    def test_distinct_refused_clients_are_load(self) -> None:
+        """Eighteen bots refused with a hang-up on eighteen processes: overload."""
+        p = self.steady()
+        for n in range(18):
+            bot = f"203.0.113.{n}"
+            connection = p.connect()
+            p.ask(connection, bot, state="CONNECT")
+            p.tracker.record_refusal(request(connection, bot), hangup=True)
+        assert p.snapshot().busy_connections == 18
+        assert p.level == OVERLOAD
+
+    def test_next_request_counts_in_full(self) -> None:
+        """A hung-up process that asks again serves someone: it counts again."""
+        p = self.steady()
+        connections = p.busy(4, A)
+        for connection in connections:
+            p.tracker.record_refusal(request(connection, A), hangup=True)
+        assert p.snapshot().busy_connections == 1
+        p.ask(connections[0], B, state="CONNECT")
+        p.ask(connections[1], A, state="CONNECT")
+        assert p.snapshot().busy_connections == 3
+        assert (p.stats(A).concurrency, p.stats(B).concurrency) == (2, 1)
+
+    def test_refusal_without_hangup_counts_in_full(self) -> None:
+        """A 450 leaves the session on: the process is still held."""
+        p = self.steady()
+        for connection in p.busy(4, A):
+            p.tracker.record_refusal(request(connection, A), hangup=False)
+        assert p.snapshot().busy_connections == 4
+
+    def test_hammering_refused_clients_let_the_level_fall(self) -> None:
+        """
+        Two clients retrying at once after each 421 do not hold overload up.
+
+        They touch every process within the busy window, but each is one
+        client: the load is theirs, 2 of 20, and the level falls after the
+        dwell.  (Without the hang-up rule, every process read busy forever.)
+        """
+        p = self.smtpd(min_dwell=30.0, busy_window=10.0)
+        connections = [p.connect() for _ in range(20)]
+        for connection in connections[:18]:
+            p.ask(connection, f"203.0.113.{connection}", state="CONNECT")
+        assert p.level == OVERLOAD
+        for second in range(60):
+            for n, connection in enumerate(connections):
+                client = (A, B)[n % 2]
+                p.ask(connection, client, state="CONNECT")
+                p.tracker.record_refusal(request(connection, client), hangup=True)
+            p.wait(1)
+            if second >= 42:
+                assert p.level == NORMAL, second
+
     def test_postfix_stress_seen_counts_requests(self) -> None:
         """postfix_stress_seen counts each request with stress=yes, and only those."""
         p = self.smtpd()
@@ -1463,6 +1534,8 @@ class LoadTrackerContract(ProcessHolderContract, PressureContract, HoldersContra
                 open_connections.discard(connection)
             elif kind == "refuse":
                 p.refuse(client)
+            elif kind == "hangup":
+                p.tracker.record_refusal(request(connection, client), hangup=True)
             else:
                 p.clock.advance(seconds)
                 p.tracker.tick()

@@ -78,6 +78,7 @@ class ForcedLevel:
         self.forced = level
         self.pressure = pressure
         self.refusals: list[PolicyRequest] = []
+        self.hangups: list[bool] = []
         self.observed: list[PolicyRequest] = []
 
     @property
@@ -107,10 +108,11 @@ class ForcedLevel:
         """The real tracker's counters."""
         return self.real.client(request)
 
-    def record_refusal(self, request: PolicyRequest) -> None:
+    def record_refusal(self, request: PolicyRequest, hangup: bool = False) -> None:
         """Remember the call, and let the real tracker record it."""
         self.refusals.append(request)
-        self.real.record_refusal(request)
+        self.hangups.append(hangup)
+        self.real.record_refusal(request, hangup)
 
     def tick(self) -> None:
         """Pass on."""
@@ -728,3 +730,14 @@ class TestPressure:
         rig = Rig(OVERLOAD)
         rig.tracker.pressure = 9
         assert rig.ask(CLEAN) == DUNNO
+
+
+class TestHangups:
+    """The tracker learns whether a refusal ended the session (421, 521)."""
+
+    @pytest.mark.parametrize(("level", "hangup"), [(OVERLOAD, True), (ELEVATED, False)])
+    def test_hangup_told(self, level: int, hangup: bool) -> None:
+        """421 at overload hangs up; 450 at elevated does not."""
+        rig = Rig(level)
+        rig.ask(BOT)
+        assert rig.tracker.hangups == [hangup]
