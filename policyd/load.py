@@ -533,6 +533,7 @@ class MemoryLoadTracker:
             state.progress = state.refused = False
         elif (
             last is not None
+            and now - state.last_at > self.settings.hold_grace
             and not state.in_data
             and (
                 state.session_known
@@ -542,7 +543,9 @@ class MemoryLoadTracker:
             self._charge(client, now - state.last_at, now)
         if state_name in PROGRESS_STATES:
             state.progress = True
-        state.in_data = state_name == DATA
+            state.in_data = state_name == DATA
+        else:
+            state.in_data = False
         state.last_at = now
         state.request = request
 
@@ -757,7 +760,12 @@ class MemoryLoadTracker:
         elif now - self._held_at >= settings.min_dwell:
             self._held_at = now
             self._change(current, target)
-        self._press(now, self._level == OVERLOAD and load >= settings.overload_exit)
+        pressed = self._level == OVERLOAD and load >= settings.overload_exit
+        # Most requests change nothing: the pressure sits at its end.
+        if pressed != self._pressing or self._pressure != (
+            settings.max_pressure if pressed else 0
+        ):
+            self._press(now, pressed)
         return self._level
 
     def _press(self, now: float, pressed: bool) -> None:

@@ -403,19 +403,21 @@ def decide(
     # client: neither is a reason to refuse, in the reply, the log or the
     # metric.
     reasons = tuple(s for s in found if weights[s] > 0)
-    needed = bar(level, pressure, settings)
+    needed = bar(level, pressure, settings) if pressure else settings.suspicious_score
     if score < needed or all(s in BEHAVIOUR_SIGNALS for s in reasons):
         return Verdict(DUNNO, PASS, level, score, reasons, bar=needed)
     firm = sum(weights[s] for s in found if s not in TEMPORARY_SIGNALS)
     # For good only if who it claims to be is suspect in itself, DNS aside:
     # behaviour (a queue flushed after a deferral comes back fast, on many
     # connections) on top of a missing PTR must never lose mail for good.
-    own = sum(
-        weights[s]
-        for s in found
-        if s not in TEMPORARY_SIGNALS and s not in BEHAVIOUR_SIGNALS
+    very = firm >= settings.reject_score and (
+        sum(
+            weights[s]
+            for s in found
+            if s not in TEMPORARY_SIGNALS and s not in BEHAVIOUR_SIGNALS
+        )
+        >= settings.suspicious_score
     )
-    very = firm >= settings.reject_score and own >= settings.suspicious_score
     if level == OVERLOAD:
         template = settings.overload_reject_action if very else settings.overload_action
     elif level == ELEVATED:
