@@ -231,6 +231,22 @@ def _decay(value: float, then: float, now: float, window: float) -> float:
     return value * math.exp((then - now) / window)
 
 
+def _discount(record: _Client) -> int:
+    """
+    How many of *record*'s busy connections the load does not count.
+
+    A connection whose session policyd hung up (421, 521) is free until its
+    smtpd process asks again; it stays counted as the refused client's demand,
+    but once per client, and not at all while the client holds another
+    process: a client hammering at its refusals is one client, however many
+    processes it touches.
+    """
+    hung = record.hung
+    if not hung:
+        return 0
+    return hung if record.busy > hung else hung - 1
+
+
 class _Client:
     """Mutable per-client counters; slots keep a client to a few hundred bytes."""
 
@@ -346,10 +362,10 @@ class MemoryLoadTracker:
         self._connections: dict[int, _Connection] = {}
         self._clients: OrderedDict[int, _Client] = OrderedDict()
         self._busy = 0
-        # Busy connections whose session policyd hung up, and the clients
-        # they belong to: such connections count once per client.
-        self._hung = 0
-        self._hung_clients = 0
+        # How many busy connections the load does not count: a client's
+        # connections hung up by a refusal count once, and not at all while
+        # it holds another process (`_discount`).
+        self._discounted = 0
         # Closed connections still counted busy until their window ends.
         self._lingering = 0
         self._transactions = 0
@@ -383,12 +399,24 @@ class MemoryLoadTracker:
         return self._pressure
 
     def busy_requests(self) -> list[PolicyRequest]:
-        """The latest request of every busy connection: who holds the processes."""
-        return [
-            state.request
-            for state in self._connections.values()
-            if state.busy and state.request is not None
-        ]
+        """
+        The latest request of every busy connection: who holds the processes.
+
+        Counted as the load counts them: connections hung up by a refusal
+        once per client, and not at all for a client holding another.
+        """
+        held: list[PolicyRequest] = []
+        holding: set[int | None] = set()
+        hung: dict[int | None, PolicyRequest] = {}
+        for state in self._connections.values():
+            if not state.busy or state.request is None:
+                continue
+            if state.hung:
+                hung.setdefault(state.client, state.request)
+            else:
+                held.append(state.request)
+                holding.add(state.client)
+        return held + [r for c, r in hung.items() if c not in holding]
 
     def connection_opened(self, connection: int) -> None:
         """Start tracking a connection."""
@@ -434,7 +462,9 @@ class MemoryLoadTracker:
             self._transactions -= 1
         client = self._clients.get(state.client) if state.client is not None else None
         if client is not None and client.busy > 0:
+            before = _discount(client)
             client.busy -= 1
+            self._discounted += _discount(client) - before
 
     # -- requests ----------------------------------------------------------
 
@@ -485,6 +515,7 @@ class MemoryLoadTracker:
                 )
             busy_until = now + settings.busy_window
 
+        before = _discount(client)
         if not state.busy:
             state.busy = True
             self._busy += 1
@@ -495,8 +526,11 @@ class MemoryLoadTracker:
                 self._clients.get(state.client) if state.client is not None else None
             )
             if previous is not None and previous.busy > 0:
+                earlier = _discount(previous)
                 previous.busy -= 1
+                self._discounted += _discount(previous) - earlier
             client.busy += 1
+        self._discounted += _discount(client) - before
         state.client = key
         state.busy_until = busy_until
         return self._evaluate(now)
@@ -577,12 +611,11 @@ class MemoryLoadTracker:
 
     def _unhang(self, state: _Connection) -> None:
         state.hung = False
-        self._hung -= 1
         record = self._clients.get(state.client) if state.client is not None else None
         if record is not None and record.hung > 0:
+            before = _discount(record)
             record.hung -= 1
-            if record.hung == 0:
-                self._hung_clients -= 1
+            self._discounted += _discount(record) - before
 
     def _touch(self, key: int) -> _Client:
         clients = self._clients
@@ -613,10 +646,8 @@ class MemoryLoadTracker:
             # Every candidate holds a process: the table is smaller than the
             # number of smtpd processes.  Evict anyway to stay bounded.
             _, record = clients.popitem(last=False)
-            if record.hung > 0:
-                # Its hung connections now belong to nobody: count them so.
-                self._hung_clients -= 1
-                record.hung = 0
+            # Its connections now belong to nobody: count them in full.
+            self._discounted -= _discount(record)
         self._evictions += 1
 
     def _count_request(self, now: float) -> None:
@@ -658,7 +689,7 @@ class MemoryLoadTracker:
         return ClientStats(
             key=self.keys.describe(key),
             # Connections hung up by a refusal hold nothing: once in all.
-            concurrency=record.busy - record.hung + (record.hung > 0),
+            concurrency=record.busy - _discount(record),
             session_rate=_events(record.sessions, now, window) * per_minute,
             message_rate=_events(record.messages, now, window) * per_minute,
             refusals=_decay(record.refusals, record.refused_at, now, window),
@@ -679,10 +710,13 @@ class MemoryLoadTracker:
             state.refused = True
             if hangup and state.busy and not state.hung and state.client == key:
                 state.hung = True
-                self._hung += 1
+                if state.instance:
+                    # Postfix hung up: the transaction is over too.
+                    state.instance = ""
+                    self._transactions -= 1
+                before = _discount(record)
                 record.hung += 1
-                if record.hung == 1:
-                    self._hung_clients += 1
+                self._discounted += _discount(record) - before
         if record.refused_at == NEVER:
             record.refusals = 1.0
         else:
@@ -715,7 +749,7 @@ class MemoryLoadTracker:
 
     def _busy_now(self) -> int:
         """Busy connections, those hung up by a refusal once per client."""
-        return self._busy - self._hung + self._hung_clients
+        return self._busy - self._discounted
 
     def load_ratio(self) -> float:
         """The load as a fraction of capacity (1.0 = every smtpd process busy)."""

@@ -1133,6 +1133,7 @@ class LoadTrackerContract(ProcessHolderContract, PressureContract, HoldersContra
             p.tracker.record_refusal(request(connection, A), hangup=True)
         assert p.snapshot().busy_connections == 1
         assert p.stats(A).concurrency == 1
+        assert [r.client_address for r in p.tracker.busy_requests()] == [A]
         for n, connection in enumerate(p.busy(12, B)):
             p.tracker.record_refusal(request(connection, f"198.51.100.{n}"), True)
         # The refusals named other clients than the ones asking: not hung up.
@@ -1150,16 +1151,25 @@ class LoadTrackerContract(ProcessHolderContract, PressureContract, HoldersContra
         assert p.level == OVERLOAD
 
     def test_next_request_counts_in_full(self) -> None:
-        """A hung-up process that asks again serves someone: it counts again."""
+        """
+        A hung-up process that asks again serves someone: it counts again.
+
+        The client's other hung-up connections then count for nothing: it
+        is one client in one session, retrying.
+        """
         p = self.steady()
         connections = p.busy(4, A)
         for connection in connections:
             p.tracker.record_refusal(request(connection, A), hangup=True)
         assert p.snapshot().busy_connections == 1
         p.ask(connections[0], B, state="CONNECT")
+        assert p.snapshot().busy_connections == 2
         p.ask(connections[1], A, state="CONNECT")
+        assert p.snapshot().busy_connections == 2
+        assert (p.stats(A).concurrency, p.stats(B).concurrency) == (1, 1)
+        p.ask(connections[2], A, state="CONNECT")
         assert p.snapshot().busy_connections == 3
-        assert (p.stats(A).concurrency, p.stats(B).concurrency) == (2, 1)
+        assert p.stats(A).concurrency == 2
 
     def test_refusal_without_hangup_counts_in_full(self) -> None:
         """A 450 leaves the session on: the process is still held."""
