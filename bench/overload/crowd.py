@@ -12,8 +12,9 @@ the client's behaviour starts after it:
   reconnects after a configurable pause (0 = at once);
 - a **sender** sends messages one after another as fast as they are accepted;
   a 4xx (or 421, or a dropped connection, or a timeout) defers the message,
-  which is retried after a delay, as an MTA's queue would; a 5xx refuses it
-  for good (counted, never retried).
+  which is retried after a delay, and holds back new mail until then, as an
+  MTA's queue manager does with a destination that deferred it; a 5xx
+  refuses it for good (counted, never retried).
 
 Every session and message is recorded with `time.monotonic` timestamps, so
 the report can cut out the measured window, compute who held the smtpd
@@ -449,6 +450,7 @@ class Sender(_Client):
         #: retry the deferred ones.
         self.draining = threading.Event()
         self._pending: list[tuple[float, Message]] = []
+        self._backoff_until = 0.0
 
     @property
     def pending(self) -> int:
@@ -462,7 +464,8 @@ class Sender(_Client):
         helo = self.identity.helo
         if not 200 <= do(session, "EHLO", lambda: client.ehlo(helo)) < 300:
             return
-        sender = f"news{message.number}@{self.identity.name}"
+        # The HELO names the sender's domain (its PTR may be missing).
+        sender = f"news{message.number}@{self.identity.helo}"
         if do(session, "MAIL", lambda: client.mail(sender)) != 250:
             return
         for recipient in self.recipients:
@@ -487,6 +490,11 @@ class Sender(_Client):
             now = time.monotonic()
             if self._pending and self._pending[0][0] <= now:
                 return self._pending.pop(0)[1]
+            if now < self._backoff_until:
+                # The destination deferred us: like an MTA's queue manager,
+                # send nothing new to it until the retry is due.
+                self.stopping.wait(self._backoff_until - now)
+                continue
             if not self.draining.is_set():
                 message = Message(self.number, len(self.messages), now)
                 self.messages.append(message)
@@ -514,8 +522,10 @@ class Sender(_Client):
             elif session.outcome == STOPPED:
                 return
             else:
-                # Deferred or dropped: the queue tries again later.
-                self._pending.append((session.ended + self.retry_delay, message))
+                # Deferred or dropped: the queue tries again later, and
+                # holds back new mail to this destination until then.
+                self._backoff_until = session.ended + self.retry_delay
+                self._pending.append((self._backoff_until, message))
                 self._pending.sort(key=lambda item: item[0])
 
 
