@@ -1036,7 +1036,7 @@ def plot(runs: Sequence[PlotRun], scenario: Scenario, path: Path) -> bool:
     figure, (axes, levels) = plt.subplots(
         2,
         1,
-        figsize=(10, 8.5),
+        figsize=(10, 9 + 0.2 * len(runs)),
         dpi=100,
         sharex=True,
         gridspec_kw={"height_ratios": [3, 1]},
@@ -1077,12 +1077,13 @@ def plot(runs: Sequence[PlotRun], scenario: Scenario, path: Path) -> bool:
     axes.set_ylabel("legitimate messages accepted\nper second (2 s buckets)")
     axes.set_ylim(bottom=0)
     handles, labels = axes.get_legend_handles_labels()
-    figure.legend(handles, labels, fontsize=8, loc="lower center", ncol=3)
+    figure.legend(handles, labels, fontsize=8, loc="lower center", ncol=2)
     levels.set_yticks([0, 1, 2], list(LEVELS))
     levels.set_ylim(-0.3, 2.3)
     levels.set_ylabel("policyd level")
     levels.set_xlabel("seconds since the flood began")
-    figure.tight_layout(rect=(0, 0.08, 1, 1))
+    # Room for the legend: two columns, a row per two runs.
+    figure.tight_layout(rect=(0, 0.025 * (len(runs) + 2) / 2 + 0.02, 1, 1))
     figure.savefig(path)
     plt.close(figure)
     return True
