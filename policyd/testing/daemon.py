@@ -57,6 +57,11 @@ _T = TypeVar("_T")
 _POLICYD_ROOT: Final = str(Path(policyd.__file__).resolve().parents[1])
 
 
+def _default_sigint() -> None:
+    """Run in the child before exec: SIGINT back to its default action."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class PolicydProcess:
     """
     policyd as a child process whose output is read as it comes.
@@ -166,6 +171,9 @@ class PolicydProcess:
             errors="replace",
             bufsize=1,
             pass_fds=self.pass_fds,
+            # A shell runs background jobs with SIGINT ignored, and a child
+            # inherits that: give policyd the default, as a terminal would.
+            preexec_fn=_default_sigint,
         )
         self._process = process
         atexit.register(self.kill)
