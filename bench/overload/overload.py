@@ -24,7 +24,15 @@ run                bots     policyd
                    pause
 =================  =======  ==========================================
 
-and prints, for each, what the legitimate senders got done while the bots
+and the runs of issue 10, against bots with the identities real botnets
+show (`crowd.bot_identities`): ``mixed-no-policyd`` (dry run),
+``mixed-rcpt``, ``mixed`` (CONNECT + RCPT), ``mixed-fixed-bar`` and
+``mixed-no-step`` (the bar fixed, or lowered at once), ``mixed-nice``,
+``mixed-clean`` (some bots with clean names), ``wide`` (thousands of
+addresses over many /24s and /64s), ``weak`` (two legitimate senders
+without PTR), and ``surge-no-policyd`` / ``surge`` (no bots, three clean
+senders per process).  `DEFAULT_RUNS` is what runs without ``--runs``.  It
+prints, for each, what the legitimate senders got done while the bots
 were flooding, where the bots were refused, and policyd's stress level over
 time; ``--docs DIR`` also writes ``overload-results.md`` (the table) and
 ``overload.png`` (legitimate messages per second over time) there.
