@@ -515,7 +515,10 @@ class MemoryLoadTracker:
                 )
             busy_until = now + settings.busy_window
 
-        before = _discount(client)
+        # The client's hung-up connections (if any) do not change in here:
+        # most clients have none, and their discount stays 0.
+        hung = client.hung
+        before = _discount(client) if hung else 0
         if not state.busy:
             state.busy = True
             self._busy += 1
@@ -530,7 +533,8 @@ class MemoryLoadTracker:
                 previous.busy -= 1
                 self._discounted += _discount(previous) - earlier
             client.busy += 1
-        self._discounted += _discount(client) - before
+        if hung:
+            self._discounted += _discount(client) - before
         state.client = key
         state.busy_until = busy_until
         return self._evaluate(now)
