@@ -251,6 +251,8 @@ class TestScenarios:
             ("wide", "mixed-no-policyd"),
             ("weak", "mixed-no-policyd"),
             ("surge", "surge-no-policyd"),
+            ("surge-bare", "surge-no-policyd"),
+            ("surge-wan", "surge-wan-no-policyd"),
         ],
     )
     def test_reference(self, run: str, reference: str) -> None:

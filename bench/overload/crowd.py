@@ -10,7 +10,9 @@ the client's behaviour starts after it:
 - a **bot** dawdles before each of EHLO, MAIL, RCPT and DATA (so it holds an
   smtpd process for several dawdles per message) and, once dropped or done,
   reconnects after a configurable pause (0 = at once);
-- a **sender** sends messages one after another as fast as they are accepted;
+- a **sender** sends messages one after another as fast as they are accepted,
+  optionally across a slow link (it waits *link_delay* before each command,
+  as a client one round trip away would: smtpd sits idle in between);
   a 4xx (or 421, or a dropped connection, or a timeout) defers the message,
   which is retried after a delay, and holds back new mail until then, as an
   MTA's queue manager does with a destination that deferred it; a 5xx
@@ -254,12 +256,16 @@ class _Client(threading.Thread):
         address: tuple[str, int],
         timeout: float,
         name: str,
+        link_delay: float = 0.0,
     ) -> None:
         super().__init__(name=f"{name}-{number}", daemon=True)
         self.number = number
         self.identity = identity
         self.address = address
         self.timeout = timeout
+        #: Seconds between a reply and the client's next command (a round
+        #: trip of the link it stands behind; 0 on the loopback).
+        self.link_delay = link_delay
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._socket: socket.socket | None = None
@@ -277,6 +283,10 @@ class _Client(threading.Thread):
     def _pause(self, seconds: float) -> None:
         if seconds > 0 and self.stopping.wait(seconds):
             raise _Stopped
+
+    def _link(self) -> None:
+        """Wait one round trip before sending (nothing on the loopback)."""
+        self._pause(self.link_delay)
 
     @staticmethod
     def _do(session: Session, stage: str, call: Callable[[], tuple[int, bytes]]) -> int:
@@ -316,6 +326,7 @@ class _Client(threading.Thread):
             # have sent anything yet).  smtpd answers the XCLIENT like a new
             # greeting, after its connect-stage checks.
             xclient = self.identity.xclient()
+            self._link()
             if (
                 self._do(session, CONNECT, lambda: client.docmd("XCLIENT", xclient))
                 != 220
@@ -327,6 +338,7 @@ class _Client(threading.Thread):
             session.outcome = DROPPED  # until the body says otherwise
             body(client)
             if session.code != 421:  # after a 421, smtpd has hung up
+                self._link()
                 with contextlib.suppress(smtplib.SMTPException, OSError):
                     client.docmd("QUIT")
         except _Stopped:
@@ -441,8 +453,9 @@ class Sender(_Client):
         retry_delay: float,
         recipients: Sequence[str],
         timeout: float = 60.0,
+        link_delay: float = 0.0,
     ) -> None:
-        super().__init__(number, identity, address, timeout, "sender")
+        super().__init__(number, identity, address, timeout, "sender", link_delay)
         self.retry_delay = retry_delay
         self.recipients = tuple(recipients)
         self.messages: list[Message] = []
@@ -460,20 +473,25 @@ class Sender(_Client):
     def _converse(
         self, client: smtplib.SMTP, *, session: Session, message: Message
     ) -> None:
-        do = self._do
+        do, link = self._do, self._link
         helo = self.identity.helo
+        link()
         if not 200 <= do(session, "EHLO", lambda: client.ehlo(helo)) < 300:
             return
         # The HELO names the sender's domain (its PTR may be missing).
         sender = f"news{message.number}@{self.identity.helo}"
+        link()
         if do(session, "MAIL", lambda: client.mail(sender)) != 250:
             return
         for recipient in self.recipients:
+            link()
             reply = do(session, "RCPT", lambda: client.rcpt(recipient))  # noqa: B023
             if reply not in (250, 251):
                 return
+        link()
         if do(session, "DATA", lambda: client.docmd("DATA")) != 354:
             return
+        link()
         client.send(
             (
                 f"From: <{sender}>\r\nTo: <{self.recipients[0]}>\r\n"
@@ -667,6 +685,7 @@ class SenderSpec:
     address: tuple[str, int]
     retry_delay: float
     recipients: tuple[str, ...]
+    link_delay: float = 0.0
 
 
 def _sender(
@@ -678,6 +697,7 @@ def _sender(
         spec.address,
         retry_delay=spec.retry_delay,
         recipients=spec.recipients,
+        link_delay=spec.link_delay,
     )
     sender.start()
     while sender.is_alive():

@@ -165,6 +165,18 @@ class RunSpec:
     drain: float | None = None
     #: Seconds a sender waits before retrying (None: the scenario's).
     retry_delay: float | None = None
+    #: Who answers the policy requests: "policyd", or "bare" (bench/baseline.py,
+    #: DUNNO to everything: what any policy server costs on this bed).
+    policy_server: str = "policyd"
+    #: Seconds each sender waits before each command: a round trip of the
+    #: link it stands behind (0: the loopback).
+    link_delay: float = 0.0
+
+
+#: The senders' round trip in the ``-wan`` runs: a client some hundreds of
+#: kilometres away.  smtpd sits idle for it before each command, so the
+#: processes, not the CPU, limit what a surge gets through.
+WAN_ROUND_TRIP: Final = 0.03
 
 
 RUNS: Final = {
@@ -285,6 +297,30 @@ RUNS: Final = {
             wiring=CONNECT_RCPT,
             senders_per_process=3.0,
         ),
+        RunSpec(
+            "surge-bare",
+            "legitimate surge, a bare DUNNO server at CONNECT + RCPT",
+            bots=False,
+            wiring=CONNECT_RCPT,
+            senders_per_process=3.0,
+            policy_server="bare",
+        ),
+        RunSpec(
+            "surge-wan-no-policyd",
+            "legitimate surge over 30 ms links, no policyd",
+            bots=False,
+            wiring=None,
+            senders_per_process=3.0,
+            link_delay=WAN_ROUND_TRIP,
+        ),
+        RunSpec(
+            "surge-wan",
+            "legitimate surge over 30 ms links, CONNECT + RCPT",
+            bots=False,
+            wiring=CONNECT_RCPT,
+            senders_per_process=3.0,
+            link_delay=WAN_ROUND_TRIP,
+        ),
     )
 }
 
@@ -302,6 +338,9 @@ DEFAULT_RUNS: Final = (
     "weak",
     "surge-no-policyd",
     "surge",
+    "surge-bare",
+    "surge-wan-no-policyd",
+    "surge-wan",
 )
 
 
@@ -384,6 +423,8 @@ def bot_kind(mix: str, number: int) -> str | None:
 
 def reference_run(name: str) -> str:
     """The run without policyd that *name* is compared with."""
+    if name.startswith("surge-wan"):
+        return "surge-wan-no-policyd"
     if name.startswith("surge"):
         return "surge-no-policyd"
     if name.startswith(("mixed", "wide", "weak")):
@@ -780,12 +821,67 @@ class Monitor(threading.Thread):
             )
 
 
+class BareServer:
+    """bench/baseline.py (DUNNO to everything) as the policy service.
+
+    The surge against it shows what any policy server costs this bed: the
+    two policy round trips per session on Postfix's side, and a minimal
+    Twisted server's own CPU.
+    """
+
+    SCRIPT: Final = Path(__file__).resolve().parents[1] / "baseline.py"
+
+    def __init__(self, netns: NetworkNamespace | None) -> None:
+        argv = [sys.executable, str(self.SCRIPT), "--port", "0"]
+        self._process = subprocess.Popen(
+            argv if netns is None else netns.wrap(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self.port = 0
+
+    def start(self, timeout: float = 15.0) -> BareServer:
+        """Wait for the listening line; learn the port."""
+        stdout = self._process.stdout
+        if stdout is None:
+            raise RuntimeError("Popen gave no pipe")
+        deadline = threading.Timer(timeout, self._process.kill)
+        deadline.start()
+        try:
+            for line in stdout:
+                if line.startswith("baseline listening on "):
+                    self.port = int(line.rsplit(":", 1)[1])
+                    return self
+        finally:
+            deadline.cancel()
+        raise RuntimeError("the bare policy server did not start")
+
+    @property
+    def pid(self) -> int:
+        """Its process id."""
+        return self._process.pid
+
+    def terminate(self) -> None:
+        """Stop it (killed if it lingers)."""
+        self._process.terminate()
+        try:
+            self._process.wait(10.0)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
 def run_one(
     bed: Bed, spec: RunSpec, scenario: Scenario, log: Callable[[str], None] = print
 ) -> RunResult:
     """Run *spec* on *bed* and return what happened."""
     policyd: PolicydProcess | None = None
-    if spec.wiring is not None:
+    bare: BareServer | None = None
+    if spec.wiring is not None and spec.policy_server == "bare":
+        bare = BareServer(bed.netns).start()
+    elif spec.wiring is not None:
         env = {
             "POLICYD_SMTPD_CAPACITY": str(scenario.maxproc),
             "POLICYD_ALLOW_NETWORKS": f"{bed.client_address}/32",
@@ -799,7 +895,11 @@ def run_one(
             bed.port,
             scenario,
             bed.netns,
-            policyd.port if policyd is not None else free_port(),
+            policyd.port
+            if policyd is not None
+            else bare.port
+            if bare is not None
+            else free_port(),
             spec.wiring,
         )
         # A fresh master: no stress left over from the previous run.
@@ -851,6 +951,7 @@ def run_one(
                     if spec.retry_delay is not None
                     else scenario.retry_delay,
                     (f"customer{n}@{RELAY_DOMAIN}",),
+                    spec.link_delay,
                 ),
                 drain,
             )
@@ -866,7 +967,8 @@ def run_one(
         for sender in senders:
             sender.start()
         flood_end = began + scenario.warmup + scenario.duration
-        policyd_pid = policyd.pid if policyd is not None else None
+        server = policyd if policyd is not None else bare
+        policyd_pid = server.pid if server is not None else None
         client_pids = [
             pid
             for pid in [swarm.pid for swarm in swarms]
@@ -937,6 +1039,8 @@ def run_one(
     finally:
         if policyd is not None:
             policyd.terminate()
+        if bare is not None:
+            bare.terminate()
 
 
 # --------------------------------------------------------------------------
@@ -976,7 +1080,7 @@ def table(summaries: Sequence[dict[str, Any]]) -> str:
         "| run | legit msg/s | vs no policyd | vs baseline | delay p50 / p99 "
         "| greeting wait p50 / p99 | refused for good | pending at end "
         "| bots' share of smtpd time | bot sessions/s | bots refused at "
-        "| policyd level | cores: clients / Postfix / policyd "
+        "| policyd level | cores: clients / Postfix / policy server "
         "| clean senders' attempts refused | weak-identity messages: deferred, "
         "last accepted after the flood |",
         "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---|---|---|---:|---|",
