@@ -758,7 +758,8 @@ class MemoryLoadTracker:
     def load_ratio(self) -> float:
         """The load as a fraction of capacity (1.0 = every smtpd process busy)."""
         settings = self.settings
-        load = self._busy_now() / settings.capacity
+        # `_busy_now`, inline: this runs on every request.
+        load = (self._busy - self._discounted) / settings.capacity
         if settings.rate_capacity > 0:
             load = max(load, self.request_rate() / settings.rate_capacity)
         return load
@@ -799,9 +800,13 @@ class MemoryLoadTracker:
             self._held_at = now
             self._change(current, target)
         pressed = self._level == OVERLOAD and load >= settings.overload_exit
-        # Most requests change nothing: the pressure sits at its end.
-        if pressed != self._pressing or self._pressure != (
-            settings.max_pressure if pressed else 0
+        # Most requests change nothing: the pressure sits at its end, or
+        # `_press` would count no whole step yet (its division truncates
+        # towards zero, hence abs: the clock is wall time and may step back;
+        # a step of 0 s always passes, and jumps).
+        if pressed != self._pressing or (
+            self._pressure != (settings.max_pressure if pressed else 0)
+            and abs(now - self._pressure_at) >= settings.pressure_step
         ):
             self._press(now, pressed)
         return self._level
