@@ -529,9 +529,11 @@ class MemoryLoadTracker:
                 self._clients.get(state.client) if state.client is not None else None
             )
             if previous is not None and previous.busy > 0:
-                earlier = _discount(previous)
+                # As for the client below: no hung-up connection, no discount.
+                earlier = _discount(previous) if previous.hung else 0
                 previous.busy -= 1
-                self._discounted += _discount(previous) - earlier
+                if previous.hung:
+                    self._discounted += _discount(previous) - earlier
             client.busy += 1
         if hung:
             self._discounted += _discount(client) - before
