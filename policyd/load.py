@@ -686,23 +686,27 @@ class MemoryLoadTracker:
         """The counters of the client of *request* (zeros if unknown)."""
         key = self.keys.key(request.client_address)
         now = self.clock.seconds()
-        window = self.settings.client_rate_window
+        settings = self.settings
+        window = settings.client_rate_window
         record = self._clients.get(key)
         if record is None:
             return ClientStats(self.keys.describe(key), 0, 0.0, 0.0, 0.0, None)
-        settings = self.settings
         per_minute = 60.0 / window
+        # Positional, in the order of the fields: keywords make building the
+        # frozen class ~0.2 µs slower, and this runs for every scored request.
         return ClientStats(
-            key=self.keys.describe(key),
-            # Connections hung up by a refusal hold nothing: once in all.
-            concurrency=record.busy - _discount(record),
-            session_rate=_events(record.sessions, now, window) * per_minute,
-            message_rate=_events(record.messages, now, window) * per_minute,
-            refusals=_decay(record.refusals, record.refused_at, now, window),
-            since_refusal=None
-            if record.refused_at == NEVER
-            else now - record.refused_at,
-            held=_events(record.held, now, settings.hold_window),
+            self.keys.describe(key),
+            # concurrency: connections hung up by a refusal hold nothing,
+            # and count once in all.
+            record.busy - _discount(record),
+            # session_rate, message_rate
+            _events(record.sessions, now, window) * per_minute,
+            _events(record.messages, now, window) * per_minute,
+            # refusals, since_refusal
+            _decay(record.refusals, record.refused_at, now, window),
+            None if record.refused_at == NEVER else now - record.refused_at,
+            # held
+            _events(record.held, now, settings.hold_window),
         )
 
     def record_refusal(self, request: PolicyRequest, hangup: bool = False) -> None:
