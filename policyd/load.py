@@ -34,6 +34,7 @@ and passes the same contract tests (tests/load_contract.py).
 
 from __future__ import annotations
 
+import functools
 import math
 import socket
 from collections import OrderedDict
@@ -313,6 +314,13 @@ class _Connection:
         self.in_data = False
 
 
+# A request's address is turned into a key in observe, again in client() when
+# the request is scored and in record_refusal when it is refused, and a
+# client's requests repeat its address: a lookup costs ~0.1 µs, a parse
+# ~0.3 µs (and the text of a key ~0.35 µs).  Bounded; pure functions.
+_KEY_CACHE_SIZE: Final = 8192
+
+
 class ClientKeys:
     """Turns client addresses into compact integer keys, grouped by prefix."""
 
@@ -321,8 +329,13 @@ class ClientKeys:
         self.ipv6_prefix = ipv6_prefix
         self._v4_mask = ((1 << ipv4_prefix) - 1) << (32 - ipv4_prefix)
         self._v6_mask = ((1 << ipv6_prefix) - 1) << (128 - ipv6_prefix)
+        # Cached per instance: the prefixes are the instance's.
+        self.key: Callable[[str], int] = functools.lru_cache(_KEY_CACHE_SIZE)(self._key)
+        self.describe: Callable[[int], str] = functools.lru_cache(_KEY_CACHE_SIZE)(
+            self._describe
+        )
 
-    def key(self, address: str) -> int:
+    def _key(self, address: str) -> int:
         """The key of *address*; `UNKNOWN_CLIENT` if it is not an IP address."""
         try:
             if ":" in address:
@@ -334,7 +347,7 @@ class ClientKeys:
             # them, and treating them as addresses would be harmless anyway.
             return UNKNOWN_CLIENT
 
-    def describe(self, key: int) -> str:
+    def _describe(self, key: int) -> str:
         """The prefix a key stands for, e.g. ``192.0.2.7`` or ``2001:db8::/64``."""
         if key == UNKNOWN_CLIENT:
             return "unknown"
