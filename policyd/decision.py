@@ -142,7 +142,9 @@ class PolicyDecider:
             self._count_normal()
             return DUNNO
         outcome = verdict.outcome
-        if verdict.refused:
+        # Once: a property, and this runs for every request under stress.
+        refused = verdict.refused
+        if refused:
             if self.dry_run:
                 outcome = "dry_run_" + outcome
             elif first:
@@ -154,12 +156,12 @@ class PolicyDecider:
         decided = self.metrics.decided
         if verdict.exemption is not None:
             decided(outcome, verdict.exemption)
-        elif not verdict.refused or not verdict.reasons:
+        elif not refused or not verdict.reasons:
             decided(outcome, "none")
         else:
             for reason in verdict.reasons:
                 decided(outcome, reason)
-        if not verdict.refused:
+        if not refused:
             # DUNNO, or the WARN or INFO an admin put in a matrix cell.
             return verdict.action
         if self.dry_run:
