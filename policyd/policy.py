@@ -397,13 +397,17 @@ def decide(
     if exempt is not None:
         return Verdict(DUNNO, EXEMPT, level, 0, (), exempt)
     found = signals(request, client, client.since_refusal, settings)
+    needed = bar(level, pressure, settings) if pressure else settings.suspicious_score
+    if not found:
+        # Most clients show nothing suspicious: no score to add up (it is 0,
+        # and a client without reasons is never refused, whatever the bar).
+        return Verdict(DUNNO, PASS, level, 0, (), bar=needed)
     weights = settings.weights
     score = sum(weights[s] for s in found)
     # A signal weighted 0 is switched off, and a negative one speaks for the
     # client: neither is a reason to refuse, in the reply, the log or the
     # metric.
     reasons = tuple(s for s in found if weights[s] > 0)
-    needed = bar(level, pressure, settings) if pressure else settings.suspicious_score
     if score < needed or all(s in BEHAVIOUR_SIGNALS for s in reasons):
         return Verdict(DUNNO, PASS, level, score, reasons, bar=needed)
     firm = sum(weights[s] for s in found if s not in TEMPORARY_SIGNALS)
