@@ -338,9 +338,11 @@ def signals(
     found: list[str] = []
     if request.client_name == _UNKNOWN:
         found.append(NO_CLIENT_NAME)
-    if request.reverse_client_name == _UNKNOWN:
+    # Decoded when read: once.
+    reverse_name = request.reverse_client_name
+    if reverse_name == _UNKNOWN:
         found.append(NO_REVERSE_NAME)
-    elif looks_dynamic(request.reverse_client_name, request.client_address):
+    elif looks_dynamic(reverse_name, request.client_address):
         found.append(DYNAMIC_NAME)
     if request.protocol_state not in CONNECT_STATES:
         found += _helo_signals(request.helo_name, request, settings)
