@@ -670,7 +670,8 @@ class MemoryLoadTracker:
         self._evictions += 1
 
     def _count_request(self, now: float) -> None:
-        self._advance(now)
+        if int(now) != self._bucket_second:  # else _advance has nothing to do
+            self._advance(now)
         self._buckets[self._bucket_second % len(self._buckets)] += 1
         self._window_total += 1
 
