@@ -58,6 +58,11 @@ this runner) to the others (``--no-pin`` to disable): on a 2-vCPU VM the
 single-connection rate doubled whenever the scheduler happened to put client
 and server on one core, which made that level meaningless without pinning.
 
+``--compare DIR`` also runs the policyd of another checkout (a ``git
+worktree`` of an older commit, say) at every level and table size, in the
+same rotation, labelled with its commit: a before/after comparison measured
+in the same blocks, with the same baseline.
+
 ``--target-env KEY=VALUE`` adds to every policyd's environment (after the
 runner's own settings, so it can override them).  ``--target baseline``
 benchmarks a second baseline instead of policyd, which shows the noise floor
@@ -76,6 +81,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -153,6 +159,9 @@ class Server:
     port: int
     cpus: set[int] | None = None
     variant: Variant | None = None
+    #: Where it runs (`python -m` imports from there): this checkout or
+    #: the one given with ``--compare``.
+    cwd: Path = REPO
     proc: subprocess.Popen[bytes] | None = None
     metrics_port: int | None = None
     lines: int = 0
@@ -167,7 +176,7 @@ class Server:
         self.proc = subprocess.Popen(
             self.argv,
             env=self.env,
-            cwd=REPO,
+            cwd=self.cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -365,37 +374,63 @@ def make_servers(
         )
     if args.target == "baseline":
         return servers
+    checkouts = [(REPO, "")]
+    if args.compare:
+        other = Path(args.compare).resolve()
+        if not (other / "policyd" / "__init__.py").is_file():
+            raise SystemExit(f"--compare {args.compare}: no policyd checkout there")
+        checkouts.append((other, " @" + checkout_label(other)))
     for variant in variants:
-        port = free_port()
-        tenv = dict(os.environ)
-        tenv["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
-        )
-        tenv.update(
-            POLICYD_LISTEN=f"tcp:{port}:interface={HOST}",
-            POLICYD_METRICS_LISTEN=f"tcp:0:interface={HOST}",
-            POLICYD_LOG_LEVEL="info",
-            POLICYD_MAX_TRACKED_CLIENTS=str(
-                max(DEFAULT_MAX_TRACKED, 2 * variant.tracked)
-            ),
-            **LEVEL_ENV[variant.level],
-        )
-        for item in args.target_env:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise SystemExit(f"--target-env wants KEY=VALUE, not {item!r}")
-            tenv[key] = value
-        servers.append(
-            Server(
-                variant.name,
-                [sys.executable, "-m", "policyd", "serve"],
-                tenv,
-                port,
-                cpus,
-                variant,
+        for checkout, suffix in checkouts:
+            port = free_port()
+            tenv = dict(os.environ)
+            tenv["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(checkout), os.environ.get("PYTHONPATH", "")) if p
             )
-        )
+            tenv.update(
+                POLICYD_LISTEN=f"tcp:{port}:interface={HOST}",
+                POLICYD_METRICS_LISTEN=f"tcp:0:interface={HOST}",
+                POLICYD_LOG_LEVEL="info",
+                POLICYD_MAX_TRACKED_CLIENTS=str(
+                    max(DEFAULT_MAX_TRACKED, 2 * variant.tracked)
+                ),
+                **LEVEL_ENV[variant.level],
+            )
+            for item in args.target_env:
+                key, sep, value = item.partition("=")
+                if not sep:
+                    raise SystemExit(f"--target-env wants KEY=VALUE, not {item!r}")
+                tenv[key] = value
+            servers.append(
+                Server(
+                    variant.name + suffix,
+                    [sys.executable, "-m", "policyd", "serve"],
+                    tenv,
+                    port,
+                    cpus,
+                    variant,
+                    checkout,
+                )
+            )
     return servers
+
+
+def checkout_label(path: Path) -> str:
+    """The short commit checked out at *path*, or its directory name."""
+    git = shutil.which("git")
+    if git is None:
+        return path.name
+    try:
+        out = subprocess.run(
+            [git, "-C", str(path), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return path.name
+    return out.stdout.strip() or path.name
 
 
 # ---------------------------------------------------------------------------
@@ -640,7 +675,7 @@ def format_table(
 ) -> str:
     """The comparison table: one row per server per concurrency, with ratios."""
     header = (
-        f"{'conns':>5}  {'server':<12} {'req/s':>13} {'x base':>6} "
+        f"{'conns':>5}  {'server':<20} {'req/s':>13} {'x base':>6} "
         f"{'CPU us/req':>12} {'x base':>6} {'p50 us':>7} {'p99 us':>7} "
         f"{'errors':>6} {'loadgen':>7} {'noise':>6}  {'level':<8} {'refused':>7} "
         f"{'log/req':>7}"
@@ -666,7 +701,7 @@ def format_table(
             flag = "!" if (s.contention or 0.0) > max_contention else " "
             noisy += flag == "!"
             lines.append(
-                f"{conns:>5}  {s.server:<12} {rps:>13} "
+                f"{conns:>5}  {s.server:<20} {rps:>13} "
                 f"{x_rps:>6} "
                 f"{cpu:>12} "
                 f"{x_cpu:>6} "
@@ -701,13 +736,13 @@ def format_tracked(
 ) -> tuple[str, dict[str, Any]]:
     """The tracked-clients section: warm-ups, memory per client, 1M/1k cost."""
     lines = [
-        f"{'server':<12} {'tracked':>10} {'evictions':>9} {'RSS MB':>8} "
+        f"{'server':<20} {'tracked':>10} {'evictions':>9} {'RSS MB':>8} "
         f"{'warm-up s':>9} {'errors':>6}",
     ]
     for t in targets:
         w = t.warmup
         lines.append(
-            f"{t.name:<12} {_num(w.get('tracked_clients')):>10} "
+            f"{t.name:<20} {_num(w.get('tracked_clients')):>10} "
             f"{_num(w.get('evictions')):>9} {_num(_mb(w.get('rss_bytes')), '.1f'):>8} "
             f"{_num(w.get('seconds'), '.0f'):>9} {w.get('errors', 0):>6}"
         )
@@ -794,6 +829,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=("policyd", "baseline"),
         default="policyd",
         help="what to compare with the baseline [policyd]",
+    )
+    parser.add_argument(
+        "--compare",
+        metavar="DIR",
+        help="also run the policyd of the checkout in DIR (an older commit's "
+        "worktree), in the same rotation",
     )
     parser.add_argument(
         "--target-env",
@@ -943,7 +984,7 @@ def measure(
                 f"{_num(run.refused_share, '.1%')} tracked {_num(run.tracked)}"
             )
         print(
-            f"  {tag} {server.name:<12} c={conns:<5} {res.rps:>9,.0f} req/s  "
+            f"  {tag} {server.name:<20} c={conns:<5} {res.rps:>9,.0f} req/s  "
             f"{loadgen.format_optional(res.server_us_per_req)} us/req  "
             f"p99 {res.p99_us:,.0f} us  errors {res.error_total}  "
             f"loadgen {res.loadgen_cores:.2f} cores  "
@@ -1028,7 +1069,7 @@ def _run(args: argparse.Namespace, servers: list[Server]) -> int:
                 acts = sm.actions
                 total = max(1, sum(acts.values()))
                 mix = "  ".join(f"{k} {v / total:.1%}" for k, v in acts.items())
-                print(f"  {t.name:<12} c={conns:<5} {mix}")
+                print(f"  {t.name:<20} c={conns:<5} {mix}")
     if args.json:
         payload = {
             "engine": gen.engine,
