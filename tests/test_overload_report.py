@@ -371,3 +371,15 @@ def test_recorded_command_leaves_out_json() -> None:
     """The command written into the docs drops --json FILE (a local path)."""
     argv = ["--quick", "--json", "/x/results.json", "--docs", "docs/", "--json=/y"]
     assert reproducible_argv(argv) == ["--quick", "--docs", "docs/"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--runs", "surge", "--docs", "/scratch/run7/docs"],
+        ["--runs", "surge", "--docs=/scratch/run7/docs"],
+    ],
+)
+def test_recorded_command_names_the_docs(argv: list[str]) -> None:
+    """The command written into the docs says --docs docs/, not a local path."""
+    assert reproducible_argv(argv) == ["--runs", "surge", "--docs", "docs/"]

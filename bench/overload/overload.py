@@ -1321,7 +1321,12 @@ def scenario_from(args: argparse.Namespace) -> Scenario:
 
 
 def reproducible_argv(argv: Sequence[str]) -> list[str]:
-    """*argv* without ``--json FILE``: where the figures went is nobody's business."""
+    """*argv* as it reproduces the run from the repository.
+
+    ``--json FILE`` goes (where the figures went is nobody's business) and
+    ``--docs DIR`` becomes ``--docs docs/``: a directory of this machine
+    says nothing to a reader, and the docs are where the files belong.
+    """
     kept: list[str] = []
     skip = False
     for arg in argv:
@@ -1329,6 +1334,11 @@ def reproducible_argv(argv: Sequence[str]) -> list[str]:
             skip = False
         elif arg == "--json":
             skip = True
+        elif arg == "--docs":
+            kept += ["--docs", "docs/"]
+            skip = True
+        elif arg.startswith("--docs="):
+            kept += ["--docs", "docs/"]
         elif not arg.startswith("--json="):
             kept.append(arg)
     return kept
