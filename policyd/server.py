@@ -10,8 +10,10 @@ what is in flight, close.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry
 from twisted.internet.defer import (
@@ -69,6 +71,42 @@ SWEEP_INTERVAL = 1.0
 # How long stop() waits for closing connections to flush their last replies.
 CLOSE_TIMEOUT = 1.0
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+#: A refused peer address is logged at most once per this many seconds, and
+#: at most this many addresses are remembered for it (a scan of the whole
+#: Internet must not grow a table or flood the log).
+PEER_LOG_INTERVAL: Final = 60.0
+PEER_LOG_MEMORY: Final = 1024
+
+LOOPBACK: Final = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+def peer_ip(address: IAddress | None) -> IPAddress | None:
+    """The IP address of a peer, IPv4-mapped IPv6 as IPv4; None if not IP."""
+    host = getattr(address, "host", None)
+    if not isinstance(host, str):
+        return None
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def only_loopback(allowed: Sequence[Network]) -> bool:
+    """Whether *allowed* admits nothing but loopback peers."""
+    return all(
+        any(
+            net.version == loop.version and net.subnet_of(loop)  # type: ignore[arg-type]
+            for loop in LOOPBACK
+        )
+        for net in allowed
+    )
+
 
 class PolicyFactory(Factory):
     """Builds policy connections and holds the state they share."""
@@ -88,9 +126,13 @@ class PolicyFactory(Factory):
         idle_timeout: float,
         log_requests: bool = False,
         tracker: LoadTracker | None = None,
+        allow_peers: Sequence[Network] | None = None,
     ) -> None:
         self.clock = clock
         self.tracker = tracker
+        #: Who may connect over IP (None: everyone).
+        self.allow_peers = tuple(allow_peers) if allow_peers is not None else None
+        self._peers_logged: dict[str, float] = {}
         self.decider = decider
         self.metrics = metrics
         self.limits = limits
@@ -105,9 +147,44 @@ class PolicyFactory(Factory):
         self._close_waiters: list[Deferred[None]] = []
         metrics.active_connections.set_function(lambda: len(self.protocols))
 
-    def buildProtocol(self, addr: IAddress | None) -> PolicyProtocol:
-        """Make the protocol for a new connection."""
+    def buildProtocol(self, addr: IAddress | None) -> PolicyProtocol | None:
+        """Make the protocol for a new connection; None closes it at once.
+
+        A peer with an IP address outside `allow_peers` gets no protocol:
+        Twisted closes the connection before a byte is read.
+        """
+        if self.allow_peers is not None and not self.peer_allowed(addr):
+            self._refuse_peer(addr)
+            return None
         return PolicyProtocol(self, next(self._ids))
+
+    def peer_allowed(self, addr: IAddress | None) -> bool:
+        """Whether *addr* may connect (peers without an IP address may)."""
+        allowed = self.allow_peers
+        if allowed is None:
+            return True
+        ip = peer_ip(addr)
+        if ip is None:
+            return True
+        return any(ip in network for network in allowed)
+
+    def _refuse_peer(self, addr: IAddress | None) -> None:
+        self.metrics.peers_refused.inc()
+        peer = str(peer_ip(addr))
+        now = self.clock.seconds()
+        logged = self._peers_logged
+        last = logged.get(peer)
+        if last is not None and now - last < PEER_LOG_INTERVAL:
+            return
+        if len(logged) >= PEER_LOG_MEMORY:
+            logged.clear()
+        logged[peer] = now
+        log.warn(
+            "Closed a connection from {peer}: not in POLICYD_ALLOW_PEERS "
+            "(logged once a minute per address)",
+            event="peer_refused",
+            peer=peer,
+        )
 
     def connection_made(self, protocol: PolicyProtocol) -> None:
         """Track a new connection."""
@@ -318,6 +395,7 @@ class PolicyServer:
             idle_timeout=config.idle_timeout,
             log_requests=config.log_level == "debug",
             tracker=self.tracker,
+            allow_peers=config.allow_peers,
         )
         self.site = _QuietSite(MetricsRoot(registry, self.health))  # type: ignore[no-untyped-call]
         self.ports: list[IListeningPort] = []
@@ -355,6 +433,7 @@ class PolicyServer:
                 port = await self._listen("POLICYD_LISTEN", description, self.factory)
                 self.ports.append(port)
                 self._log_listening("listening", description, port)
+                self._check_peers(description, port)
             if self.config.metrics_listen is not None:
                 self.metrics_port = await self._listen(
                     "POLICYD_METRICS_LISTEN", self.config.metrics_listen, self.site
@@ -388,6 +467,24 @@ class PolicyServer:
         except Exception as e:
             raise CannotListen(variable, description, str(e)) from e
         return port
+
+    def _check_peers(self, description: str, port: IListeningPort) -> None:
+        """Warn if a listener reaches beyond loopback but admits only loopback."""
+        host = getattr(port.getHost(), "host", None)
+        if not isinstance(host, str):
+            return
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+        if ip.is_loopback or not only_loopback(self.config.allow_peers):
+            return
+        log.warn(
+            "The policy service listens on {address} ({endpoint}), beyond "
+            "loopback, but POLICYD_ALLOW_PEERS admits only loopback peers: "
+            "connections from other hosts will be closed.  Set "
+            "POLICYD_ALLOW_PEERS to your MX hosts' addresses",
+            event="config_warning",
+            endpoint=description,
+            address=host,
+        )
 
     def _log_listening(
         self, event: str, description: str, port: IListeningPort

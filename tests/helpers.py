@@ -265,7 +265,10 @@ class Client:
     def __init__(
         self, factory: PolicyFactory, transport: RecordingTransport | None = None
     ) -> None:
-        self.protocol: PolicyProtocol = factory.buildProtocol(PEER)
+        protocol = factory.buildProtocol(PEER)
+        if protocol is None:
+            raise AssertionError(f"the factory refused the test peer {PEER}")
+        self.protocol: PolicyProtocol = protocol
         self.transport = transport if transport is not None else RecordingTransport()
         self.transport.protocol = self.protocol
         self.protocol.makeConnection(self.transport)  # type: ignore[no-untyped-call]
