@@ -110,6 +110,7 @@ BAD = {
     "POLICYD_QUICK_RETRY_WINDOW": ("2d", "expected a duration such as"),
     "POLICYD_MY_HOSTNAMES": ("mx..example.org", "is not a host or domain name"),
     "POLICYD_ALLOW_NETWORKS": ("192.0.2.0/33", "is not a network; expected CIDR"),
+    "POLICYD_ALLOW_PEERS": ("", "at least one network"),
     "POLICYD_ALLOW_DOMAINS": ("*.example.com", "is not a host or domain name"),
     "POLICYD_ELEVATED_ACTION": ("450", "must be followed by text"),
     "POLICYD_ELEVATED_REJECT_ACTION": ("OK", "must start with a 4xx/5xx code"),
