@@ -41,6 +41,7 @@ from collections.abc import Callable
 from typing import Final, Protocol
 
 import attrs
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -197,11 +198,28 @@ class LoadTracker(Protocol):
         level up on their own.
         """
 
-    def tick(self) -> None:
-        """Expire what is stale and re-evaluate the level (about once a second)."""
+    def tick(self) -> Deferred[None] | None:
+        """
+        Expire what is stale and re-evaluate the level (about once a second).
+
+        A backend with background work (synchronising a shared store) may
+        return a Deferred: the next tick waits for it, and its failure is
+        logged, never raised into the request path.
+        """
 
     def snapshot(self) -> LoadSnapshot:
         """The current load, for metrics and logs."""
+
+    def start(self) -> Deferred[None]:
+        """
+        Get ready (connect to a shared store); fires before policyd listens.
+
+        It must fire within a bounded time even if a store is unreachable:
+        policyd then starts on its local view.
+        """
+
+    def stop(self) -> Deferred[None]:
+        """Let go of what `start` took; fires once done (policyd is exiting)."""
 
 
 def _discount(record: _Client) -> int:
@@ -691,6 +709,14 @@ class MemoryLoadTracker:
         record.refused_at = now
 
     # -- the level ---------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        """Nothing to start: everything is in this process."""
+        return succeed(None)
+
+    def stop(self) -> Deferred[None]:
+        """Nothing to stop."""
+        return succeed(None)
 
     def tick(self) -> None:
         """Release connections whose busy window or transaction ran out."""

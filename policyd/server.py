@@ -33,6 +33,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import Request
 from twisted.web.server import Site
 
@@ -79,6 +80,9 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: Internet must not grow a table or flood the log).
 PEER_LOG_INTERVAL: Final = 60.0
 PEER_LOG_MEMORY: Final = 1024
+
+#: A failing tracker tick is logged at most once per this many seconds.
+TICK_ERROR_LOG_INTERVAL: Final = 60.0
 
 LOOPBACK: Final = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
@@ -144,6 +148,8 @@ class PolicyFactory(Factory):
         self.protocols: set[PolicyProtocol] = set()
         self._ids = itertools.count(1)
         self._drain_waiters: list[Deferred[None]] = []
+        self._tick_failures = 0
+        self._tick_logged_at = -TICK_ERROR_LOG_INTERVAL
         self._close_waiters: list[Deferred[None]] = []
         metrics.active_connections.set_function(lambda: len(self.protocols))
 
@@ -211,7 +217,7 @@ class PolicyFactory(Factory):
             for waiter in waiters:
                 waiter.callback(None)
 
-    def sweep(self) -> None:
+    def sweep(self) -> Deferred[None] | None:
         """
         Close connections whose partial request stalled or that sat idle.
 
@@ -221,8 +227,36 @@ class PolicyFactory(Factory):
         now = self.clock.seconds()
         for protocol in list(self.protocols):
             protocol.check_timeouts(now)
-        if self.tracker is not None:
-            self.tracker.tick()
+        if self.tracker is None:
+            return None
+        # A failing tick must not stop the sweeps (a LoopingCall stops at
+        # the first error) nor reach a request: it is logged, and the next
+        # sweep comes as usual.  A Deferred is waited for (LoopingCall does
+        # not start the next sweep before it fires), so ticks never overlap.
+        try:
+            result = self.tracker.tick()
+        except Exception:  # noqa: BLE001 - logged; the sweeps go on
+            self._tick_failed(Failure())
+            return None
+        if isinstance(result, Deferred):
+            return result.addErrback(self._tick_failed)
+        return None
+
+    def _tick_failed(self, failure: Failure) -> None:
+        """Log a tick's failure, at most once a minute (with how many since)."""
+        self._tick_failures += 1
+        now = self.clock.seconds()
+        if now - self._tick_logged_at < TICK_ERROR_LOG_INTERVAL:
+            return
+        self._tick_logged_at = now
+        log.failure(
+            "The load tracker's periodic work failed ({failures} times since "
+            "the last report); requests are still answered",
+            failure,
+            event="tick_error",
+            failures=self._tick_failures,
+        )
+        self._tick_failures = 0
 
     def drain(self) -> Deferred[None]:
         """Fire once no connection has a request in flight."""
@@ -356,18 +390,29 @@ class PolicyServer:
         reactor: Any,
         registry: CollectorRegistry,
         decider: Decider | None = None,
+        tracker: LoadTracker | None = None,
     ) -> None:
+        """
+        Build everything; nothing listens before `start`.
+
+        *tracker* replaces the one the configuration describes (an in-memory
+        `MemoryLoadTracker` whose level changes are logged with who holds the
+        processes); the server starts, ticks and stops whichever it has.
+        """
         self.config = config
         self.reactor = reactor
         self.metrics = PolicyMetrics(
             registry, PROTOCOL_ERROR_REASONS, DECISION_FAILURE_REASONS
         )
         settings = policy_settings(config)
-        level_log = LevelChangeLog(settings, config.smtpd_capacity)
-        self.tracker = MemoryLoadTracker(
-            reactor, load_settings(config), level_log.level_changed
-        )
-        level_log.tracker = self.tracker
+        if tracker is None:
+            level_log = LevelChangeLog(settings, config.smtpd_capacity)
+            memory = MemoryLoadTracker(
+                reactor, load_settings(config), level_log.level_changed
+            )
+            level_log.tracker = memory
+            tracker = memory
+        self.tracker: LoadTracker = tracker
         registry.register(LoadCollector(self.tracker))
         registry.register(HoldersCollector(self.tracker, settings))
         self.factory = PolicyFactory(
@@ -428,6 +473,9 @@ class PolicyServer:
                 timeout=self.config.idle_timeout,
                 max_idle=POSTFIX_MAX_IDLE,
             )
+        # Before listening: the first request is decided with the tracker's
+        # state (a shared store's start is bounded: it may start empty).
+        await self.tracker.start()
         try:
             for description in self.config.listen:
                 port = await self._listen("POLICYD_LISTEN", description, self.factory)
@@ -443,6 +491,7 @@ class PolicyServer:
                 )
         except BaseException:
             await self._stop_listening()
+            await self.tracker.stop()
             raise
         self._sweeper.start(SWEEP_INTERVAL, now=False)
 
@@ -543,6 +592,12 @@ class PolicyServer:
         if self._sweeper.running:
             self._sweeper.stop()
         await self._stop_listening()
+        try:
+            await self.tracker.stop()
+        except Exception:  # noqa: BLE001 - shutdown goes on regardless
+            log.failure(
+                "The load tracker did not stop cleanly", event="tracker_stop_error"
+            )
         log.info("Stopped", event="stopped")
 
 

@@ -38,6 +38,20 @@ class TestMemoryLoadTracker(LoadTrackerContract):
         return MemoryLoadTracker(clock, settings)
 
 
+class TestLifecycle:
+    """start() and stop() of the in-memory tracker."""
+
+    def test_start_stop_fire_at_once(self) -> None:
+        """Nothing to connect to: both fire at once, and the state survives."""
+        tracker, smtpd = memory()
+        started = tracker.start()
+        assert started.called
+        smtpd.busy(1)
+        stopped = tracker.stop()
+        assert stopped.called
+        assert tracker.snapshot().busy_connections == 1
+
+
 def memory(**overrides: Any) -> tuple[MemoryLoadTracker, Smtpd]:
     """A `MemoryLoadTracker` with `BASE` settings changed by *overrides*."""
     clock = Clock()

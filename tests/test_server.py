@@ -777,6 +777,7 @@ class TestLoadWiring:
         """The server's tracker runs on the settings the Config gives."""
         config = make_config(smtpd_capacity="7", postfix_stress_level="ignore")
         server = PolicyServer(config, MemoryReactorClock(), CollectorRegistry())
+        assert isinstance(server.tracker, MemoryLoadTracker)
         assert server.tracker.settings == load_settings(config)
         assert server.tracker.settings.capacity == 7
 
@@ -1036,3 +1037,88 @@ class TestAllowPeers:
             and "POLICYD_ALLOW_PEERS" in e.get("log_format", "")
         ]
         assert len(warnings) == (1 if warned else 0)
+
+
+class TestTrackerLifecycle:
+    """The server starts, ticks and stops the tracker it is given."""
+
+    def serve(self, tracker: RecordingTracker) -> tuple[MemoryReactorClock, Any]:
+        """A server on *tracker*, not yet started."""
+        reactor = MemoryReactorClock()
+        server = PolicyServer(
+            make_config(), reactor, CollectorRegistry(), tracker=tracker
+        )
+        return reactor, server
+
+    def test_injected_tracker_used(self) -> None:
+        """An injected tracker is the one connections and decisions report to."""
+        tracker = RecordingTracker()
+        _, server = self.serve(tracker)
+        assert server.tracker is tracker
+        assert server.factory.tracker is tracker
+        Client(server.factory).send(MINIMAL)
+        assert [name for name, _ in tracker.calls] == ["opened", "observe"]
+
+    def test_start_before_listening(self) -> None:
+        """start() listens only once the tracker's start has fired."""
+        tracker = RecordingTracker()
+        tracker.start_result = Deferred()
+        reactor, server = self.serve(tracker)
+        starting = Deferred.fromCoroutine(server.start())
+        assert tracker.calls == [("start", None)]
+        assert not fired(starting)
+        assert reactor.tcpServers == []
+        tracker.start_result.callback(None)
+        assert fired(starting)
+        assert [port for port, *_ in reactor.tcpServers] == [10040, 10041]
+
+    def test_stop_stops_tracker(self) -> None:
+        """stop() stops the tracker after the connections are closed."""
+        tracker = RecordingTracker()
+        _, server = self.serve(tracker)
+        result_of(Deferred.fromCoroutine(server.start()))
+        result_of(Deferred.fromCoroutine(server.stop()))
+        assert tracker.calls[-1] == ("stop", None)
+
+    def test_failed_start_stops_tracker(self) -> None:
+        """When a listener fails, the tracker started for it is stopped again."""
+        tracker = RecordingTracker()
+        reactor = RecordingReactor()
+        reactor.refuse.add(10040)
+        server = PolicyServer(
+            make_config(), reactor, CollectorRegistry(), tracker=tracker
+        )
+        failure_of(Deferred.fromCoroutine(server.start()))
+        assert [name for name, _ in tracker.calls] == ["start", "stop"]
+
+    def test_tick_errors_logged_sweeps_go_on(self, logs: EventLoggingObserver) -> None:
+        """A failing tick is logged once a minute; the sweeps go on."""
+        tracker = RecordingTracker()
+        tracker.tick_result = RuntimeError("store gone")
+        reactor, server = self.serve(tracker)
+        result_of(Deferred.fromCoroutine(server.start()))
+        for _ in range(61):
+            reactor.advance(SWEEP_INTERVAL)
+        ticks = [name for name, _ in tracker.calls if name == "tick"]
+        assert len(ticks) == 61
+        errors = events_named(logs, "tick_error")
+        assert [e["failures"] for e in errors] == [1, 60]
+        assert errors[0]["log_level"] == LogLevel.critical
+        assert "store gone" in errors[0]["log_failure"].getErrorMessage()
+
+    def test_tick_deferred_waited_for(self, logs: EventLoggingObserver) -> None:
+        """A tick's Deferred is waited for (no overlap); its failure is logged."""
+        tracker = RecordingTracker()
+        pending: Deferred[None] = Deferred()
+        tracker.tick_result = pending
+        reactor, server = self.serve(tracker)
+        result_of(Deferred.fromCoroutine(server.start()))
+        for _ in range(3):
+            reactor.advance(SWEEP_INTERVAL)
+        assert [name for name, _ in tracker.calls].count("tick") == 1
+        tracker.tick_result = None
+        pending.errback(RuntimeError("sync failed"))
+        [error] = events_named(logs, "tick_error")
+        assert "sync failed" in error["log_failure"].getErrorMessage()
+        reactor.advance(SWEEP_INTERVAL)
+        assert [name for name, _ in tracker.calls].count("tick") == 2
