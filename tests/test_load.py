@@ -17,12 +17,11 @@ from helpers import capture_logs, events_named
 from load_contract import BASE, START, LoadTrackerContract, Smtpd
 from twisted.internet.task import Clock
 
+from policyd.clients import UNKNOWN_CLIENT, ClientKeys
 from policyd.load import (
     ELEVATED,
     NORMAL,
     OVERLOAD,
-    UNKNOWN_CLIENT,
-    ClientKeys,
     LoadSettings,
     LoadSnapshot,
     LoadTracker,
