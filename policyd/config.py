@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import attrs
 import environ
@@ -239,6 +239,28 @@ def networks(
     return tuple(result)
 
 
+#: What ``any`` stands for in POLICYD_ALLOW_PEERS.
+EVERYWHERE: Final = (
+    ipaddress.ip_network("0.0.0.0/0"),
+    ipaddress.ip_network("::/0"),
+)
+
+
+def peer_networks(
+    raw: str,
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """CIDR networks or addresses (at least one), or ``any``."""
+    if raw.strip().lower() == "any":
+        return EVERYWHERE
+    result = networks(raw)
+    if not result:
+        raise ValueError(
+            "expected at least one network (CIDR, separated by spaces or commas), "
+            "or 'any' to let every peer connect"
+        )
+    return result
+
+
 _HOSTNAME = re.compile(
     r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*\Z"
 )
@@ -291,6 +313,16 @@ class Config:
         "separated by spaces, e.g. 'tcp:10040:interface=127.0.0.1', "
         "'unix:/var/spool/postfix/private/policyd:mode=666' or "
         "'systemd:domain=INET:index=0' for socket activation.",
+    )
+    allow_peers: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _setting(
+        "127.0.0.0/8 ::1",
+        peer_networks,
+        "Who may connect to the policy service over TCP: CIDR networks or "
+        "addresses, separated by spaces or commas, or 'any'.  Connections "
+        "from elsewhere are closed at once, unanswered (counted in "
+        "policyd_peers_refused_total).  Add your MX hosts when policyd "
+        "listens beyond loopback.  Unix-socket peers are not checked: the "
+        "socket's file permissions decide.",
     )
     metrics_listen: str | None = _setting(
         "tcp:10041:interface=127.0.0.1",

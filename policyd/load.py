@@ -34,18 +34,25 @@ and passes the same contract tests (tests/load_contract.py).
 
 from __future__ import annotations
 
-import functools
-import math
-import socket
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Final, Protocol
 
 import attrs
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from policyd.levels import ELEVATED, LEVEL_NAMES, NORMAL, OVERLOAD, ClientStats
+from policyd.clients import ClientKeys
+from policyd.counting import NEVER, NO_EVENTS, RateWindow, add_event, decay, events
+from policyd.levels import (
+    ELEVATED,
+    LEVEL_NAMES,
+    NORMAL,
+    OVERLOAD,
+    ClientStats,
+    LevelMachine,
+)
 from policyd.request import PolicyRequest
 
 __all__ = [
@@ -76,14 +83,6 @@ DATA: Final = "DATA"
 # recipient (or beyond).  A session that never gets here and is not refused
 # held its smtpd process for nothing.
 PROGRESS_STATES: Final = frozenset({"RCPT", DATA, END_OF_MESSAGE})
-
-# "Never refused": one shared float object, so that a million clients do not
-# carry a million copies of it.
-NEVER: Final = -math.inf
-
-# The key under which clients without a usable address are counted.
-UNKNOWN_CLIENT: Final = -1
-_IPV6_TAG: Final = 1 << 128  # keeps IPv6 keys apart from IPv4 ones
 
 
 @attrs.frozen
@@ -194,42 +193,28 @@ class LoadTracker(Protocol):
         level up on their own.
         """
 
-    def tick(self) -> None:
-        """Expire what is stale and re-evaluate the level (about once a second)."""
+    def tick(self) -> Deferred[None] | None:
+        """
+        Expire what is stale and re-evaluate the level (about once a second).
+
+        A backend with background work (synchronising a shared store) may
+        return a Deferred: the next tick waits for it, and its failure is
+        logged, never raised into the request path.
+        """
 
     def snapshot(self) -> LoadSnapshot:
         """The current load, for metrics and logs."""
 
+    def start(self) -> Deferred[None]:
+        """
+        Get ready (connect to a shared store); fires before policyd listens.
 
-# A decayed event count kept in ONE float: ln(count) + time / window.  The
-# count at *now* is exp(stored - now / window); one float per counter instead
-# of a count and a timestamp saves ~50 bytes per tracked client.  A float
-# holds time / window (~3e7 for a 60 s window) to ~4e-9, so the count is
-# exact to nine digits.  (If the clock steps back by d seconds, counts read
-# e^(d/window) times too high until it catches up: harmless for seconds.)
-NO_EVENTS: Final = -math.inf
+        It must fire within a bounded time even if a store is unreachable:
+        policyd then starts on its local view.
+        """
 
-
-def _add_event(stored: float, now: float, window: float, amount: float = 1.0) -> float:
-    """*stored* (see `NO_EVENTS`) with *amount* more events at *now*."""
-    base = now / window
-    if stored == NO_EVENTS:
-        return math.log(amount) + base
-    return math.log(math.exp(stored - base) + amount) + base
-
-
-def _events(stored: float, now: float, window: float) -> float:
-    """The decayed count in *stored* at *now*."""
-    if stored == NO_EVENTS:
-        return 0.0
-    return math.exp(stored - now / window)
-
-
-def _decay(value: float, then: float, now: float, window: float) -> float:
-    """*value* (a count recorded at *then*) decayed exponentially to *now*."""
-    if now <= then:
-        return value
-    return value * math.exp((then - now) / window)
+    def stop(self) -> Deferred[None]:
+        """Let go of what `start` took; fires once done (policyd is exiting)."""
 
 
 def _discount(record: _Client) -> int:
@@ -314,51 +299,6 @@ class _Connection:
         self.in_data = False
 
 
-# A request's address is turned into a key in observe, again in client() when
-# the request is scored and in record_refusal when it is refused, and a
-# client's requests repeat its address: a lookup costs ~0.1 µs, a parse
-# ~0.3 µs (and the text of a key ~0.35 µs).  Bounded; pure functions.
-_KEY_CACHE_SIZE: Final = 8192
-
-
-class ClientKeys:
-    """Turns client addresses into compact integer keys, grouped by prefix."""
-
-    def __init__(self, ipv4_prefix: int = 32, ipv6_prefix: int = 64) -> None:
-        self.ipv4_prefix = ipv4_prefix
-        self.ipv6_prefix = ipv6_prefix
-        self._v4_mask = ((1 << ipv4_prefix) - 1) << (32 - ipv4_prefix)
-        self._v6_mask = ((1 << ipv6_prefix) - 1) << (128 - ipv6_prefix)
-        # Cached per instance: the prefixes are the instance's.
-        self.key: Callable[[str], int] = functools.lru_cache(_KEY_CACHE_SIZE)(self._key)
-        self.describe: Callable[[int], str] = functools.lru_cache(_KEY_CACHE_SIZE)(
-            self._describe
-        )
-
-    def _key(self, address: str) -> int:
-        """The key of *address*; `UNKNOWN_CLIENT` if it is not an IP address."""
-        try:
-            if ":" in address:
-                packed = socket.inet_pton(socket.AF_INET6, address)
-                return (int.from_bytes(packed, "big") & self._v6_mask) | _IPV6_TAG
-            return int.from_bytes(socket.inet_aton(address), "big") & self._v4_mask
-        except (OSError, ValueError):
-            # inet_aton accepts shorthands such as "10.1"; Postfix never sends
-            # them, and treating them as addresses would be harmless anyway.
-            return UNKNOWN_CLIENT
-
-    def _describe(self, key: int) -> str:
-        """The prefix a key stands for, e.g. ``192.0.2.7`` or ``2001:db8::/64``."""
-        if key == UNKNOWN_CLIENT:
-            return "unknown"
-        if key & _IPV6_TAG:
-            packed = (key & ~_IPV6_TAG).to_bytes(16, "big")
-            text = socket.inet_ntop(socket.AF_INET6, packed)
-            return text if self.ipv6_prefix == 128 else f"{text}/{self.ipv6_prefix}"
-        text = socket.inet_ntoa(key.to_bytes(4, "big"))
-        return text if self.ipv4_prefix == 32 else f"{text}/{self.ipv4_prefix}"
-
-
 class MemoryLoadTracker:
     """A `LoadTracker` that keeps its state in this process."""
 
@@ -382,34 +322,23 @@ class MemoryLoadTracker:
         # Closed connections still counted busy until their window ends.
         self._lingering = 0
         self._transactions = 0
-        self._level = NORMAL
-        self._pressure = 0
-        self._pressing = False
         now = clock.seconds()
-        self._pressure_at = now
-        # When the load last justified the current level; the level drops
-        # only once this is min_dwell in the past.
-        self._held_at = now
-        self._stress_at = -math.inf
-        self._stress_seen = 0
+        self._levels = LevelMachine(settings, now, self._change)
         self._evictions = 0
-        self._transitions = dict.fromkeys(LEVEL_NAMES, 0)
         # Requests per second over rate_window one-second buckets.
-        self._buckets = [0] * settings.rate_window
-        self._bucket_second = int(now)
-        self._window_total = 0
+        self._rate = RateWindow(settings.rate_window, now)
 
     # -- connections -------------------------------------------------------
 
     @property
     def level(self) -> int:
         """The current stress level."""
-        return self._level
+        return self._levels.level
 
     @property
     def pressure(self) -> int:
         """How far a lasting overload has lowered the bar (0 to max_pressure)."""
-        return self._pressure
+        return self._levels.pressure
 
     def busy_requests(self) -> list[PolicyRequest]:
         """
@@ -485,10 +414,9 @@ class MemoryLoadTracker:
         """Account for one request and return the level to decide it at."""
         now = self.clock.seconds()
         settings = self.settings
-        self._count_request(now)
+        self._rate.count(now)
         if request.stress:
-            self._stress_at = now
-            self._stress_seen += 1
+            self._levels.postfix_stress(now)
         state = self._connections.get(request.connection)
         if state is None:
             state = self._connections[request.connection] = _Connection()
@@ -504,7 +432,7 @@ class MemoryLoadTracker:
             if instance != state.instance:
                 # A new instance on a connection: the previous transaction on
                 # it has ended, and the client starts a new message.
-                client.messages = _add_event(
+                client.messages = add_event(
                     client.messages, now, settings.client_rate_window
                 )
                 if not state.instance:
@@ -523,7 +451,7 @@ class MemoryLoadTracker:
                 state.instance = ""
                 self._transactions -= 1
             if request.protocol_state in SESSION_STATES:
-                client.sessions = _add_event(
+                client.sessions = add_event(
                     client.sessions, now, settings.client_rate_window
                 )
             busy_until = now + settings.busy_window
@@ -624,9 +552,7 @@ class MemoryLoadTracker:
     def _charge(self, record: _Client, waited: float, now: float) -> None:
         excess = waited - self.settings.hold_grace
         if excess > 0:
-            record.held = _add_event(
-                record.held, now, self.settings.hold_window, excess
-            )
+            record.held = add_event(record.held, now, self.settings.hold_window, excess)
 
     def _unhang(self, state: _Connection) -> None:
         state.hung = False
@@ -669,32 +595,9 @@ class MemoryLoadTracker:
             self._discounted -= _discount(record)
         self._evictions += 1
 
-    def _count_request(self, now: float) -> None:
-        if int(now) != self._bucket_second:  # else _advance has nothing to do
-            self._advance(now)
-        self._buckets[self._bucket_second % len(self._buckets)] += 1
-        self._window_total += 1
-
-    def _advance(self, now: float) -> None:
-        second = int(now)
-        if second == self._bucket_second:
-            return
-        buckets = self._buckets
-        size = len(buckets)
-        if second - self._bucket_second >= size:
-            buckets[:] = [0] * size
-            self._window_total = 0
-        else:
-            for past in range(self._bucket_second + 1, second + 1):
-                index = past % size
-                self._window_total -= buckets[index]
-                buckets[index] = 0
-        self._bucket_second = second
-
     def request_rate(self) -> float:
         """Requests per second over the last `LoadSettings.rate_window` seconds."""
-        self._advance(self.clock.seconds())
-        return self._window_total / len(self._buckets)
+        return self._rate.rate(self.clock.seconds())
 
     def client(self, request: PolicyRequest) -> ClientStats:
         """The counters of the client of *request* (zeros if unknown)."""
@@ -714,13 +617,13 @@ class MemoryLoadTracker:
             # and count once in all.
             record.busy - _discount(record),
             # session_rate, message_rate
-            _events(record.sessions, now, window) * per_minute,
-            _events(record.messages, now, window) * per_minute,
+            events(record.sessions, now, window) * per_minute,
+            events(record.messages, now, window) * per_minute,
             # refusals, since_refusal
-            _decay(record.refusals, record.refused_at, now, window),
+            decay(record.refusals, record.refused_at, now, window),
             None if record.refused_at == NEVER else now - record.refused_at,
             # held
-            _events(record.held, now, settings.hold_window),
+            events(record.held, now, settings.hold_window),
         )
 
     def record_refusal(self, request: PolicyRequest, hangup: bool = False) -> None:
@@ -745,7 +648,7 @@ class MemoryLoadTracker:
             record.refusals = 1.0
         else:
             record.refusals = (
-                _decay(
+                decay(
                     record.refusals,
                     record.refused_at,
                     now,
@@ -756,6 +659,14 @@ class MemoryLoadTracker:
         record.refused_at = now
 
     # -- the level ---------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        """Nothing to start: everything is in this process."""
+        return succeed(None)
+
+    def stop(self) -> Deferred[None]:
+        """Nothing to stop."""
+        return succeed(None)
 
     def tick(self) -> None:
         """Release connections whose busy window or transaction ran out."""
@@ -785,77 +696,10 @@ class MemoryLoadTracker:
         return load
 
     def _evaluate(self, now: float) -> int:
-        settings = self.settings
-        load = self.load_ratio()
-        current = self._level
-        if load >= settings.overload_enter:
-            target = OVERLOAD
-        elif load >= settings.elevated_enter:
-            target = ELEVATED
-        else:
-            target = NORMAL
-        # Hysteresis: a level is kept while the load stays above its exit
-        # threshold, even below its enter threshold.
-        if current == OVERLOAD and load >= settings.overload_exit:
-            target = OVERLOAD
-        elif (
-            current >= ELEVATED and target < ELEVATED and load >= settings.elevated_exit
-        ):
-            target = ELEVATED
-        if (
-            now - self._stress_at < settings.postfix_stress_hold
-            and load >= settings.postfix_stress_min_load
-        ):
-            # Postfix's stress=yes says "saturated within the last 1000 s"
-            # (master marks every smtpd it starts until then, and they keep
-            # asking with it): a floor only while the load bears it out, or a
-            # flood would keep deferring clients for a quarter of an hour
-            # after it ended, with the processes idle.
-            target = max(target, settings.postfix_stress_level)
-        if target >= current:
-            self._held_at = now
-            if target > current:
-                self._change(current, target)
-        elif now - self._held_at >= settings.min_dwell:
-            self._held_at = now
-            self._change(current, target)
-        pressed = self._level == OVERLOAD and load >= settings.overload_exit
-        # Most requests change nothing: the pressure sits at its end, or
-        # `_press` would count no whole step yet (its division truncates
-        # towards zero, hence abs: the clock is wall time and may step back;
-        # a step of 0 s always passes, and jumps).
-        if pressed != self._pressing or (
-            self._pressure != (settings.max_pressure if pressed else 0)
-            and abs(now - self._pressure_at) >= settings.pressure_step
-        ):
-            self._press(now, pressed)
-        return self._level
-
-    def _press(self, now: float, pressed: bool) -> None:
-        """Move the pressure one step per `LoadSettings.pressure_step`.
-
-        Up while the overload lasts with the load above its exit threshold,
-        down while it does not; each phase starts counting when it begins.
-        """
-        if pressed != self._pressing:
-            self._pressing = pressed
-            self._pressure_at = now
-        top = self.settings.max_pressure
-        if (self._pressure >= top) if pressed else (self._pressure <= 0):
-            return
-        step = self.settings.pressure_step
-        if step <= 0:
-            self._pressure = top if pressed else 0
-            return
-        steps = int((now - self._pressure_at) / step)
-        if steps:
-            self._pressure_at += steps * step
-            change = steps if pressed else -steps
-            self._pressure = max(0, min(top, self._pressure + change))
+        return self._levels.evaluate(now, self.load_ratio())
 
     def _change(self, old: int, new: int) -> None:
-        self._level = new
-        self._transitions[LEVEL_NAMES[new]] += 1
+        """The level machine changed the level: tell the callback, or log it."""
         snapshot = self.snapshot()
         if self._on_level_change is not None:
             # The callback logs the change (policyd.holders.LevelChangeLog
@@ -880,15 +724,15 @@ class MemoryLoadTracker:
         """The current load."""
         now = self.clock.seconds()
         return LoadSnapshot(
-            level=self._level,
+            level=self._levels.level,
             load_ratio=self.load_ratio(),
             connections=len(self._connections) - self._lingering,
             busy_connections=self._busy_now(),
             transactions=self._transactions,
             request_rate=self.request_rate(),
-            postfix_stress=now - self._stress_at < self.settings.postfix_stress_hold,
+            postfix_stress=self._levels.stressed(now),
             tracked_clients=len(self._clients),
-            postfix_stress_seen=self._stress_seen,
+            postfix_stress_seen=self._levels.stress_seen,
             evictions=self._evictions,
-            transitions=dict(self._transitions),
+            transitions=dict(self._levels.transitions),
         )

@@ -100,6 +100,12 @@ class PolicyMetrics:
             "Idle connections closed by policyd after POLICYD_IDLE_TIMEOUT.",
             registry=registry,
         )
+        self.peers_refused = Counter(
+            "policyd_peers_refused",
+            "Connections closed at once because the peer is not in "
+            "POLICYD_ALLOW_PEERS.",
+            registry=registry,
+        )
         Info("policyd_build", "policyd version.", registry=registry).info(
             {"version": __version__}
         )

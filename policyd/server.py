@@ -10,8 +10,10 @@ what is in flight, close.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry
 from twisted.internet.defer import (
@@ -31,6 +33,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import Request
 from twisted.web.server import Site
 
@@ -69,6 +72,45 @@ SWEEP_INTERVAL = 1.0
 # How long stop() waits for closing connections to flush their last replies.
 CLOSE_TIMEOUT = 1.0
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+#: A refused peer address is logged at most once per this many seconds, and
+#: at most this many addresses are remembered for it (a scan of the whole
+#: Internet must not grow a table or flood the log).
+PEER_LOG_INTERVAL: Final = 60.0
+PEER_LOG_MEMORY: Final = 1024
+
+#: A failing tracker tick is logged at most once per this many seconds.
+TICK_ERROR_LOG_INTERVAL: Final = 60.0
+
+LOOPBACK: Final = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+def peer_ip(address: IAddress | None) -> IPAddress | None:
+    """The IP address of a peer, IPv4-mapped IPv6 as IPv4; None if not IP."""
+    host = getattr(address, "host", None)
+    if not isinstance(host, str):
+        return None
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def only_loopback(allowed: Sequence[Network]) -> bool:
+    """Whether *allowed* admits nothing but loopback peers."""
+    return all(
+        any(
+            net.version == loop.version and net.subnet_of(loop)  # type: ignore[arg-type]
+            for loop in LOOPBACK
+        )
+        for net in allowed
+    )
+
 
 class PolicyFactory(Factory):
     """Builds policy connections and holds the state they share."""
@@ -88,9 +130,13 @@ class PolicyFactory(Factory):
         idle_timeout: float,
         log_requests: bool = False,
         tracker: LoadTracker | None = None,
+        allow_peers: Sequence[Network] | None = None,
     ) -> None:
         self.clock = clock
         self.tracker = tracker
+        #: Who may connect over IP (None: everyone).
+        self.allow_peers = tuple(allow_peers) if allow_peers is not None else None
+        self._peers_logged: dict[str, float] = {}
         self.decider = decider
         self.metrics = metrics
         self.limits = limits
@@ -102,12 +148,49 @@ class PolicyFactory(Factory):
         self.protocols: set[PolicyProtocol] = set()
         self._ids = itertools.count(1)
         self._drain_waiters: list[Deferred[None]] = []
+        self._tick_failures = 0
+        self._tick_logged_at = -TICK_ERROR_LOG_INTERVAL
         self._close_waiters: list[Deferred[None]] = []
         metrics.active_connections.set_function(lambda: len(self.protocols))
 
-    def buildProtocol(self, addr: IAddress | None) -> PolicyProtocol:
-        """Make the protocol for a new connection."""
+    def buildProtocol(self, addr: IAddress | None) -> PolicyProtocol | None:
+        """Make the protocol for a new connection; None closes it at once.
+
+        A peer with an IP address outside `allow_peers` gets no protocol:
+        Twisted closes the connection before a byte is read.
+        """
+        if self.allow_peers is not None and not self.peer_allowed(addr):
+            self._refuse_peer(addr)
+            return None
         return PolicyProtocol(self, next(self._ids))
+
+    def peer_allowed(self, addr: IAddress | None) -> bool:
+        """Whether *addr* may connect (peers without an IP address may)."""
+        allowed = self.allow_peers
+        if allowed is None:
+            return True
+        ip = peer_ip(addr)
+        if ip is None:
+            return True
+        return any(ip in network for network in allowed)
+
+    def _refuse_peer(self, addr: IAddress | None) -> None:
+        self.metrics.peers_refused.inc()
+        peer = str(peer_ip(addr))
+        now = self.clock.seconds()
+        logged = self._peers_logged
+        last = logged.get(peer)
+        if last is not None and now - last < PEER_LOG_INTERVAL:
+            return
+        if len(logged) >= PEER_LOG_MEMORY:
+            logged.clear()
+        logged[peer] = now
+        log.warn(
+            "Closed a connection from {peer}: not in POLICYD_ALLOW_PEERS "
+            "(logged once a minute per address)",
+            event="peer_refused",
+            peer=peer,
+        )
 
     def connection_made(self, protocol: PolicyProtocol) -> None:
         """Track a new connection."""
@@ -134,7 +217,7 @@ class PolicyFactory(Factory):
             for waiter in waiters:
                 waiter.callback(None)
 
-    def sweep(self) -> None:
+    def sweep(self) -> Deferred[None] | None:
         """
         Close connections whose partial request stalled or that sat idle.
 
@@ -144,8 +227,36 @@ class PolicyFactory(Factory):
         now = self.clock.seconds()
         for protocol in list(self.protocols):
             protocol.check_timeouts(now)
-        if self.tracker is not None:
-            self.tracker.tick()
+        if self.tracker is None:
+            return None
+        # A failing tick must not stop the sweeps (a LoopingCall stops at
+        # the first error) nor reach a request: it is logged, and the next
+        # sweep comes as usual.  A Deferred is waited for (LoopingCall does
+        # not start the next sweep before it fires), so ticks never overlap.
+        try:
+            result = self.tracker.tick()
+        except Exception:  # noqa: BLE001 - logged; the sweeps go on
+            self._tick_failed(Failure())
+            return None
+        if isinstance(result, Deferred):
+            return result.addErrback(self._tick_failed)
+        return None
+
+    def _tick_failed(self, failure: Failure) -> None:
+        """Log a tick's failure, at most once a minute (with how many since)."""
+        self._tick_failures += 1
+        now = self.clock.seconds()
+        if now - self._tick_logged_at < TICK_ERROR_LOG_INTERVAL:
+            return
+        self._tick_logged_at = now
+        log.failure(
+            "The load tracker's periodic work failed ({failures} times since "
+            "the last report); requests are still answered",
+            failure,
+            event="tick_error",
+            failures=self._tick_failures,
+        )
+        self._tick_failures = 0
 
     def drain(self) -> Deferred[None]:
         """Fire once no connection has a request in flight."""
@@ -279,18 +390,29 @@ class PolicyServer:
         reactor: Any,
         registry: CollectorRegistry,
         decider: Decider | None = None,
+        tracker: LoadTracker | None = None,
     ) -> None:
+        """
+        Build everything; nothing listens before `start`.
+
+        *tracker* replaces the one the configuration describes (an in-memory
+        `MemoryLoadTracker` whose level changes are logged with who holds the
+        processes); the server starts, ticks and stops whichever it has.
+        """
         self.config = config
         self.reactor = reactor
         self.metrics = PolicyMetrics(
             registry, PROTOCOL_ERROR_REASONS, DECISION_FAILURE_REASONS
         )
         settings = policy_settings(config)
-        level_log = LevelChangeLog(settings, config.smtpd_capacity)
-        self.tracker = MemoryLoadTracker(
-            reactor, load_settings(config), level_log.level_changed
-        )
-        level_log.tracker = self.tracker
+        if tracker is None:
+            level_log = LevelChangeLog(settings, config.smtpd_capacity)
+            memory = MemoryLoadTracker(
+                reactor, load_settings(config), level_log.level_changed
+            )
+            level_log.tracker = memory
+            tracker = memory
+        self.tracker: LoadTracker = tracker
         registry.register(LoadCollector(self.tracker))
         registry.register(HoldersCollector(self.tracker, settings))
         self.factory = PolicyFactory(
@@ -318,6 +440,7 @@ class PolicyServer:
             idle_timeout=config.idle_timeout,
             log_requests=config.log_level == "debug",
             tracker=self.tracker,
+            allow_peers=config.allow_peers,
         )
         self.site = _QuietSite(MetricsRoot(registry, self.health))  # type: ignore[no-untyped-call]
         self.ports: list[IListeningPort] = []
@@ -350,11 +473,15 @@ class PolicyServer:
                 timeout=self.config.idle_timeout,
                 max_idle=POSTFIX_MAX_IDLE,
             )
+        # Before listening: the first request is decided with the tracker's
+        # state (a shared store's start is bounded: it may start empty).
+        await self.tracker.start()
         try:
             for description in self.config.listen:
                 port = await self._listen("POLICYD_LISTEN", description, self.factory)
                 self.ports.append(port)
                 self._log_listening("listening", description, port)
+                self._check_peers(description, port)
             if self.config.metrics_listen is not None:
                 self.metrics_port = await self._listen(
                     "POLICYD_METRICS_LISTEN", self.config.metrics_listen, self.site
@@ -364,6 +491,7 @@ class PolicyServer:
                 )
         except BaseException:
             await self._stop_listening()
+            await self.tracker.stop()
             raise
         self._sweeper.start(SWEEP_INTERVAL, now=False)
 
@@ -388,6 +516,24 @@ class PolicyServer:
         except Exception as e:
             raise CannotListen(variable, description, str(e)) from e
         return port
+
+    def _check_peers(self, description: str, port: IListeningPort) -> None:
+        """Warn if a listener reaches beyond loopback but admits only loopback."""
+        host = getattr(port.getHost(), "host", None)
+        if not isinstance(host, str):
+            return
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+        if ip.is_loopback or not only_loopback(self.config.allow_peers):
+            return
+        log.warn(
+            "The policy service listens on {address} ({endpoint}), beyond "
+            "loopback, but POLICYD_ALLOW_PEERS admits only loopback peers: "
+            "connections from other hosts will be closed.  Set "
+            "POLICYD_ALLOW_PEERS to your MX hosts' addresses",
+            event="config_warning",
+            endpoint=description,
+            address=host,
+        )
 
     def _log_listening(
         self, event: str, description: str, port: IListeningPort
@@ -446,6 +592,12 @@ class PolicyServer:
         if self._sweeper.running:
             self._sweeper.stop()
         await self._stop_listening()
+        try:
+            await self.tracker.stop()
+        except Exception:  # noqa: BLE001 - shutdown goes on regardless
+            log.failure(
+                "The load tracker did not stop cleanly", event="tracker_stop_error"
+            )
         log.info("Stopped", event="stopped")
 
 

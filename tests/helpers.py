@@ -15,7 +15,7 @@ from typing import cast
 import pytest
 from prometheus_client import CollectorRegistry
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import (
     EventLoggingObserver,
@@ -179,6 +179,9 @@ class RecordingTracker:
         self.calls: list[tuple[str, object]] = []
         self.snapshots = 0
         self.fixed_pressure = 0
+        #: What `tick` returns (an exception is raised); what `start` returns.
+        self.tick_result: Deferred[None] | Exception | None = None
+        self.start_result: Deferred[None] | None = None
 
     @property
     def level(self) -> int:
@@ -219,9 +222,23 @@ class RecordingTracker:
         """Record ``("refusal", request)`` (or ``"hangup"`` with *hangup*)."""
         self.calls.append(("hangup" if hangup else "refusal", request))
 
-    def tick(self) -> None:
-        """Record ``("tick", None)``."""
+    def tick(self) -> Deferred[None] | None:
+        """Record ``("tick", None)``; return (or raise) `tick_result`."""
         self.calls.append(("tick", None))
+        result = self.tick_result
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def start(self) -> Deferred[None]:
+        """Record ``("start", None)``; `start_result`, or fire at once."""
+        self.calls.append(("start", None))
+        return self.start_result if self.start_result is not None else succeed(None)
+
+    def stop(self) -> Deferred[None]:
+        """Record ``("stop", None)``; fire at once."""
+        self.calls.append(("stop", None))
+        return succeed(None)
 
     def snapshot(self) -> LoadSnapshot:
         """The fixed load; counts the calls."""
@@ -265,7 +282,10 @@ class Client:
     def __init__(
         self, factory: PolicyFactory, transport: RecordingTransport | None = None
     ) -> None:
-        self.protocol: PolicyProtocol = factory.buildProtocol(PEER)
+        protocol = factory.buildProtocol(PEER)
+        if protocol is None:
+            raise AssertionError(f"the factory refused the test peer {PEER}")
+        self.protocol: PolicyProtocol = protocol
         self.transport = transport if transport is not None else RecordingTransport()
         self.transport.protocol = self.protocol
         self.protocol.makeConnection(self.transport)  # type: ignore[no-untyped-call]

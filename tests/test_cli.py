@@ -9,6 +9,7 @@ handling, exit statuses, stdout logging and real sockets.  Those use only
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -109,6 +110,7 @@ BAD = {
     "POLICYD_QUICK_RETRY_WINDOW": ("2d", "expected a duration such as"),
     "POLICYD_MY_HOSTNAMES": ("mx..example.org", "is not a host or domain name"),
     "POLICYD_ALLOW_NETWORKS": ("192.0.2.0/33", "is not a network; expected CIDR"),
+    "POLICYD_ALLOW_PEERS": ("", "at least one network"),
     "POLICYD_ALLOW_DOMAINS": ("*.example.com", "is not a host or domain name"),
     "POLICYD_ELEVATED_ACTION": ("450", "must be followed by text"),
     "POLICYD_ELEVATED_REJECT_ACTION": ("OK", "must start with a 4xx/5xx code"),
@@ -458,6 +460,30 @@ class TestServeProcess:
             events = [json.loads(line).get("event") for line in daemon.stdout]
             assert events.index("stopping") < events.index("stopped")
             assert daemon.stderr == []
+
+    def test_allow_peers(self) -> None:
+        """A peer outside POLICYD_ALLOW_PEERS is closed unanswered; others served."""
+        settings = _json_settings(POLICYD_ALLOW_PEERS="127.0.0.2")
+        with _serve(settings) as daemon:
+            port = daemon.wait_for_event("listening")["port"]
+            metrics = daemon.wait_for_event("metrics_listening")["port"]
+            daemon.wait_for_event("started")
+            with socket.create_connection(
+                ("127.0.0.1", port), timeout=TIMEOUT, source_address=("127.0.0.1", 0)
+            ) as sock:
+                sock.sendall(REQUEST)
+                # A reset (closed before our request was read) is unanswered too.
+                with contextlib.suppress(ConnectionResetError):
+                    assert sock.recv(4096) == b""
+            with socket.create_connection(
+                ("127.0.0.1", port), timeout=TIMEOUT, source_address=("127.0.0.2", 0)
+            ) as sock:
+                assert _ask(sock) == DUNNO_REPLY
+            refused = daemon.wait_for_event("peer_refused")
+            assert refused["peer"] == "127.0.0.1"
+            status, _, body = _http_get(metrics, "/metrics")
+            assert status == 200
+            assert "policyd_peers_refused_total 1.0" in body.decode()
 
     def test_sigint(self) -> None:
         """SIGINT (Ctrl-C) stops it cleanly too: exit 0, no traceback."""

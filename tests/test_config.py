@@ -16,6 +16,7 @@ from policyd.policy import SIGNALS
 # The defaults as docs/configuration.md and `policyd config` document them.
 DOCUMENTED_DEFAULTS = {
     "POLICYD_LISTEN": "tcp:10040:interface=127.0.0.1",
+    "POLICYD_ALLOW_PEERS": "127.0.0.0/8 ::1",
     "POLICYD_METRICS_LISTEN": "tcp:10041:interface=127.0.0.1",
     "POLICYD_LOG_LEVEL": "info",
     "POLICYD_LOG_FORMAT": "text",
@@ -124,6 +125,13 @@ GOOD: dict[str, list[tuple[str, Any]]] = {
         ("systemd:domain=INET:index=0", ("systemd:domain=INET:index=0",)),
         ("systemd:domain=INET6:index=1", ("systemd:domain=INET6:index=1",)),
         ("systemd:domain=UNIX:name=policyd", ("systemd:domain=UNIX:name=policyd",)),
+    ],
+    "POLICYD_ALLOW_PEERS": [
+        ("127.0.0.0/8 ::1", (_NET("127.0.0.0/8"), _NET("::1/128"))),
+        ("192.0.2.10, 192.0.2.11", (_NET("192.0.2.10/32"), _NET("192.0.2.11/32"))),
+        ("10.0.0.0/8 2001:db8::/32", (_NET("10.0.0.0/8"), _NET("2001:db8::/32"))),
+        ("any", (_NET("0.0.0.0/0"), _NET("::/0"))),
+        (" ANY ", (_NET("0.0.0.0/0"), _NET("::/0"))),
     ],
     "POLICYD_METRICS_LISTEN": [
         ("none", None),
@@ -442,6 +450,13 @@ BAD: dict[str, list[tuple[str, str]]] = {
         ("systemd:domain=INET:index=-1", _ENDPOINT_FORM),
         ("systemd:domain=INET:name=", _ENDPOINT_FORM),
         ("systemd:domain=INET:index=0:mode=660", _ENDPOINT_FORM),
+    ],
+    "POLICYD_ALLOW_PEERS": [
+        ("", r"at least one network .*'any'"),
+        (" , ", r"at least one network"),
+        ("192.0.2.0/33", _NETWORK),
+        ("mx1.example.com", _NETWORK),
+        ("anywhere", _NETWORK),
     ],
     "POLICYD_METRICS_LISTEN": [
         ("", _ENDPOINT_FORM),

@@ -15,6 +15,7 @@ import attrs
 import pytest
 from helpers import IDLE_SNAPSHOT, RecordingTracker, capture_logs, events_named
 from prometheus_client import REGISTRY, CollectorRegistry
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogEvent, LogLevel, formatEvent
@@ -117,6 +118,14 @@ class ForcedLevel:
     def tick(self) -> None:
         """Pass on."""
         self.real.tick()
+
+    def start(self) -> Deferred[None]:
+        """Pass on."""
+        return self.real.start()
+
+    def stop(self) -> Deferred[None]:
+        """Pass on."""
+        return self.real.stop()
 
     def snapshot(self) -> LoadSnapshot:
         """The real tracker's snapshot."""

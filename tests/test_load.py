@@ -17,12 +17,11 @@ from helpers import capture_logs, events_named
 from load_contract import BASE, START, LoadTrackerContract, Smtpd
 from twisted.internet.task import Clock
 
+from policyd.clients import UNKNOWN_CLIENT, ClientKeys
 from policyd.load import (
     ELEVATED,
     NORMAL,
     OVERLOAD,
-    UNKNOWN_CLIENT,
-    ClientKeys,
     LoadSettings,
     LoadSnapshot,
     LoadTracker,
@@ -36,6 +35,20 @@ class TestMemoryLoadTracker(LoadTrackerContract):
     def make_tracker(self, clock: Clock, settings: LoadSettings) -> LoadTracker:
         """A `MemoryLoadTracker`."""
         return MemoryLoadTracker(clock, settings)
+
+
+class TestLifecycle:
+    """start() and stop() of the in-memory tracker."""
+
+    def test_start_stop_fire_at_once(self) -> None:
+        """Nothing to connect to: both fire at once, and the state survives."""
+        tracker, smtpd = memory()
+        started = tracker.start()
+        assert started.called
+        smtpd.busy(1)
+        stopped = tracker.stop()
+        assert stopped.called
+        assert tracker.snapshot().busy_connections == 1
 
 
 def memory(**overrides: Any) -> tuple[MemoryLoadTracker, Smtpd]:

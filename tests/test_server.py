@@ -29,7 +29,7 @@ from helpers import (
     events_named,
 )
 from prometheus_client import CollectorRegistry
-from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IAddress, IListeningPort
@@ -611,7 +611,7 @@ class TestStartMessages:
         self, logs: EventLoggingObserver
     ) -> None:
         """An idle timeout below Postfix's 300 s max_idle is warned about at start."""
-        started(MemoryReactorClock(), idle_timeout="120s")
+        started(RecordingReactor(), idle_timeout="120s")
         warnings = [e for e in logs if e.get("event") == "config_warning"]
         assert len(warnings) == 1
         assert warnings[0]["log_level"] == LogLevel.warn
@@ -620,7 +620,7 @@ class TestStartMessages:
         self, logs: EventLoggingObserver
     ) -> None:
         """The default idle timeout (600 s) is above max_idle: no warning."""
-        started(MemoryReactorClock())
+        started(RecordingReactor())
         assert not [e for e in logs if e.get("event") == "config_warning"]
 
 
@@ -777,6 +777,7 @@ class TestLoadWiring:
         """The server's tracker runs on the settings the Config gives."""
         config = make_config(smtpd_capacity="7", postfix_stress_level="ignore")
         server = PolicyServer(config, MemoryReactorClock(), CollectorRegistry())
+        assert isinstance(server.tracker, MemoryLoadTracker)
         assert server.tracker.settings == load_settings(config)
         assert server.tracker.settings.capacity == 7
 
@@ -927,3 +928,197 @@ class TestPolicyWiring:
             "policyd_decisions_total", {"outcome": "defer", "reason": "helo_not_fqdn"}
         )
         assert registry_value == 1.0
+
+
+class TestAllowPeers:
+    """POLICYD_ALLOW_PEERS: who may connect, and what happens to the others."""
+
+    LOOPBACK_ONLY = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+
+    def factory(self, allow: Any = LOOPBACK_ONLY) -> Any:
+        """A harness whose factory admits *allow*."""
+        harness = Harness()
+        harness.factory.allow_peers = allow
+        return harness
+
+    def test_refuses_peer_outside(self, logs: EventLoggingObserver) -> None:
+        """A peer outside gets no protocol (closed at once); counted, logged."""
+        harness = self.factory()
+        peer = IPv4Address("TCP", "192.0.2.7", 40000)
+        assert harness.factory.buildProtocol(peer) is None
+        assert harness.registry.get_sample_value("policyd_peers_refused_total") == 1
+        refused = [e for e in logs if e.get("event") == "peer_refused"]
+        assert [e["peer"] for e in refused] == ["192.0.2.7"]
+        assert refused[0]["log_level"] == LogLevel.warn
+        assert harness.factory.protocols == set()
+
+    def test_logs_each_address_once_a_minute(self, logs: EventLoggingObserver) -> None:
+        """Refusals of one address are all counted, but logged once per minute."""
+        harness = self.factory()
+        peer = IPv4Address("TCP", "192.0.2.7", 40000)
+        other = IPv4Address("TCP", "198.51.100.1", 40000)
+        for _ in range(5):
+            harness.factory.buildProtocol(peer)
+        harness.factory.buildProtocol(other)
+        harness.clock.advance(60.0)
+        harness.factory.buildProtocol(peer)
+        assert harness.registry.get_sample_value("policyd_peers_refused_total") == 7
+        refused = [e["peer"] for e in logs if e.get("event") == "peer_refused"]
+        assert refused == ["192.0.2.7", "198.51.100.1", "192.0.2.7"]
+
+    @pytest.mark.parametrize(
+        "address",
+        [
+            IPv4Address("TCP", "127.0.0.1", 40000),
+            IPv4Address("TCP", "127.8.9.10", 40000),
+            IPv6Address("TCP", "::1", 40000),
+            # A dual-stack IPv6 socket shows IPv4 peers as IPv4-mapped.
+            IPv6Address("TCP", "::ffff:127.0.0.1", 40000),
+            UNIXAddress(b"/run/policyd.sock"),
+            None,
+        ],
+    )
+    def test_admits(self, address: IAddress | None) -> None:
+        """Loopback peers (also IPv4-mapped), unix sockets and unknown peers connect."""
+        harness = self.factory()
+        assert harness.factory.buildProtocol(address) is not None
+        assert harness.registry.get_sample_value("policyd_peers_refused_total") == 0
+
+    def test_networks(self) -> None:
+        """A peer inside a listed network connects, IPv4 and IPv6 alike."""
+        harness = self.factory(
+            (ipaddress.ip_network("10.1.0.0/16"), ipaddress.ip_network("2001:db8::/32"))
+        )
+        build = harness.factory.buildProtocol
+        assert build(IPv4Address("TCP", "10.1.200.3", 1)) is not None
+        assert build(IPv6Address("TCP", "2001:db8::25", 1)) is not None
+        assert build(IPv6Address("TCP", "fe80::1%eth0", 1)) is None
+        assert build(IPv4Address("TCP", "10.2.0.1", 1)) is None
+        assert build(IPv4Address("TCP", "127.0.0.1", 1)) is None
+
+    def test_none_admits_everyone(self) -> None:
+        """Without a list (the factory's default) every peer connects."""
+        harness = self.factory(None)
+        assert harness.factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 1))
+
+    def test_server_wires_config(self) -> None:
+        """PolicyServer passes POLICYD_ALLOW_PEERS to its factory."""
+        server = PolicyServer(
+            make_config(allow_peers="192.0.2.0/24"),
+            MemoryReactorClock(),
+            CollectorRegistry(),
+        )
+        assert server.factory.allow_peers == (ipaddress.ip_network("192.0.2.0/24"),)
+        assert server.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1)) is None
+
+    @pytest.mark.parametrize(
+        ("listen", "allow", "warned"),
+        [
+            ("tcp:10040:interface=0.0.0.0", "127.0.0.0/8 ::1", True),
+            ("tcp:10040:interface=192.0.2.1", "127.0.0.1", True),
+            ("tcp:10040:interface=0.0.0.0", "127.0.0.0/8 192.0.2.0/24", False),
+            ("tcp:10040:interface=0.0.0.0", "any", False),
+            ("tcp:10040:interface=127.0.0.1", "127.0.0.0/8 ::1", False),
+            ("unix:/tmp/policyd-test.sock", "127.0.0.0/8 ::1", False),
+        ],
+    )
+    def test_warns_when_listening_beyond_loopback(
+        self, logs: EventLoggingObserver, listen: str, allow: str, warned: bool
+    ) -> None:
+        """Listening beyond loopback while admitting only loopback is warned of."""
+        started(RecordingReactor(), listen=listen, allow_peers=allow)
+        warnings = [
+            e
+            for e in logs
+            if e.get("event") == "config_warning"
+            and "POLICYD_ALLOW_PEERS" in e.get("log_format", "")
+        ]
+        assert len(warnings) == (1 if warned else 0)
+
+
+class TestTrackerLifecycle:
+    """The server starts, ticks and stops the tracker it is given."""
+
+    def serve(self, tracker: RecordingTracker) -> tuple[MemoryReactorClock, Any]:
+        """A server on *tracker*, not yet started."""
+        reactor = MemoryReactorClock()
+        server = PolicyServer(
+            make_config(), reactor, CollectorRegistry(), tracker=tracker
+        )
+        return reactor, server
+
+    def test_injected_tracker_used(self) -> None:
+        """An injected tracker is the one connections and decisions report to."""
+        tracker = RecordingTracker()
+        _, server = self.serve(tracker)
+        assert server.tracker is tracker
+        assert server.factory.tracker is tracker
+        Client(server.factory).send(MINIMAL)
+        assert [name for name, _ in tracker.calls] == ["opened", "observe"]
+
+    def test_start_before_listening(self) -> None:
+        """start() listens only once the tracker's start has fired."""
+        tracker = RecordingTracker()
+        tracker.start_result = Deferred()
+        reactor, server = self.serve(tracker)
+        starting = Deferred.fromCoroutine(server.start())
+        assert tracker.calls == [("start", None)]
+        assert not fired(starting)
+        assert reactor.tcpServers == []
+        tracker.start_result.callback(None)
+        assert fired(starting)
+        assert [port for port, *_ in reactor.tcpServers] == [10040, 10041]
+
+    def test_stop_stops_tracker(self) -> None:
+        """stop() stops the tracker after the connections are closed."""
+        tracker = RecordingTracker()
+        _, server = self.serve(tracker)
+        result_of(Deferred.fromCoroutine(server.start()))
+        result_of(Deferred.fromCoroutine(server.stop()))
+        assert tracker.calls[-1] == ("stop", None)
+
+    def test_failed_start_stops_tracker(self) -> None:
+        """When a listener fails, the tracker started for it is stopped again."""
+        tracker = RecordingTracker()
+        reactor = RecordingReactor()
+        reactor.refuse.add(10040)
+        server = PolicyServer(
+            make_config(), reactor, CollectorRegistry(), tracker=tracker
+        )
+        failure_of(Deferred.fromCoroutine(server.start()))
+        assert [name for name, _ in tracker.calls] == ["start", "stop"]
+
+    def test_tick_errors_logged_sweeps_go_on(self, logs: EventLoggingObserver) -> None:
+        """A failing tick is logged once a minute; the sweeps go on."""
+        tracker = RecordingTracker()
+        tracker.tick_result = RuntimeError("store gone")
+        reactor, server = self.serve(tracker)
+        result_of(Deferred.fromCoroutine(server.start()))
+        for _ in range(61):
+            reactor.advance(SWEEP_INTERVAL)
+        ticks = [name for name, _ in tracker.calls if name == "tick"]
+        assert len(ticks) == 61
+        errors = events_named(logs, "tick_error")
+        assert [e["failures"] for e in errors] == [1, 60]
+        assert errors[0]["log_level"] == LogLevel.critical
+        assert "store gone" in errors[0]["log_failure"].getErrorMessage()
+
+    def test_tick_deferred_waited_for(self, logs: EventLoggingObserver) -> None:
+        """A tick's Deferred is waited for (no overlap); its failure is logged."""
+        tracker = RecordingTracker()
+        pending: Deferred[None] = Deferred()
+        tracker.tick_result = pending
+        reactor, server = self.serve(tracker)
+        result_of(Deferred.fromCoroutine(server.start()))
+        for _ in range(3):
+            reactor.advance(SWEEP_INTERVAL)
+        assert [name for name, _ in tracker.calls].count("tick") == 1
+        tracker.tick_result = None
+        pending.errback(RuntimeError("sync failed"))
+        [error] = events_named(logs, "tick_error")
+        assert "sync failed" in error["log_failure"].getErrorMessage()
+        reactor.advance(SWEEP_INTERVAL)
+        assert [name for name, _ in tracker.calls].count("tick") == 2
