@@ -480,7 +480,8 @@ class MemoryLoadTracker:
             self._discounted += _discount(client) - before
         state.client = key
         state.busy_until = busy_until
-        return self._evaluate(now)
+        # `_evaluate`, one call less: this runs on every request.
+        return self._levels.evaluate(now, self.load_ratio())
 
     def _account_hold(
         self,
