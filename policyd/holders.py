@@ -105,6 +105,7 @@ class LevelChangeLog:
             "{exempt} exempt; {rate:.1f} requests/s, Postfix stress "
             "{postfix_stress}): {advice}",
             event="stress_level",
+            host=snapshot.host,
             old_level=LEVEL_NAMES[old],
             new_level=LEVEL_NAMES[new],
             load=snapshot.load_ratio,

@@ -56,12 +56,15 @@ from policyd.levels import (
 from policyd.request import PolicyRequest
 
 __all__ = [
+    "ALL_HOSTS",
     "ELEVATED",
     "LEVEL_NAMES",
+    "LOCAL_HOST",
     "NORMAL",
     "OVERLOAD",
     "ClientKeys",
     "ClientStats",
+    "HostLoad",
     "LoadSettings",
     "LoadSnapshot",
     "LoadTracker",
@@ -83,6 +86,12 @@ DATA: Final = "DATA"
 # recipient (or beyond).  A session that never gets here and is not refused
 # held its smtpd process for nothing.
 PROGRESS_STATES: Final = frozenset({"RCPT", DATA, END_OF_MESSAGE})
+
+#: The host of connections whose Postfix host is not told apart: policyd
+#: serving the Postfix of its own machine.
+LOCAL_HOST: Final = "local"
+#: What a snapshot of several hosts together names as its host.
+ALL_HOSTS: Final = "all"
 
 
 @attrs.frozen
@@ -136,6 +145,8 @@ class LoadSnapshot:
     postfix_stress_seen: int
     evictions: int
     transitions: dict[str, int]
+    #: The Postfix host this is the load of; ``all`` for several together.
+    host: str = LOCAL_HOST
 
     @property
     def level_name(self) -> str:
@@ -217,9 +228,20 @@ class LoadTracker(Protocol):
         """Let go of what `start` took; fires once done (policyd is exiting)."""
 
 
-def _discount(record: _Client) -> int:
+class _Occupancy:
+    """The smtpd processes one client holds on one Postfix host."""
+
+    __slots__ = ("busy", "hung")
+
+    def __init__(self) -> None:
+        self.busy = 0
+        # Of those, busy connections whose session policyd hung up.
+        self.hung = 0
+
+
+def _discount(occupancy: _Occupancy) -> int:
     """
-    How many of *record*'s busy connections the load does not count.
+    How many of a client's busy connections the load does not count.
 
     A connection whose session policyd hung up (421, 521) is free until its
     smtpd process asks again; it stays counted as the refused client's demand,
@@ -227,19 +249,141 @@ def _discount(record: _Client) -> int:
     process: a client hammering at its refusals is one client, however many
     processes it touches.
     """
-    hung = record.hung
+    hung = occupancy.hung
     if not hung:
         return 0
-    return hung if record.busy > hung else hung - 1
+    return hung if occupancy.busy > hung else hung - 1
 
 
-class _Client:
-    """Mutable per-client counters; slots keep a client to a few hundred bytes."""
+class HostLoad:
+    """
+    The load of one Postfix host: its smtpd processes, as policy connections.
+
+    Busy connections (and which client holds each), the transactions open on
+    them, the request rate, and the stress level that all of it gives
+    against the host's own capacity.  A tracker keeps one per Postfix host it
+    serves; a flood on one host does not raise another's level.
+    """
 
     __slots__ = (
         "busy",
+        "capacity",
+        "discounted",
+        "levels",
+        "name",
+        "occupancy",
+        "open",
+        "rate",
+        "settings",
+        "transactions",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        capacity: int,
+        settings: LoadSettings,
+        now: float,
+        on_change: Callable[[HostLoad, int, int], None],
+    ) -> None:
+        self.name = name
+        self.capacity = capacity
+        self.settings = settings
+        #: Open policy connections (closed ones still lingering not counted).
+        self.open = 0
+        self.busy = 0
+        # How many busy connections the load does not count: a client's
+        # connections hung up by a refusal count once, and not at all while
+        # it holds another process (`_discount`).
+        self.discounted = 0
+        self.transactions = 0
+        #: Per client key, the processes it holds here (only holders).
+        self.occupancy: dict[int, _Occupancy] = {}
+        # Requests per second over rate_window one-second buckets.
+        self.rate = RateWindow(settings.rate_window, now)
+        self.levels = LevelMachine(
+            settings, now, lambda old, new: on_change(self, old, new)
+        )
+
+    def occupy(self, key: int) -> None:
+        """Client *key* now holds one more process."""
+        occupancy = self.occupancy.get(key)
+        if occupancy is None:
+            occupancy = self.occupancy[key] = _Occupancy()
+        if occupancy.hung:
+            before = _discount(occupancy)
+            occupancy.busy += 1
+            self.discounted += _discount(occupancy) - before
+        else:
+            # Most clients have no hung-up connection: no discount to move.
+            occupancy.busy += 1
+
+    def vacate(self, key: int) -> None:
+        """Client *key* holds one process less."""
+        occupancy = self.occupancy.get(key)
+        if occupancy is None:
+            return
+        if occupancy.hung:
+            before = _discount(occupancy)
+            occupancy.busy -= 1
+            self.discounted += _discount(occupancy) - before
+        else:
+            occupancy.busy -= 1
+        if occupancy.busy <= 0:
+            # Hung-up connections are busy ones: none is left either.
+            del self.occupancy[key]
+
+    def hang(self, key: int) -> None:
+        """One of client *key*'s busy connections was hung up by a refusal."""
+        occupancy = self.occupancy.get(key)
+        if occupancy is None:
+            return
+        before = _discount(occupancy)
+        occupancy.hung += 1
+        self.discounted += _discount(occupancy) - before
+
+    def unhang(self, key: int) -> None:
+        """A hung-up connection of client *key* is asked on again, or idle."""
+        occupancy = self.occupancy.get(key)
+        if occupancy is None or occupancy.hung <= 0:
+            return
+        before = _discount(occupancy)
+        occupancy.hung -= 1
+        self.discounted += _discount(occupancy) - before
+
+    def concurrency(self, key: int) -> int:
+        """Processes client *key* holds here, hung-up ones once in all."""
+        occupancy = self.occupancy.get(key)
+        return 0 if occupancy is None else occupancy.busy - _discount(occupancy)
+
+    def busy_now(self) -> int:
+        """Busy connections, those hung up by a refusal once per client."""
+        return self.busy - self.discounted
+
+    def load_ratio(self, now: float) -> float:
+        """The load as a fraction of capacity (1.0 = every smtpd process busy)."""
+        settings = self.settings
+        load = (self.busy - self.discounted) / self.capacity
+        if settings.rate_capacity > 0:
+            load = max(load, self.rate.rate(now) / settings.rate_capacity)
+        return load
+
+    @property
+    def idle(self) -> bool:
+        """No connection, nothing busy, back at normal: nothing to remember."""
+        return not self.open and not self.busy and self.levels.level == NORMAL
+
+
+class _Client:
+    """Mutable per-client counters; slots keep a client to a few hundred bytes.
+
+    Only what a client did, decayed over time, which a store shared by
+    several hosts can share; which processes it holds now is each host's
+    (`HostLoad.occupancy`).
+    """
+
+    __slots__ = (
         "held",
-        "hung",
         "messages",
         "refusals",
         "refused_at",
@@ -247,9 +391,6 @@ class _Client:
     )
 
     def __init__(self) -> None:
-        self.busy = 0
-        # Of those, busy connections whose session policyd hung up.
-        self.hung = 0
         # Decayed counts in one float each (see NO_EVENTS); shared constant
         # until the first event, so an idle client costs no float objects.
         self.sessions = NO_EVENTS
@@ -268,6 +409,7 @@ class _Connection:
         "busy_until",
         "client",
         "closed",
+        "host",
         "hung",
         "in_data",
         "instance",
@@ -278,7 +420,9 @@ class _Connection:
         "session_known",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, host: HostLoad) -> None:
+        # The Postfix host whose smtpd process this is.
+        self.host = host
         self.busy = False
         self.closed = False
         # Busy, but its session was hung up by a refusal (see record_refusal).
@@ -314,31 +458,39 @@ class MemoryLoadTracker:
         self._on_level_change = on_level_change
         self._connections: dict[int, _Connection] = {}
         self._clients: OrderedDict[int, _Client] = OrderedDict()
-        self._busy = 0
-        # How many busy connections the load does not count: a client's
-        # connections hung up by a refusal count once, and not at all while
-        # it holds another process (`_discount`).
-        self._discounted = 0
-        # Closed connections still counted busy until their window ends.
-        self._lingering = 0
-        self._transactions = 0
-        now = clock.seconds()
-        self._levels = LevelMachine(settings, now, self._change)
+        self._hosts: dict[str, HostLoad] = {}
         self._evictions = 0
-        # Requests per second over rate_window one-second buckets.
-        self._rate = RateWindow(settings.rate_window, now)
+        # Connections that name no host belong to this one.
+        self._local = self._host(LOCAL_HOST)
+
+    def _host(self, name: str) -> HostLoad:
+        """The load of Postfix host *name*, created on first sight."""
+        host = self._hosts.get(name)
+        if host is None:
+            host = self._hosts[name] = HostLoad(
+                name,
+                self.settings.capacity,
+                self.settings,
+                self.clock.seconds(),
+                self._change,
+            )
+        return host
 
     # -- connections -------------------------------------------------------
 
     @property
     def level(self) -> int:
-        """The current stress level."""
-        return self._levels.level
+        """The current stress level (the highest of the hosts')."""
+        return max(host.levels.level for host in self._hosts.values())
 
     @property
     def pressure(self) -> int:
         """How far a lasting overload has lowered the bar (0 to max_pressure)."""
-        return self._levels.pressure
+        return max(host.levels.pressure for host in self._hosts.values())
+
+    def hosts(self) -> list[str]:
+        """The Postfix hosts whose load is tracked (`LOCAL_HOST` always)."""
+        return list(self._hosts)
 
     def busy_requests(self) -> list[PolicyRequest]:
         """
@@ -348,21 +500,25 @@ class MemoryLoadTracker:
         once per client, and not at all for a client holding another.
         """
         held: list[PolicyRequest] = []
-        holding: set[int | None] = set()
-        hung: dict[int | None, PolicyRequest] = {}
+        holding: set[tuple[str, int | None]] = set()
+        hung: dict[tuple[str, int | None], PolicyRequest] = {}
         for state in self._connections.values():
             if not state.busy or state.request is None:
                 continue
+            holder = (state.host.name, state.client)
             if state.hung:
-                hung.setdefault(state.client, state.request)
+                hung.setdefault(holder, state.request)
             else:
                 held.append(state.request)
-                holding.add(state.client)
+                holding.add(holder)
         return held + [r for c, r in hung.items() if c not in holding]
 
-    def connection_opened(self, connection: int) -> None:
-        """Start tracking a connection."""
-        self._connections.setdefault(connection, _Connection())
+    def connection_opened(self, connection: int, host: str = LOCAL_HOST) -> None:
+        """Start tracking a connection from Postfix host *host*."""
+        if connection not in self._connections:
+            load = self._host(host)
+            self._connections[connection] = _Connection(load)
+            load.open += 1
 
     def connection_closed(self, connection: int) -> None:
         """
@@ -378,16 +534,17 @@ class MemoryLoadTracker:
         state = self._connections.get(connection)
         if state is None or state.closed:
             return
+        host = state.host
+        host.open -= 1
         if state.instance:
             state.instance = ""
-            self._transactions -= 1
+            host.transactions -= 1
         now = self.clock.seconds()
         self._end_session(state, now)
         linger_until = min(state.busy_until, now + self.settings.close_linger)
         if state.busy and linger_until > now:
             state.closed = True
             state.busy_until = linger_until
-            self._lingering += 1
             return
         del self._connections[connection]
         if state.busy:
@@ -395,18 +552,16 @@ class MemoryLoadTracker:
 
     def _release(self, state: _Connection) -> None:
         """A busy connection becomes idle."""
+        host = state.host
         if state.hung:
             self._unhang(state)
         state.busy = False
-        self._busy -= 1
+        host.busy -= 1
         if state.instance:
             state.instance = ""
-            self._transactions -= 1
-        client = self._clients.get(state.client) if state.client is not None else None
-        if client is not None and client.busy > 0:
-            before = _discount(client)
-            client.busy -= 1
-            self._discounted += _discount(client) - before
+            host.transactions -= 1
+        if state.client is not None:
+            host.vacate(state.client)
 
     # -- requests ----------------------------------------------------------
 
@@ -414,15 +569,17 @@ class MemoryLoadTracker:
         """Account for one request and return the level to decide it at."""
         now = self.clock.seconds()
         settings = self.settings
-        self._rate.count(now)
-        if request.stress:
-            self._levels.postfix_stress(now)
         state = self._connections.get(request.connection)
         if state is None:
-            state = self._connections[request.connection] = _Connection()
+            state = self._connections[request.connection] = _Connection(self._local)
+            self._local.open += 1
         elif state.hung:
             # The process asks again: it serves someone, and counts in full.
             self._unhang(state)
+        host = state.host
+        host.rate.count(now)
+        if request.stress:
+            host.levels.postfix_stress(now)
         key = self.keys.key(request.client_address)
         client = self._touch(key)
         self._account_hold(state, request, key, client, now)
@@ -436,52 +593,38 @@ class MemoryLoadTracker:
                     client.messages, now, settings.client_rate_window
                 )
                 if not state.instance:
-                    self._transactions += 1
+                    host.transactions += 1
                 state.instance = instance
             if request.protocol_state == END_OF_MESSAGE:
                 # Wired into smtpd_end_of_data_restrictions, Postfix tells us
                 # when the message is complete: the transaction ends here.
                 state.instance = ""
-                self._transactions -= 1
+                host.transactions -= 1
                 busy_until = now + settings.busy_window
             else:
                 busy_until = now + settings.transaction_timeout
         else:
             if state.instance:
                 state.instance = ""
-                self._transactions -= 1
+                host.transactions -= 1
             if request.protocol_state in SESSION_STATES:
                 client.sessions = add_event(
                     client.sessions, now, settings.client_rate_window
                 )
             busy_until = now + settings.busy_window
 
-        # The client's hung-up connections (if any) do not change in here:
-        # most clients have none, and their discount stays 0.
-        hung = client.hung
-        before = _discount(client) if hung else 0
         if not state.busy:
             state.busy = True
-            self._busy += 1
-            client.busy += 1
+            host.busy += 1
+            host.occupy(key)
         elif state.client != key:
             # Same smtpd process, next session: a different client holds it.
-            previous = (
-                self._clients.get(state.client) if state.client is not None else None
-            )
-            if previous is not None and previous.busy > 0:
-                # As for the client below: no hung-up connection, no discount.
-                earlier = _discount(previous) if previous.hung else 0
-                previous.busy -= 1
-                if previous.hung:
-                    self._discounted += _discount(previous) - earlier
-            client.busy += 1
-        if hung:
-            self._discounted += _discount(client) - before
+            if state.client is not None:
+                host.vacate(state.client)
+            host.occupy(key)
         state.client = key
         state.busy_until = busy_until
-        # `_evaluate`, one call less: this runs on every request.
-        return self._levels.evaluate(now, self.load_ratio())
+        return host.levels.evaluate(now, host.load_ratio(now))
 
     def _account_hold(
         self,
@@ -557,11 +700,8 @@ class MemoryLoadTracker:
 
     def _unhang(self, state: _Connection) -> None:
         state.hung = False
-        record = self._clients.get(state.client) if state.client is not None else None
-        if record is not None and record.hung > 0:
-            before = _discount(record)
-            record.hung -= 1
-            self._discounted += _discount(record) - before
+        if state.client is not None:
+            state.host.unhang(state.client)
 
     def _touch(self, key: int) -> _Client:
         clients = self._clients
@@ -583,22 +723,23 @@ class MemoryLoadTracker:
         # are at most as many as connections, so this loop is bounded.  It
         # goes round the table at most once, so that if every client holds a
         # process the order is back as it was and the least recent one goes.
+        hosts = self._hosts.values()
         for _ in range(min(len(clients), len(self._connections) + 1)):
             key, record = clients.popitem(last=False)
-            if record.busy <= 0:
+            if not any(key in host.occupancy for host in hosts):
                 break
             clients[key] = record
         else:
             # Every candidate holds a process: the table is smaller than the
-            # number of smtpd processes.  Evict anyway to stay bounded.
-            _, record = clients.popitem(last=False)
-            # Its connections now belong to nobody: count them in full.
-            self._discounted -= _discount(record)
+            # number of smtpd processes.  Evict anyway to stay bounded (what
+            # it holds stays counted by its hosts).
+            clients.popitem(last=False)
         self._evictions += 1
 
     def request_rate(self) -> float:
-        """Requests per second over the last `LoadSettings.rate_window` seconds."""
-        return self._rate.rate(self.clock.seconds())
+        """Requests per second over `LoadSettings.rate_window`, all hosts."""
+        now = self.clock.seconds()
+        return sum(host.rate.rate(now) for host in self._hosts.values())
 
     def client(self, request: PolicyRequest) -> ClientStats:
         """The counters of the client of *request* (zeros if unknown)."""
@@ -607,16 +748,20 @@ class MemoryLoadTracker:
         settings = self.settings
         window = settings.client_rate_window
         record = self._clients.get(key)
+        state = self._connections.get(request.connection)
+        host = state.host if state is not None else self._local
         if record is None:
-            return ClientStats(self.keys.describe(key), 0, 0.0, 0.0, 0.0, None)
+            return ClientStats(
+                self.keys.describe(key), host.concurrency(key), 0.0, 0.0, 0.0, None
+            )
         per_minute = 60.0 / window
         # Positional, in the order of the fields: keywords make building the
         # frozen class ~0.2 µs slower, and this runs for every scored request.
         return ClientStats(
             self.keys.describe(key),
-            # concurrency: connections hung up by a refusal hold nothing,
-            # and count once in all.
-            record.busy - _discount(record),
+            # concurrency on the request's host: connections hung up by a
+            # refusal hold nothing, and count once in all.
+            host.concurrency(key),
             # session_rate, message_rate
             events(record.sessions, now, window) * per_minute,
             events(record.messages, now, window) * per_minute,
@@ -641,10 +786,8 @@ class MemoryLoadTracker:
                 if state.instance:
                     # Postfix hung up: the transaction is over too.
                     state.instance = ""
-                    self._transactions -= 1
-                before = _discount(record)
-                record.hung += 1
-                self._discounted += _discount(record) - before
+                    state.host.transactions -= 1
+                state.host.hang(key)
         if record.refused_at == NEVER:
             record.refusals = 1.0
         else:
@@ -680,28 +823,22 @@ class MemoryLoadTracker:
                     gone.append(connection)
         for connection in gone:
             del self._connections[connection]
-            self._lingering -= 1
-        self._evaluate(now)
-
-    def _busy_now(self) -> int:
-        """Busy connections, those hung up by a refusal once per client."""
-        return self._busy - self._discounted
+        for name, host in list(self._hosts.items()):
+            host.levels.evaluate(now, host.load_ratio(now))
+            if host is not self._local and host.idle:
+                del self._hosts[name]
 
     def load_ratio(self) -> float:
-        """The load as a fraction of capacity (1.0 = every smtpd process busy)."""
-        settings = self.settings
-        # `_busy_now`, inline: this runs on every request.
-        load = (self._busy - self._discounted) / settings.capacity
-        if settings.rate_capacity > 0:
-            load = max(load, self.request_rate() / settings.rate_capacity)
-        return load
+        """The load as a fraction of capacity (1.0 = every smtpd process busy).
 
-    def _evaluate(self, now: float) -> int:
-        return self._levels.evaluate(now, self.load_ratio())
+        With several hosts, the highest of theirs.
+        """
+        now = self.clock.seconds()
+        return max(host.load_ratio(now) for host in self._hosts.values())
 
-    def _change(self, old: int, new: int) -> None:
-        """The level machine changed the level: tell the callback, or log it."""
-        snapshot = self.snapshot()
+    def _change(self, host: HostLoad, old: int, new: int) -> None:
+        """A host's level machine changed its level: the callback, or a log line."""
+        snapshot = self.snapshot(host.name)
         if self._on_level_change is not None:
             # The callback logs the change (policyd.holders.LevelChangeLog
             # adds who holds the processes and what to do).
@@ -712,28 +849,42 @@ class MemoryLoadTracker:
             "{busy} busy of {capacity}, {rate:.1f} requests/s, Postfix stress "
             "{postfix_stress})",
             event="stress_level",
+            host=host.name,
             old_level=LEVEL_NAMES[old],
             new_level=LEVEL_NAMES[new],
             load=snapshot.load_ratio,
             busy=snapshot.busy_connections,
-            capacity=self.settings.capacity,
+            capacity=host.capacity,
             rate=snapshot.request_rate,
             postfix_stress="yes" if snapshot.postfix_stress else "no",
         )
 
-    def snapshot(self) -> LoadSnapshot:
-        """The current load."""
+    def snapshot(self, host: str | None = None) -> LoadSnapshot:
+        """The current load of Postfix host *host*, or of all hosts together.
+
+        Together: the highest level and load ratio, the sums of the counts.
+        """
         now = self.clock.seconds()
+        hosts = (
+            list(self._hosts.values())
+            if host is None
+            else [self._hosts.get(host) or self._local]
+        )
+        transitions = dict.fromkeys(LEVEL_NAMES, 0)
+        for load in hosts:
+            for name, count in load.levels.transitions.items():
+                transitions[name] += count
         return LoadSnapshot(
-            level=self._levels.level,
-            load_ratio=self.load_ratio(),
-            connections=len(self._connections) - self._lingering,
-            busy_connections=self._busy_now(),
-            transactions=self._transactions,
-            request_rate=self.request_rate(),
-            postfix_stress=self._levels.stressed(now),
+            level=max(load.levels.level for load in hosts),
+            load_ratio=max(load.load_ratio(now) for load in hosts),
+            connections=sum(load.open for load in hosts),
+            busy_connections=sum(load.busy_now() for load in hosts),
+            transactions=sum(load.transactions for load in hosts),
+            request_rate=sum(load.rate.rate(now) for load in hosts),
+            postfix_stress=any(load.levels.stressed(now) for load in hosts),
             tracked_clients=len(self._clients),
-            postfix_stress_seen=self._levels.stress_seen,
+            postfix_stress_seen=sum(load.levels.stress_seen for load in hosts),
             evictions=self._evictions,
-            transitions=dict(self._levels.transitions),
+            transitions=transitions,
+            host=hosts[0].name if len(hosts) == 1 else ALL_HOSTS,
         )

@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 import pytest
 from helpers import capture_logs, events_named
-from load_contract import BASE, START, LoadTrackerContract, Smtpd
+from load_contract import BASE, CLIENT, START, LoadTrackerContract, Smtpd, request
 from twisted.internet.task import Clock
 
 from policyd.clients import UNKNOWN_CLIENT, ClientKeys
@@ -130,7 +130,9 @@ class TestEviction:
 
         That happens only when POLICYD_MAX_TRACKED_CLIENTS is below the
         number of smtpd processes.  The newcomer is never the one forgotten:
-        its request must be accounted to it.
+        its request must be accounted to it.  What is forgotten is what the
+        client did (here its session rate); the processes it holds are the
+        host's live count, and stay counted.
         """
         tracker, p = memory(max_tracked_clients=3, busy_window=3600.0)
         for n in range(1, 4):
@@ -138,11 +140,13 @@ class TestEviction:
         p.ask(1, "192.0.2.1")  # seen again: .2 is now the least recent
         for n in range(4, 7):
             p.ask(p.connect(), f"192.0.2.{n}", state="CONNECT")
-        remembered = [p.stats(f"192.0.2.{n}").concurrency for n in range(1, 7)]
-        assert remembered == [0, 0, 0, 1, 1, 1]
+        remembered = [p.stats(f"192.0.2.{n}").session_rate > 0 for n in range(1, 7)]
+        assert remembered == [False, False, False, True, True, True]
+        assert [p.stats(f"192.0.2.{n}").concurrency for n in range(1, 7)] == [1] * 6
+        assert tracker.snapshot().busy_connections == 6
         p.ask(p.connect(), "192.0.2.7", state="CONNECT")
-        remembered = [p.stats(f"192.0.2.{n}").concurrency for n in range(4, 8)]
-        assert remembered == [0, 1, 1, 1]
+        remembered = [p.stats(f"192.0.2.{n}").session_rate > 0 for n in range(4, 8)]
+        assert remembered == [False, True, True, True]
         assert tracker.snapshot().evictions == 4
 
 
@@ -305,3 +309,77 @@ class TestConnections:
         tracker, p = memory()
         p.wait(100)
         assert tracker.snapshot() == MemoryLoadTracker(Clock(), BASE).snapshot()
+
+
+class TestHosts:
+    """Each Postfix host's load is its own (connections opened with a host)."""
+
+    @staticmethod
+    def open(tracker: MemoryLoadTracker, host: str, count: int, start: int) -> list[int]:
+        """*count* connections of *host*, ids from *start*."""
+        connections = list(range(start, start + count))
+        for connection in connections:
+            tracker.connection_opened(connection, host)
+        return connections
+
+    def test_flood_on_one_host_leaves_another_normal(self) -> None:
+        """Host A at 18 of 20 busy is at overload; host B, 1 busy, stays normal."""
+        tracker, _ = memory()
+        a = self.open(tracker, "mx1", 18, 1)
+        b = self.open(tracker, "mx2", 1, 100)
+        levels_a = {tracker.observe(request(c, f"192.0.2.{c}")) for c in a}
+        assert tracker.observe(request(b[0], "198.51.100.1")) == NORMAL
+        assert levels_a >= {OVERLOAD}
+        assert tracker.snapshot("mx1").level == OVERLOAD
+        assert tracker.snapshot("mx2").level == NORMAL
+        assert tracker.level == OVERLOAD  # the highest
+        together = tracker.snapshot()
+        assert (together.host, together.busy_connections) == ("all", 19)
+        assert tracker.snapshot("mx1").host == "mx1"
+        assert sorted(tracker.hosts()) == ["local", "mx1", "mx2"]
+
+    def test_concurrency_per_host(self) -> None:
+        """A client's concurrency is what it holds on the host asking about it."""
+        tracker, _ = memory()
+        a = self.open(tracker, "mx1", 3, 1)
+        b = self.open(tracker, "mx2", 2, 100)
+        for connection in a + b:
+            tracker.observe(request(connection, CLIENT))
+        assert tracker.client(request(a[0], CLIENT)).concurrency == 3
+        assert tracker.client(request(b[0], CLIENT)).concurrency == 2
+
+    def test_hangup_discount_per_host(self) -> None:
+        """A client hung up on one host still counts in full where it is served."""
+        tracker, _ = memory()
+        a = self.open(tracker, "mx1", 2, 1)
+        b = self.open(tracker, "mx2", 1, 100)
+        for connection in a + b:
+            tracker.observe(request(connection, CLIENT))
+        for connection in a:
+            tracker.record_refusal(request(connection, CLIENT), hangup=True)
+        # On mx1 its two hung-up connections count once; mx2 is untouched.
+        assert tracker.snapshot("mx1").busy_connections == 1
+        assert tracker.snapshot("mx2").busy_connections == 1
+
+    def test_idle_host_forgotten(self) -> None:
+        """A host with no connection left, back at normal, is forgotten."""
+        tracker, p = memory(close_linger=0.0)
+        connections = self.open(tracker, "mx9", 2, 1)
+        for connection in connections:
+            tracker.observe(request(connection, CLIENT))
+        assert "mx9" in tracker.hosts()
+        p.close(connections)
+        p.watch(2.0, lambda: None)
+        assert tracker.hosts() == ["local"]
+
+    def test_level_change_names_host(self) -> None:
+        """The level-change callback gets the snapshot of the host that changed."""
+        changes: list[tuple[int, int, str]] = []
+        clock = Clock()
+        clock.advance(START)
+        tracker = MemoryLoadTracker(
+            clock, BASE, lambda old, new, snap: changes.append((old, new, snap.host))
+        )
+        for connection in self.open(tracker, "mx1", 14, 1):
+            tracker.observe(request(connection, f"192.0.2.{connection}"))
+        assert changes == [(NORMAL, ELEVATED, "mx1")]
