@@ -261,6 +261,34 @@ def peer_networks(
     return result
 
 
+_HOST_ID = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._:-]*[A-Za-z0-9])?\Z")
+
+
+def host_capacities(raw: str) -> tuple[tuple[str, int], ...]:
+    """``HOST=PROCESSES`` pairs, separated by spaces or commas."""
+    result: dict[str, int] = {}
+    for item in raw.replace(",", " ").split():
+        name, sep, number = item.partition("=")
+        if not sep or not _HOST_ID.match(name):
+            raise ValueError(
+                f"{item!r} is not HOST=PROCESSES; expected pairs such as "
+                "'mx1=200 192.0.2.21=50' (HOST: a policy_context value or an "
+                "IP address, PROCESSES: the smtpd process limit there)"
+            )
+        try:
+            count = int(number, 10)
+        except ValueError:
+            count = 0
+        if not 1 <= count <= 1_000_000:
+            raise ValueError(
+                f"{item!r}: the process limit must be a whole number from 1 to 1000000"
+            )
+        if name in result:
+            raise ValueError(f"{name!r} is given twice")
+        result[name] = count
+    return tuple(result.items())
+
+
 _HOSTNAME = re.compile(
     r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*\Z"
 )
@@ -388,11 +416,29 @@ class Config:
     smtpd_capacity: int = _setting(
         "100",
         integer(1, 1_000_000),
-        "How many smtpd processes can use policyd at once: the sum of the maxproc "
-        "values of the smtpd services (master.cf) that call it, on every host "
-        "that shares this policyd; count a service twice if it calls policyd "
-        "from two restriction lists with different check_policy_service texts. "
-        "Postfix's default_process_limit is 100.",
+        "How many smtpd processes of one Postfix host can use policyd at once: "
+        "the sum of the maxproc values of the smtpd services (master.cf) that "
+        "call it; count a service twice if it calls policyd from two "
+        "restriction lists with different check_policy_service texts. "
+        "Postfix's default_process_limit is 100. Each host served has its own "
+        "load against this (see POLICYD_HOST_FROM, POLICYD_HOST_CAPACITIES).",
+    )
+    host_from: str = _setting(
+        "peer",
+        choice("peer", "policy_context"),
+        "How policyd tells the Postfix hosts it serves apart, each with its own "
+        "load and stress level: 'peer', by the address of the policy "
+        "connection (every loopback or unix-socket peer is the one host "
+        "'local'); 'policy_context', by the policy_context attribute that "
+        "check_policy_service { ..., policy_context=NAME } sends (Postfix 3.1+; "
+        "connections without it are told apart by peer).",
+    )
+    host_capacities: tuple[tuple[str, int], ...] = _setting(
+        "",
+        host_capacities,
+        "Process limits of named hosts, overriding POLICYD_SMTPD_CAPACITY for "
+        "them: HOST=PROCESSES pairs separated by spaces or commas, HOST being an "
+        "IP address (POLICYD_HOST_FROM=peer) or a policy_context value.",
     )
     busy_window: float = _setting(
         "10s",

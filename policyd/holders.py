@@ -110,7 +110,7 @@ class LevelChangeLog:
             new_level=LEVEL_NAMES[new],
             load=snapshot.load_ratio,
             busy=snapshot.busy_connections,
-            capacity=self.capacity,
+            capacity=snapshot.capacity or self.capacity,
             rate=snapshot.request_rate,
             postfix_stress="yes" if snapshot.postfix_stress else "no",
             suspicious=counts[SUSPICIOUS],

@@ -98,7 +98,13 @@ ALL_HOSTS: Final = "all"
 class LoadSettings:
     """The thresholds and windows of the load tracker (see docs/stress.md)."""
 
+    #: The smtpd process limit of a Postfix host, unless `host_capacities`
+    #: names it.
     capacity: int = 100
+    host_capacities: tuple[tuple[str, int], ...] = ()
+    #: How hosts are told apart: "peer" (as `connection_opened` says) or
+    #: "policy_context" (the attribute, where a request carries it).
+    host_from: str = "peer"
     busy_window: float = 10.0
     transaction_timeout: float = 30.0
     close_linger: float = 5.0
@@ -147,6 +153,8 @@ class LoadSnapshot:
     transitions: dict[str, int]
     #: The Postfix host this is the load of; ``all`` for several together.
     host: str = LOCAL_HOST
+    #: Its smtpd process limit (the sum, for several hosts together).
+    capacity: int = 0
 
     @property
     def level_name(self) -> str:
@@ -165,7 +173,11 @@ class LoadTracker(Protocol):
 
     @property
     def level(self) -> int:
-        """The current stress level: `NORMAL`, `ELEVATED` or `OVERLOAD`."""
+        """The current stress level: `NORMAL`, `ELEVATED` or `OVERLOAD`.
+
+        With several Postfix hosts, the highest of theirs; each request is
+        decided at its own host's level (what `observe` returns).
+        """
 
     @property
     def pressure(self) -> int:
@@ -181,8 +193,8 @@ class LoadTracker(Protocol):
     def busy_requests(self) -> list[PolicyRequest]:
         """The latest request of each busy connection (who holds the processes)."""
 
-    def connection_opened(self, connection: int) -> None:
-        """A policy connection (an smtpd process) arrived."""
+    def connection_opened(self, connection: int, host: str = LOCAL_HOST) -> None:
+        """A policy connection (an smtpd process of Postfix host *host*) arrived."""
 
     def connection_closed(self, connection: int) -> None:
         """A policy connection went away."""
@@ -213,8 +225,15 @@ class LoadTracker(Protocol):
         logged, never raised into the request path.
         """
 
-    def snapshot(self) -> LoadSnapshot:
-        """The current load, for metrics and logs."""
+    def snapshot(self, host: str | None = None) -> LoadSnapshot:
+        """
+        The current load of *host*, or of every host together, for metrics and logs.
+
+        Together: the highest level and load ratio, the sums of the counts.
+        """
+
+    def hosts(self) -> list[str]:
+        """The Postfix hosts whose load is tracked."""
 
     def start(self) -> Deferred[None]:
         """
@@ -228,31 +247,20 @@ class LoadTracker(Protocol):
         """Let go of what `start` took; fires once done (policyd is exiting)."""
 
 
-class _Occupancy:
-    """The smtpd processes one client holds on one Postfix host."""
-
-    __slots__ = ("busy", "hung")
-
-    def __init__(self) -> None:
-        self.busy = 0
-        # Of those, busy connections whose session policyd hung up.
-        self.hung = 0
-
-
-def _discount(occupancy: _Occupancy) -> int:
+def _discount(busy: int, hung: int) -> int:
     """
     How many of a client's busy connections the load does not count.
 
-    A connection whose session policyd hung up (421, 521) is free until its
-    smtpd process asks again; it stays counted as the refused client's demand,
+    *busy* connections, *hung* of them hung up by a refusal.  A connection
+    whose session policyd hung up (421, 521) is free until its smtpd process
+    asks again; it stays counted as the refused client's demand,
     but once per client, and not at all while the client holds another
     process: a client hammering at its refusals is one client, however many
     processes it touches.
     """
-    hung = occupancy.hung
     if not hung:
         return 0
-    return hung if occupancy.busy > hung else hung - 1
+    return hung if busy > hung else hung - 1
 
 
 class HostLoad:
@@ -269,9 +277,10 @@ class HostLoad:
         "busy",
         "capacity",
         "discounted",
+        "holding",
+        "hung",
         "levels",
         "name",
-        "occupancy",
         "open",
         "rate",
         "settings",
@@ -297,8 +306,10 @@ class HostLoad:
         # it holds another process (`_discount`).
         self.discounted = 0
         self.transactions = 0
-        #: Per client key, the processes it holds here (only holders).
-        self.occupancy: dict[int, _Occupancy] = {}
+        #: Per client key, the processes it holds here (only holders), and
+        #: how many of those a refusal hung up (only clients with one).
+        self.holding: dict[int, int] = {}
+        self.hung: dict[int, int] = {}
         # Requests per second over rate_window one-second buckets.
         self.rate = RateWindow(settings.rate_window, now)
         self.levels = LevelMachine(
@@ -307,54 +318,54 @@ class HostLoad:
 
     def occupy(self, key: int) -> None:
         """Client *key* now holds one more process."""
-        occupancy = self.occupancy.get(key)
-        if occupancy is None:
-            occupancy = self.occupancy[key] = _Occupancy()
-        if occupancy.hung:
-            before = _discount(occupancy)
-            occupancy.busy += 1
-            self.discounted += _discount(occupancy) - before
-        else:
-            # Most clients have no hung-up connection: no discount to move.
-            occupancy.busy += 1
+        holding = self.holding
+        busy = holding.get(key, 0)
+        holding[key] = busy + 1
+        # Most clients have no hung-up connection: no discount to move.
+        hung = self.hung.get(key, 0) if self.hung else 0
+        if hung:
+            self.discounted += _discount(busy + 1, hung) - _discount(busy, hung)
 
     def vacate(self, key: int) -> None:
         """Client *key* holds one process less."""
-        occupancy = self.occupancy.get(key)
-        if occupancy is None:
+        holding = self.holding
+        busy = holding.get(key)
+        if busy is None:
             return
-        if occupancy.hung:
-            before = _discount(occupancy)
-            occupancy.busy -= 1
-            self.discounted += _discount(occupancy) - before
+        if busy > 1:
+            holding[key] = busy - 1
         else:
-            occupancy.busy -= 1
-        if occupancy.busy <= 0:
-            # Hung-up connections are busy ones: none is left either.
-            del self.occupancy[key]
+            del holding[key]
+        hung = self.hung.get(key, 0) if self.hung else 0
+        if hung:
+            self.discounted += _discount(busy - 1, hung) - _discount(busy, hung)
 
     def hang(self, key: int) -> None:
         """One of client *key*'s busy connections was hung up by a refusal."""
-        occupancy = self.occupancy.get(key)
-        if occupancy is None:
+        busy = self.holding.get(key, 0)
+        hung = self.hung.get(key, 0)
+        if hung >= busy:
             return
-        before = _discount(occupancy)
-        occupancy.hung += 1
-        self.discounted += _discount(occupancy) - before
+        self.hung[key] = hung + 1
+        self.discounted += _discount(busy, hung + 1) - _discount(busy, hung)
 
     def unhang(self, key: int) -> None:
         """A hung-up connection of client *key* is asked on again, or idle."""
-        occupancy = self.occupancy.get(key)
-        if occupancy is None or occupancy.hung <= 0:
+        hung = self.hung.get(key, 0)
+        if hung <= 0:
             return
-        before = _discount(occupancy)
-        occupancy.hung -= 1
-        self.discounted += _discount(occupancy) - before
+        if hung > 1:
+            self.hung[key] = hung - 1
+        else:
+            del self.hung[key]
+        busy = self.holding.get(key, 0)
+        self.discounted += _discount(busy, hung - 1) - _discount(busy, hung)
 
     def concurrency(self, key: int) -> int:
         """Processes client *key* holds here, hung-up ones once in all."""
-        occupancy = self.occupancy.get(key)
-        return 0 if occupancy is None else occupancy.busy - _discount(occupancy)
+        busy = self.holding.get(key, 0)
+        hung = self.hung.get(key, 0) if self.hung else 0
+        return busy - _discount(busy, hung)
 
     def busy_now(self) -> int:
         """Busy connections, those hung up by a refusal once per client."""
@@ -379,7 +390,7 @@ class _Client:
 
     Only what a client did, decayed over time, which a store shared by
     several hosts can share; which processes it holds now is each host's
-    (`HostLoad.occupancy`).
+    (`HostLoad.holding`).
     """
 
     __slots__ = (
@@ -459,6 +470,8 @@ class MemoryLoadTracker:
         self._connections: dict[int, _Connection] = {}
         self._clients: OrderedDict[int, _Client] = OrderedDict()
         self._hosts: dict[str, HostLoad] = {}
+        self._capacities = dict(settings.host_capacities)
+        self._by_context = settings.host_from == "policy_context"
         self._evictions = 0
         # Connections that name no host belong to this one.
         self._local = self._host(LOCAL_HOST)
@@ -469,7 +482,7 @@ class MemoryLoadTracker:
         if host is None:
             host = self._hosts[name] = HostLoad(
                 name,
-                self.settings.capacity,
+                self._capacities.get(name, self.settings.capacity),
                 self.settings,
                 self.clock.seconds(),
                 self._change,
@@ -576,6 +589,8 @@ class MemoryLoadTracker:
         elif state.hung:
             # The process asks again: it serves someone, and counts in full.
             self._unhang(state)
+        if self._by_context and state.request is None:
+            self._place(state, request)
         host = state.host
         host.rate.count(now)
         if request.stress:
@@ -625,6 +640,21 @@ class MemoryLoadTracker:
         state.client = key
         state.busy_until = busy_until
         return host.levels.evaluate(now, host.load_ratio(now))
+
+    def _place(self, state: _Connection, request: PolicyRequest) -> None:
+        """Put a connection's first request's host where its policy_context says.
+
+        Postfix sends the same policy_context on every request of one
+        check_policy_service connection, so the first request decides.
+        """
+        context = request.raw.get(b"policy_context")
+        if not context:
+            return
+        name = context.decode("utf-8", "replace")
+        if name != state.host.name:
+            state.host.open -= 1
+            state.host = self._host(name)
+            state.host.open += 1
 
     def _account_hold(
         self,
@@ -726,7 +756,7 @@ class MemoryLoadTracker:
         hosts = self._hosts.values()
         for _ in range(min(len(clients), len(self._connections) + 1)):
             key, record = clients.popitem(last=False)
-            if not any(key in host.occupancy for host in hosts):
+            if not any(key in host.holding for host in hosts):
                 break
             clients[key] = record
         else:
@@ -887,4 +917,5 @@ class MemoryLoadTracker:
             evictions=self._evictions,
             transitions=transitions,
             host=hosts[0].name if len(hosts) == 1 else ALL_HOSTS,
+            capacity=sum(load.capacity for load in hosts),
         )

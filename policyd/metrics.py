@@ -304,6 +304,7 @@ class LoadCollector(Collector):
             "Clients forgotten to keep the table within POLICYD_MAX_TRACKED_CLIENTS.",
             value=load.evictions,
         )
+        yield from self._per_host()
         transitions = CounterMetricFamily(
             "policyd_stress_transitions",
             "Changes of the stress level, by the level entered.",
@@ -312,6 +313,38 @@ class LoadCollector(Collector):
         for level, count in load.transitions.items():
             transitions.add_metric([level], count)
         yield transitions
+
+    def _per_host(self) -> Iterator[Metric]:
+        """The load of each Postfix host, labelled with its name."""
+        tracker = self._tracker
+        snapshots = [tracker.snapshot(host) for host in tracker.hosts()]
+        for name, documentation, field in (
+            (
+                "policyd_host_stress_level",
+                "Stress level of each Postfix host served: 0 normal, 1 elevated, "
+                "2 overload (policyd_stress_level is the highest).",
+                "level",
+            ),
+            (
+                "policyd_host_load_ratio",
+                "Load of each Postfix host as a fraction of its capacity.",
+                "load_ratio",
+            ),
+            (
+                "policyd_host_busy_connections",
+                "Busy policy connections (smtpd processes) of each Postfix host.",
+                "busy_connections",
+            ),
+            (
+                "policyd_host_capacity",
+                "The smtpd process limit policyd assumes for each Postfix host.",
+                "capacity",
+            ),
+        ):
+            family = GaugeMetricFamily(name, documentation, labels=["host"])
+            for load in snapshots:
+                family.add_metric([load.host], getattr(load, field))
+            yield family
 
 
 class HoldersCollector(Collector):

@@ -44,6 +44,7 @@ from policyd.decision import Decider, PolicyDecider
 from policyd.holders import LevelChangeLog
 from policyd.load import (
     ELEVATED,
+    LOCAL_HOST,
     NORMAL,
     OVERLOAD,
     LoadSettings,
@@ -99,6 +100,17 @@ def peer_ip(address: IAddress | None) -> IPAddress | None:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+def host_of(peer: IAddress | None) -> str:
+    """The Postfix host a policy connection comes from, by its peer address.
+
+    Loopback and unix-socket peers are this machine's Postfix: `LOCAL_HOST`.
+    """
+    ip = peer_ip(peer)
+    if ip is None or ip.is_loopback:
+        return LOCAL_HOST
+    return str(ip)
 
 
 def only_loopback(allowed: Sequence[Network]) -> bool:
@@ -193,11 +205,13 @@ class PolicyFactory(Factory):
         )
 
     def connection_made(self, protocol: PolicyProtocol) -> None:
-        """Track a new connection."""
+        """Track a new connection, as one of its Postfix host's processes."""
         self.protocols.add(protocol)
         self.metrics.connections.inc()
         if self.tracker is not None:
-            self.tracker.connection_opened(protocol.connection_id)
+            transport = protocol.transport
+            peer = transport.getPeer() if transport is not None else None
+            self.tracker.connection_opened(protocol.connection_id, host_of(peer))
 
     def connection_lost(self, protocol: PolicyProtocol) -> None:
         """Forget a closed connection."""
@@ -287,6 +301,8 @@ def load_settings(config: Config) -> LoadSettings:
     """The load tracker's settings from the configuration."""
     return LoadSettings(
         capacity=config.smtpd_capacity,
+        host_capacities=config.host_capacities,
+        host_from=config.host_from,
         busy_window=config.busy_window,
         transaction_timeout=config.transaction_timeout,
         close_linger=config.close_linger,

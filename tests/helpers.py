@@ -16,6 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import (
     EventLoggingObserver,
@@ -28,6 +29,7 @@ from policyd import cli
 from policyd.actions import DUNNO, Action
 from policyd.decision import Decider
 from policyd.load import (
+    LOCAL_HOST,
     NORMAL,
     ClientStats,
     LoadSnapshot,
@@ -179,6 +181,7 @@ class RecordingTracker:
         self.calls: list[tuple[str, object]] = []
         self.snapshots = 0
         self.fixed_pressure = 0
+        self.hosts_opened: list[str] = []
         #: What `tick` returns (an exception is raised); what `start` returns.
         self.tick_result: Deferred[None] | Exception | None = None
         self.start_result: Deferred[None] | None = None
@@ -201,9 +204,10 @@ class RecordingTracker:
             if name == "observe" and isinstance(r, PolicyRequest)
         ]
 
-    def connection_opened(self, connection: int) -> None:
-        """Record ``("opened", connection)``."""
+    def connection_opened(self, connection: int, host: str = LOCAL_HOST) -> None:
+        """Record ``("opened", connection)`` (and the host, in `hosts_opened`)."""
         self.calls.append(("opened", connection))
+        self.hosts_opened.append(host)
 
     def connection_closed(self, connection: int) -> None:
         """Record ``("closed", connection)``."""
@@ -240,17 +244,21 @@ class RecordingTracker:
         self.calls.append(("stop", None))
         return succeed(None)
 
-    def snapshot(self) -> LoadSnapshot:
+    def snapshot(self, host: str | None = None) -> LoadSnapshot:
         """The fixed load; counts the calls."""
         self.snapshots += 1
         return self.load
+
+    def hosts(self) -> list[str]:
+        """The one host of the fixed load."""
+        return [self.load.host]
 
 
 class RecordingTransport(StringTransportWithDisconnection):
     """A transport that keeps each ``write`` call apart, not just their sum."""
 
-    def __init__(self) -> None:
-        super().__init__(peerAddress=PEER)  # type: ignore[no-untyped-call]
+    def __init__(self, peer: IAddress = PEER) -> None:
+        super().__init__(peerAddress=peer)  # type: ignore[no-untyped-call]
         self.writes: list[bytes] = []
         self.late_writes: list[bytes] = []
 

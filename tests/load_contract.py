@@ -36,6 +36,7 @@ from twisted.logger import LogEvent, LogLevel
 
 from policyd.load import (
     ELEVATED,
+    LOCAL_HOST,
     NORMAL,
     OVERLOAD,
     ClientStats,
@@ -591,6 +592,8 @@ class LoadTrackerContract(ProcessHolderContract, PressureContract, HoldersContra
             postfix_stress_seen=0,
             evictions=0,
             transitions=NO_LOAD,
+            host=LOCAL_HOST,
+            capacity=BASE.capacity,
         )
 
     @pytest.mark.parametrize(
@@ -1485,6 +1488,8 @@ class LoadTrackerContract(ProcessHolderContract, PressureContract, HoldersContra
             postfix_stress_seen=1,
             evictions=0,
             transitions={"normal": 0, "elevated": 0, "overload": 1},
+            host=LOCAL_HOST,
+            capacity=BASE.capacity,
         )
         assert snapshot.level_name == "overload"
         p.busy(20)

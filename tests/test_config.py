@@ -28,6 +28,8 @@ DOCUMENTED_DEFAULTS = {
     "POLICYD_MAX_ATTRIBUTES": "128",
     "POLICYD_MAX_REQUEST_BYTES": "65536",
     "POLICYD_SMTPD_CAPACITY": "100",
+    "POLICYD_HOST_FROM": "peer",
+    "POLICYD_HOST_CAPACITIES": "",
     "POLICYD_BUSY_WINDOW": "10s",
     "POLICYD_TRANSACTION_TIMEOUT": "30s",
     "POLICYD_CLOSE_LINGER": "5s",
@@ -210,6 +212,19 @@ GOOD: dict[str, list[tuple[str, Any]]] = {
         ("1", 1),
         (" 2500 ", 2500),
         ("1000000", 1_000_000),
+    ],
+    "POLICYD_HOST_FROM": [
+        ("peer", "peer"),
+        ("policy_context", "policy_context"),
+        ("POLICY_CONTEXT", "policy_context"),
+    ],
+    "POLICYD_HOST_CAPACITIES": [
+        ("", ()),
+        ("mx1=200", (("mx1", 200),)),
+        (
+            "mx1=200, 192.0.2.21=50 2001:db8::25=10",
+            (("mx1", 200), ("192.0.2.21", 50), ("2001:db8::25", 10)),
+        ),
     ],
     "POLICYD_BUSY_WINDOW": [
         ("10s", 10.0),
@@ -561,6 +576,19 @@ BAD: dict[str, list[tuple[str, str]]] = {
         ("100.0", _CAPACITY),
         ("1e3", _CAPACITY),
         ("lots", _CAPACITY),
+    ],
+    "POLICYD_HOST_FROM": [
+        ("server_address", "expected one of"),
+        ("", "expected one of"),
+    ],
+    "POLICYD_HOST_CAPACITIES": [
+        ("mx1", "is not HOST=PROCESSES"),
+        ("mx1:200", "is not HOST=PROCESSES"),
+        ("=200", "is not HOST=PROCESSES"),
+        ("-mx=5", "is not HOST=PROCESSES"),
+        ("mx1=0", "from 1 to 1000000"),
+        ("mx1=lots", "from 1 to 1000000"),
+        ("mx1=5 mx1=6", "given twice"),
     ],
     "POLICYD_BUSY_WINDOW": [
         ("", _DURATION),

@@ -25,6 +25,7 @@ from policyd.actions import DUNNO, MAX_ACTION_LENGTH, Action
 from policyd.decision import PolicyDecider
 from policyd.load import (
     ELEVATED,
+    LOCAL_HOST,
     NORMAL,
     OVERLOAD,
     ClientStats,
@@ -91,9 +92,9 @@ class ForcedLevel:
         """The real tracker's holders."""
         return self.real.busy_requests()
 
-    def connection_opened(self, connection: int) -> None:
+    def connection_opened(self, connection: int, host: str = LOCAL_HOST) -> None:
         """Pass on."""
-        self.real.connection_opened(connection)
+        self.real.connection_opened(connection, host)
 
     def connection_closed(self, connection: int) -> None:
         """Pass on."""
@@ -127,9 +128,13 @@ class ForcedLevel:
         """Pass on."""
         return self.real.stop()
 
-    def snapshot(self) -> LoadSnapshot:
+    def snapshot(self, host: str | None = None) -> LoadSnapshot:
         """The real tracker's snapshot."""
-        return self.real.snapshot()
+        return self.real.snapshot(host)
+
+    def hosts(self) -> list[str]:
+        """The real tracker's hosts."""
+        return self.real.hosts()
 
 
 class Rig:

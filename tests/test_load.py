@@ -27,6 +27,7 @@ from policyd.load import (
     LoadTracker,
     MemoryLoadTracker,
 )
+from policyd.request import PolicyRequest
 
 
 class TestMemoryLoadTracker(LoadTrackerContract):
@@ -315,7 +316,9 @@ class TestHosts:
     """Each Postfix host's load is its own (connections opened with a host)."""
 
     @staticmethod
-    def open(tracker: MemoryLoadTracker, host: str, count: int, start: int) -> list[int]:
+    def open(
+        tracker: MemoryLoadTracker, host: str, count: int, start: int
+    ) -> list[int]:
         """*count* connections of *host*, ids from *start*."""
         connections = list(range(start, start + count))
         for connection in connections:
@@ -383,3 +386,57 @@ class TestHosts:
         for connection in self.open(tracker, "mx1", 14, 1):
             tracker.observe(request(connection, f"192.0.2.{connection}"))
         assert changes == [(NORMAL, ELEVATED, "mx1")]
+
+    def test_policy_context_names_host(self) -> None:
+        """With host_from=policy_context, a connection's first request places it."""
+        tracker, _ = memory(host_from="policy_context")
+        tracker.connection_opened(1)
+        tracker.connection_opened(2)
+        contexts = {1: "mx1", 2: ""}
+        for connection, context in contexts.items():
+            tracker.observe(
+                PolicyRequest.from_attributes(
+                    {
+                        "request": "smtpd_access_policy",
+                        "protocol_state": "RCPT",
+                        "client_address": CLIENT,
+                        "policy_context": context,
+                    },
+                    connection,
+                )
+            )
+        assert sorted(tracker.hosts()) == ["local", "mx1"]
+        assert tracker.snapshot("mx1").busy_connections == 1
+        assert tracker.snapshot("local").busy_connections == 1
+        assert tracker.snapshot("mx1").connections == 1
+        assert tracker.snapshot("local").connections == 1
+
+    def test_policy_context_ignored_by_peer(self) -> None:
+        """With host_from=peer (the default), policy_context changes nothing."""
+        tracker, _ = memory()
+        tracker.connection_opened(1)
+        tracker.observe(
+            PolicyRequest.from_attributes(
+                {
+                    "protocol_state": "RCPT",
+                    "client_address": CLIENT,
+                    "policy_context": "mx1",
+                },
+                1,
+            )
+        )
+        assert tracker.hosts() == ["local"]
+
+    def test_host_capacity(self) -> None:
+        """A host named in host_capacities is measured against its own limit."""
+        tracker, _ = memory(host_capacities=(("mx1", 2),))
+        self.open(tracker, "mx1", 2, 1)
+        self.open(tracker, "mx2", 2, 10)
+        for connection in (1, 2, 10, 11):
+            tracker.observe(request(connection, f"192.0.2.{connection}"))
+        assert tracker.snapshot("mx1").level == OVERLOAD  # 2 of 2
+        assert tracker.snapshot("mx2").level == NORMAL  # 2 of BASE's 20
+        assert (tracker.snapshot("mx1").capacity, tracker.snapshot("mx2").capacity) == (
+            2,
+            BASE.capacity,
+        )

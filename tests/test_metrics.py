@@ -371,6 +371,7 @@ BUSY_LOAD = LoadSnapshot(
     postfix_stress_seen=42,
     evictions=7,
     transitions={"normal": 3, "elevated": 5, "overload": 2},
+    capacity=20,
 )
 
 # Sample name, labels, and its value for BUSY_LOAD.
@@ -387,6 +388,10 @@ LOAD_SAMPLES: list[tuple[str, dict[str, str], float]] = [
     ("policyd_stress_transitions_total", {"level": "normal"}, 3),
     ("policyd_stress_transitions_total", {"level": "elevated"}, 5),
     ("policyd_stress_transitions_total", {"level": "overload"}, 2),
+    ("policyd_host_stress_level", {"host": "local"}, 1),
+    ("policyd_host_load_ratio", {"host": "local"}, 0.75),
+    ("policyd_host_busy_connections", {"host": "local"}, 15),
+    ("policyd_host_capacity", {"host": "local"}, 20),
 ]
 
 
@@ -433,8 +438,11 @@ class TestLoadCollector:
         tracker.load = BUSY_LOAD
         assert _value(registry, "policyd_postfix_stress_active") == 1
         assert _value(registry, "policyd_stress_level") == 1
+        tracker.snapshots = 0
         list(registry.collect())
-        assert tracker.snapshots == 5  # get_sample_value collects once per call
+        # A scrape reads the load of all hosts together, then of each host
+        # (here one).
+        assert tracker.snapshots == 2
         assert tracker.calls == []  # scraping changes nothing
 
     def test_server_registers_it(self, registry: CollectorRegistry) -> None:

@@ -24,6 +24,7 @@ from helpers import (
     FlushingTransport,
     Harness,
     RecordingTracker,
+    RecordingTransport,
     capture_logs,
     encode_request,
     events_named,
@@ -628,6 +629,8 @@ class TestStartMessages:
 # sets, and the value it sets it to.
 LOAD_SETTINGS: list[tuple[str, str, str, Any]] = [
     ("smtpd_capacity", "250", "capacity", 250),
+    ("host_capacities", "mx1=7 mx2=9", "host_capacities", (("mx1", 7), ("mx2", 9))),
+    ("host_from", "policy_context", "host_from", "policy_context"),
     ("busy_window", "5s", "busy_window", 5.0),
     ("transaction_timeout", "2m", "transaction_timeout", 120.0),
     ("close_linger", "2s", "close_linger", 2.0),
@@ -1122,3 +1125,48 @@ class TestTrackerLifecycle:
         assert "sync failed" in error["log_failure"].getErrorMessage()
         reactor.advance(SWEEP_INTERVAL)
         assert [name for name, _ in tracker.calls].count("tick") == 2
+
+
+class TestHostsWiring:
+    """The factory tells the tracker which Postfix host a connection is from."""
+
+    @pytest.mark.parametrize(
+        ("peer", "host"),
+        [
+            (IPv4Address("TCP", "192.0.2.21", 40000), "192.0.2.21"),
+            (IPv6Address("TCP", "2001:db8::25", 40000), "2001:db8::25"),
+            (IPv6Address("TCP", "::ffff:192.0.2.21", 40000), "192.0.2.21"),
+            (IPv4Address("TCP", "127.0.0.1", 40000), "local"),
+            (IPv6Address("TCP", "::1", 40000), "local"),
+            (UNIXAddress(b"/var/spool/postfix/private/policyd"), "local"),
+        ],
+    )
+    def test_host_by_peer(self, peer: IAddress, host: str) -> None:
+        """A connection's host is its peer address; loopback and unix are local."""
+        tracker = RecordingTracker()
+        harness = Harness(tracker=tracker)
+        Client(harness.factory, RecordingTransport(peer))
+        assert tracker.hosts_opened == [host]
+
+    def test_two_hosts_two_levels(self) -> None:
+        """Through the server: a flood from one MX leaves the other's clients alone."""
+        reactor = MemoryReactorClock()
+        server = started(
+            reactor,
+            smtpd_capacity="4",
+            host_capacities="192.0.2.22=10",
+            allow_peers="any",
+        )
+        flooded = []
+        for n in range(4):
+            peer = IPv4Address("TCP", "192.0.2.21", 40000 + n)
+            flooded.append(Client(server.factory, RecordingTransport(peer)))
+        for client in flooded:
+            client.send(MINIMAL)
+        quiet = RecordingTransport(IPv4Address("TCP", "192.0.2.22", 40000))
+        Client(server.factory, quiet).send(MINIMAL)
+        tracker = server.tracker
+        assert tracker.snapshot("192.0.2.21").level == OVERLOAD
+        assert tracker.snapshot("192.0.2.22").level == NORMAL
+        assert tracker.snapshot("192.0.2.22").capacity == 10
+        assert tracker.level == OVERLOAD
