@@ -529,9 +529,13 @@ class MemoryLoadTracker:
     def connection_opened(self, connection: int, host: str = LOCAL_HOST) -> None:
         """Start tracking a connection from Postfix host *host*."""
         if connection not in self._connections:
-            load = self._host(host)
-            self._connections[connection] = _Connection(load)
-            load.open += 1
+            self._open(connection, self._host(host))
+
+    def _open(self, connection: int, host: HostLoad) -> _Connection:
+        """A connection of *host*, tracked from now on."""
+        state = self._connections[connection] = _Connection(host)
+        host.open += 1
+        return state
 
     def connection_closed(self, connection: int) -> None:
         """
@@ -584,8 +588,7 @@ class MemoryLoadTracker:
         settings = self.settings
         state = self._connections.get(request.connection)
         if state is None:
-            state = self._connections[request.connection] = _Connection(self._local)
-            self._local.open += 1
+            state = self._open(request.connection, self._local)
         elif state.hung:
             # The process asks again: it serves someone, and counts in full.
             self._unhang(state)

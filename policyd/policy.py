@@ -399,7 +399,7 @@ def decide(
     if exempt is not None:
         return Verdict(DUNNO, EXEMPT, level, 0, (), exempt)
     found = signals(request, client, client.since_refusal, settings)
-    needed = bar(level, pressure, settings) if pressure else settings.suspicious_score
+    needed = bar(level, pressure, settings)
     if not found:
         # Most clients show nothing suspicious: no score to add up (it is 0,
         # and a client without reasons is never refused, whatever the bar).

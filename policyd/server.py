@@ -535,11 +535,8 @@ class PolicyServer:
 
     def _check_peers(self, description: str, port: IListeningPort) -> None:
         """Warn if a listener reaches beyond loopback but admits only loopback."""
-        host = getattr(port.getHost(), "host", None)
-        if not isinstance(host, str):
-            return
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-        if ip.is_loopback or not only_loopback(self.config.allow_peers):
+        ip = peer_ip(port.getHost())
+        if ip is None or ip.is_loopback or not only_loopback(self.config.allow_peers):
             return
         log.warn(
             "The policy service listens on {address} ({endpoint}), beyond "
@@ -548,7 +545,7 @@ class PolicyServer:
             "POLICYD_ALLOW_PEERS to your MX hosts' addresses",
             event="config_warning",
             endpoint=description,
-            address=host,
+            address=str(ip),
         )
 
     def _log_listening(
