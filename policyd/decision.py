@@ -125,7 +125,7 @@ class PolicyDecider:
                 level,
                 self.tracker.client(request),
                 self.settings,
-                self.tracker.pressure,
+                self.tracker.pressure_at(request),
             )
         if instance:
             pins = self._pinned

@@ -187,7 +187,16 @@ class LoadTracker(Protocol):
         0 outside overload; one more per `LoadSettings.pressure_step` while
         the load stays above `LoadSettings.overload_exit`, up to
         `LoadSettings.max_pressure`; one less per step once it falls.  The
-        policy lowers its bar by this much (`policyd.policy.bar`).
+        policy lowers its bar by this much (`policyd.policy.bar`).  With
+        several Postfix hosts, the highest of theirs.
+        """
+
+    def pressure_at(self, request: PolicyRequest) -> int:
+        """The pressure of the Postfix host *request* came from (see `pressure`).
+
+        A request is decided with its own host's pressure, as at its own
+        host's level: one host's long overload does not lower the bar for
+        another's clients.
         """
 
     def busy_requests(self) -> list[PolicyRequest]:
@@ -501,6 +510,15 @@ class MemoryLoadTracker:
         """How far a lasting overload has lowered the bar (0 to max_pressure)."""
         return max(host.levels.pressure for host in self._hosts.values())
 
+    def pressure_at(self, request: PolicyRequest) -> int:
+        """The pressure of the host *request* came from."""
+        return self._host_of(request).levels.pressure
+
+    def _host_of(self, request: PolicyRequest) -> HostLoad:
+        """The host of *request*'s connection (`LOCAL_HOST` if not tracked)."""
+        state = self._connections.get(request.connection)
+        return state.host if state is not None else self._local
+
     def hosts(self) -> list[str]:
         """The Postfix hosts whose load is tracked (`LOCAL_HOST` always)."""
         return list(self._hosts)
@@ -781,8 +799,7 @@ class MemoryLoadTracker:
         settings = self.settings
         window = settings.client_rate_window
         record = self._clients.get(key)
-        state = self._connections.get(request.connection)
-        host = state.host if state is not None else self._local
+        host = self._host_of(request)
         if record is None:
             return ClientStats(
                 self.keys.describe(key), host.concurrency(key), 0.0, 0.0, 0.0, None

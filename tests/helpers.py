@@ -196,6 +196,10 @@ class RecordingTracker:
         """The pressure set by the test (0 unless told)."""
         return self.fixed_pressure
 
+    def pressure_at(self, request: PolicyRequest) -> int:
+        """The pressure set by the test, for every request."""
+        return self.fixed_pressure
+
     def busy_requests(self) -> list[PolicyRequest]:
         """Every request observed (a test double's idea of the holders)."""
         return [

@@ -88,6 +88,10 @@ class ForcedLevel:
         """The level the test set."""
         return self.forced
 
+    def pressure_at(self, request: PolicyRequest) -> int:
+        """The pressure the test set, for every request."""
+        return self.pressure
+
     def busy_requests(self) -> list[PolicyRequest]:
         """The real tracker's holders."""
         return self.real.busy_requests()

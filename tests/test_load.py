@@ -440,3 +440,18 @@ class TestHosts:
             2,
             BASE.capacity,
         )
+
+    def test_pressure_per_host(self) -> None:
+        """A request gets its own host's pressure, not a longer overload elsewhere."""
+        tracker, p = memory(pressure_step=10.0, max_pressure=1, busy_window=3600.0)
+        long = self.open(tracker, "mx1", 18, 1)
+        for connection in long:
+            tracker.observe(request(connection, f"192.0.2.{connection}"))
+        p.watch(10.0, lambda: None)  # mx1: 10 s of overload, one step
+        fresh = self.open(tracker, "mx2", 18, 100)
+        for connection in fresh:
+            tracker.observe(request(connection, f"198.51.100.{connection - 99}"))
+        assert tracker.snapshot("mx2").level == OVERLOAD
+        assert tracker.pressure_at(request(long[0], "192.0.2.1")) == 1
+        assert tracker.pressure_at(request(fresh[0], "198.51.100.1")) == 0
+        assert tracker.pressure == 1  # the highest, for the gauge
