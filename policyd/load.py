@@ -482,6 +482,10 @@ class MemoryLoadTracker:
         self._capacities = dict(settings.host_capacities)
         self._by_context = settings.host_from == "policy_context"
         self._evictions = 0
+        # What hosts forgotten since counted (level changes, stress=yes), so
+        # that the counters of all hosts together never go back.
+        self._retired_transitions = dict.fromkeys(LEVEL_NAMES, 0)
+        self._retired_stress_seen = 0
         # Connections that name no host belong to this one.
         self._local = self._host(LOCAL_HOST)
 
@@ -876,7 +880,14 @@ class MemoryLoadTracker:
         for name, host in list(self._hosts.items()):
             host.levels.evaluate(now, host.load_ratio(now))
             if host is not self._local and host.idle:
-                del self._hosts[name]
+                self._retire(name)
+
+    def _retire(self, name: str) -> None:
+        """Forget host *name*; keep what it counted in the totals."""
+        levels = self._hosts.pop(name).levels
+        for level, count in levels.transitions.items():
+            self._retired_transitions[level] += count
+        self._retired_stress_seen += levels.stress_seen
 
     def load_ratio(self) -> float:
         """The load as a fraction of capacity (1.0 = every smtpd process busy).
@@ -912,15 +923,19 @@ class MemoryLoadTracker:
     def snapshot(self, host: str | None = None) -> LoadSnapshot:
         """The current load of Postfix host *host*, or of all hosts together.
 
-        Together: the highest level and load ratio, the sums of the counts.
+        Together: the highest level and load ratio, the sums of the counts
+        (counters include the hosts forgotten since).  A host not tracked
+        (never seen, or forgotten) is a KeyError.
         """
         now = self.clock.seconds()
-        hosts = (
-            list(self._hosts.values())
-            if host is None
-            else [self._hosts.get(host) or self._local]
+        together = host is None
+        hosts = list(self._hosts.values()) if host is None else [self._hosts[host]]
+        transitions = (
+            dict(self._retired_transitions)
+            if together
+            else dict.fromkeys(LEVEL_NAMES, 0)
         )
-        transitions = dict.fromkeys(LEVEL_NAMES, 0)
+        stress_seen = self._retired_stress_seen if together else 0
         for load in hosts:
             for name, count in load.levels.transitions.items():
                 transitions[name] += count
@@ -933,7 +948,8 @@ class MemoryLoadTracker:
             request_rate=sum(load.rate.rate(now) for load in hosts),
             postfix_stress=any(load.levels.stressed(now) for load in hosts),
             tracked_clients=len(self._clients),
-            postfix_stress_seen=sum(load.levels.stress_seen for load in hosts),
+            postfix_stress_seen=stress_seen
+            + sum(load.levels.stress_seen for load in hosts),
             evictions=self._evictions,
             transitions=transitions,
             host=hosts[0].name if len(hosts) == 1 else ALL_HOSTS,

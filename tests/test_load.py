@@ -374,6 +374,27 @@ class TestHosts:
         p.close(connections)
         p.watch(2.0, lambda: None)
         assert tracker.hosts() == ["local"]
+        with pytest.raises(KeyError):
+            tracker.snapshot("mx9")
+
+    def test_counters_survive_forgotten_host(self) -> None:
+        """Level changes and stress=yes counted by a forgotten host stay counted."""
+        tracker, p = memory(
+            close_linger=0.0, min_dwell=0.0, postfix_stress_min_load=0.5
+        )
+        connections = self.open(tracker, "mx9", 14, 1)
+        for connection in connections:
+            tracker.observe(request(connection, f"192.0.2.{connection}", stress=True))
+        before = tracker.snapshot()
+        assert before.transitions["overload"] == 1
+        assert before.postfix_stress_seen == 14
+        p.close(connections)
+        p.watch(2.0, lambda: None)
+        assert tracker.hosts() == ["local"]
+        after = tracker.snapshot()
+        assert after.postfix_stress_seen == 14
+        for level, count in before.transitions.items():
+            assert after.transitions[level] >= count
 
     def test_level_change_names_host(self) -> None:
         """The level-change callback gets the snapshot of the host that changed."""
