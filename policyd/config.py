@@ -20,6 +20,7 @@ from twisted.internet.testing import MemoryReactor
 
 from policyd.actions import Action, InvalidAction
 from policyd.policy import SIGNALS as _ALL_REASONS
+from policyd.resp import RedisURL, parse_url
 
 PREFIX = "POLICYD"
 
@@ -308,6 +309,25 @@ def hostnames(raw: str) -> tuple[str, ...]:
     return tuple(result)
 
 
+def redis_url(raw: str) -> RedisURL:
+    """A Redis URL (`policyd.resp.parse_url`)."""
+    return parse_url(raw)
+
+
+_KEY_PREFIX = re.compile(r"[!-~]{1,64}\Z")
+
+
+def key_prefix(raw: str) -> str:
+    """Text before every Redis key: printable, no spaces, at most 64 bytes."""
+    value = raw.strip()
+    if not _KEY_PREFIX.match(value):
+        raise ValueError(
+            "expected 1 to 64 printable ASCII characters without spaces, "
+            "e.g. policyd: or mx-cluster-1:"
+        )
+    return value
+
+
 def flag(raw: str) -> bool:
     """A yes/no switch: 1/yes/true/on or 0/no/false/off."""
     value = raw.strip().lower()
@@ -439,6 +459,44 @@ class Config:
         "Process limits of named hosts, overriding POLICYD_SMTPD_CAPACITY for "
         "them: HOST=PROCESSES pairs separated by spaces or commas, HOST being an "
         "IP address (POLICYD_HOST_FROM=peer) or a policy_context value.",
+    )
+    # -- sharing client state between MX hosts (docs/cluster.md) --
+    backend: str = _setting(
+        "memory",
+        choice("memory", "redis"),
+        "Where per-client state lives: 'memory' (this process) or 'redis' "
+        "(shared by every policyd on POLICYD_REDIS_URL, so that a client "
+        "refused by one MX is known to the others). The load of each Postfix "
+        "host is always counted here.",
+    )
+    redis_url: RedisURL = _setting(
+        "redis://127.0.0.1:6379/0",
+        redis_url,
+        "The Redis of POLICYD_BACKEND=redis: redis://[[USER]:PASSWORD@]HOST"
+        "[:PORT][/DB], rediss://... for TLS (?ca=/path/ca.pem to trust a "
+        "private authority), or unix://[[USER]:PASSWORD@]/path/redis.sock"
+        "[?db=N].",
+    )
+    redis_prefix: str = _setting(
+        "policyd:",
+        key_prefix,
+        "Put before every Redis key policyd writes; policyd instances that "
+        "share clients must use the same prefix (and the same "
+        "POLICYD_CLIENT_RATE_WINDOW, POLICYD_HOLD_WINDOW and prefix lengths).",
+    )
+    redis_deadline: float = _setting(
+        "20ms",
+        duration(0.001, 10),
+        "Longest a decision waits for Redis; after it, or at once while Redis "
+        "is known to be down, the client is decided on what this policyd "
+        "knows itself. Must be below POLICYD_DECISION_TIMEOUT.",
+    )
+    redis_timeout: float = _setting(
+        "2s",
+        duration(0.1, 60),
+        "Connecting to Redis may take this long; a connection whose reply is "
+        "this late is dropped and made again (with a growing delay between "
+        "attempts, up to 30s).",
     )
     busy_window: float = _setting(
         "10s",
@@ -851,6 +909,14 @@ def _check_thresholds(cfg: Config, env: Mapping[str, str]) -> None:
             "must be above 0, or the elevated level could never be left",
         ),
     ]
+    rules.append(
+        (
+            "redis_deadline",
+            cfg.backend != "redis" or cfg.redis_deadline < cfg.decision_timeout,
+            "must be below POLICYD_DECISION_TIMEOUT, or a decision waiting for "
+            "Redis would get the fallback action",
+        )
+    )
     defaults = {name: default for _, name, default, _ in _declarations()}
     for field, holds, problem in rules:
         if not holds:

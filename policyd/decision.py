@@ -109,8 +109,13 @@ class PolicyDecider:
         self._pinned: OrderedDict[int, tuple[str, Verdict]] = OrderedDict()
         self._count_normal = partial(metrics.decided, policy.PASS, "normal")
 
-    def decide(self, request: PolicyRequest) -> Action:
-        """Answer *request*."""
+    def decide(self, request: PolicyRequest) -> Action | Deferred[Action]:
+        """Answer *request*.
+
+        At once, unless the client is scored and the tracker shares its state
+        with other policyd instances: then once the shared record is in (or
+        the tracker's deadline passed, and the local view decides).
+        """
         level = self.tracker.observe(request)
         instance = request.instance
         if instance:
@@ -118,15 +123,24 @@ class PolicyDecider:
             if pinned is not None and pinned[0] == instance:
                 return self._answer(request, pinned[1], first=False)
         if level == NORMAL:
-            verdict = _NORMAL
-        else:
-            verdict = policy.decide(
-                request,
-                level,
-                self.tracker.client(request),
-                self.settings,
-                self.tracker.pressure_at(request),
-            )
+            return self._decided(request, _NORMAL)
+        waiting = self.tracker.lookup(request)
+        if waiting is not None:
+            return waiting.addCallback(lambda _: self._score(request, level))
+        return self._score(request, level)
+
+    def _score(self, request: PolicyRequest, level: int) -> Action:
+        verdict = policy.decide(
+            request,
+            level,
+            self.tracker.client(request),
+            self.settings,
+            self.tracker.pressure_at(request),
+        )
+        return self._decided(request, verdict)
+
+    def _decided(self, request: PolicyRequest, verdict: Verdict) -> Action:
+        instance = request.instance
         if instance:
             pins = self._pinned
             pins[request.connection] = (instance, verdict)

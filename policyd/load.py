@@ -35,7 +35,7 @@ and passes the same contract tests (tests/load_contract.py).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final, Protocol
 
 import attrs
@@ -62,6 +62,7 @@ __all__ = [
     "LOCAL_HOST",
     "NORMAL",
     "OVERLOAD",
+    "BackendStatus",
     "ClientKeys",
     "ClientStats",
     "HostLoad",
@@ -92,6 +93,34 @@ PROGRESS_STATES: Final = frozenset({"RCPT", DATA, END_OF_MESSAGE})
 LOCAL_HOST: Final = "local"
 #: What a snapshot of several hosts together names as its host.
 ALL_HOSTS: Final = "all"
+
+# What a client did, as a tracker's journal reports it (`MemoryLoadTracker`'s
+# *journal*): a new session, a new message, seconds of process time held
+# without progress, a refusal.
+SESSIONS: Final = 0
+MESSAGES: Final = 1
+HELD: Final = 2
+REFUSALS: Final = 3
+
+#: journal(client key, what, how much, when): one thing a client did.
+Journal = Callable[[int, int, float, float], None]
+
+
+@attrs.frozen
+class BackendStatus:
+    """Where a tracker keeps what it shares, and how that is going (metrics)."""
+
+    #: ``memory`` or ``redis``.
+    name: str
+    #: Whether the shared store answers (always, in memory).
+    up: bool = True
+    #: Failures talking to the store, by reason.
+    errors: tuple[tuple[str, int], ...] = ()
+    #: Decisions taken on this process's own view because the store was
+    #: down, slow or late.
+    fallbacks: int = 0
+    #: Clients whose updates wait to be written to the store.
+    pending: int = 0
 
 
 @attrs.frozen
@@ -254,6 +283,19 @@ class LoadTracker(Protocol):
 
     def stop(self) -> Deferred[None]:
         """Let go of what `start` took; fires once done (policyd is exiting)."""
+
+    def lookup(self, request: PolicyRequest) -> Deferred[None] | None:
+        """
+        Fetch what every policyd sharing the store knows of *request*'s client.
+
+        ``None`` when there is nothing to wait for (the state is all here, or
+        the store is down); otherwise a Deferred that fires, never fails, once
+        `client` has the shared view, or once the store's deadline passed and
+        `client` answers from this process's own view.
+        """
+
+    def backend(self) -> BackendStatus:
+        """Where the shared state lives and whether it answers."""
 
 
 def _discount(busy: int, hung: int) -> int:
@@ -463,6 +505,9 @@ class _Connection:
         self.in_data = False
 
 
+_MEMORY: Final = BackendStatus("memory")
+
+
 class MemoryLoadTracker:
     """A `LoadTracker` that keeps its state in this process."""
 
@@ -471,9 +516,19 @@ class MemoryLoadTracker:
         clock: IReactorTime,
         settings: LoadSettings = LoadSettings(),
         on_level_change: Callable[[int, int, LoadSnapshot], None] | None = None,
+        journal: Journal | None = None,
     ) -> None:
+        """
+        Track load on *clock*'s time.
+
+        *on_level_change(old, new, snapshot)* is called for every level change
+        (instead of the default log line); *journal* hears of everything a
+        client does, as it is counted here (a backend sharing the counts
+        writes them on).
+        """
         self.clock = clock
         self.settings = settings
+        self._journal = journal
         self.keys = ClientKeys(settings.ipv4_prefix, settings.ipv6_prefix)
         self._on_level_change = on_level_change
         self._connections: dict[int, _Connection] = {}
@@ -632,6 +687,8 @@ class MemoryLoadTracker:
                 client.messages = add_event(
                     client.messages, now, settings.client_rate_window
                 )
+                if self._journal is not None:
+                    self._journal(key, MESSAGES, 1.0, now)
                 if not state.instance:
                     host.transactions += 1
                 state.instance = instance
@@ -651,6 +708,8 @@ class MemoryLoadTracker:
                 client.sessions = add_event(
                     client.sessions, now, settings.client_rate_window
                 )
+                if self._journal is not None:
+                    self._journal(key, SESSIONS, 1.0, now)
             busy_until = now + settings.busy_window
 
         if not state.busy:
@@ -720,7 +779,7 @@ class MemoryLoadTracker:
                 or (request.instance and request.instance == last.instance)
             )
         ):
-            self._charge(client, now - state.last_at, now)
+            self._charge(key, client, now - state.last_at, now)
         if state_name in PROGRESS_STATES:
             state.progress = True
             state.in_data = state_name == DATA
@@ -745,13 +804,18 @@ class MemoryLoadTracker:
         record = self._clients.get(state.client)
         if record is not None:
             self._charge(
-                record, min(now - state.last_at, self.settings.busy_window), now
+                state.client,
+                record,
+                min(now - state.last_at, self.settings.busy_window),
+                now,
             )
 
-    def _charge(self, record: _Client, waited: float, now: float) -> None:
+    def _charge(self, key: int, record: _Client, waited: float, now: float) -> None:
         excess = waited - self.settings.hold_grace
         if excess > 0:
             record.held = add_event(record.held, now, self.settings.hold_window, excess)
+            if self._journal is not None:
+                self._journal(key, HELD, excess, now)
 
     def _unhang(self, state: _Connection) -> None:
         state.hung = False
@@ -855,6 +919,38 @@ class MemoryLoadTracker:
                 + 1.0
             )
         record.refused_at = now
+        if self._journal is not None:
+            self._journal(key, REFUSALS, 1.0, now)
+
+    def lookup(self, request: PolicyRequest) -> None:
+        """Nothing to fetch: everything is in this process."""
+        return None
+
+    def backend(self) -> BackendStatus:
+        """The memory of this process: always up."""
+        return _MEMORY
+
+    def records(self) -> Iterator[tuple[int, float, float, float, float, float]]:
+        """
+        What each tracked client did: its counts, decayed to now.
+
+        Tuples of (key, sessions, messages, held, refusals, refused_at), with
+        NEVER for a client never refused; least recently seen first.  A
+        shared store that lost its data is sent this, so that it holds again
+        what this process counted.
+        """
+        now = self.clock.seconds()
+        settings = self.settings
+        window = settings.client_rate_window
+        for key, record in list(self._clients.items()):
+            yield (
+                key,
+                events(record.sessions, now, window),
+                events(record.messages, now, window),
+                events(record.held, now, settings.hold_window),
+                decay(record.refusals, record.refused_at, now, window),
+                record.refused_at,
+            )
 
     # -- the level ---------------------------------------------------------
 

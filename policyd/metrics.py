@@ -313,6 +313,39 @@ class LoadCollector(Collector):
         for level, count in load.transitions.items():
             transitions.add_metric([level], count)
         yield transitions
+        yield from self._backend()
+
+    def _backend(self) -> Iterator[Metric]:
+        """Where shared client state lives (memory, redis) and how it answers."""
+        backend = self._tracker.backend()
+        up = GaugeMetricFamily(
+            "policyd_backend_up",
+            "1 while the store of client state answers in time (memory: always).",
+            labels=["backend"],
+        )
+        up.add_metric([backend.name], int(backend.up))
+        yield up
+        errors = CounterMetricFamily(
+            "policyd_backend_errors",
+            "Failures talking to the store of shared client state: connect, "
+            "timeout (no reply within the deadline), lost (connection), error "
+            "(a refused command).",
+            labels=["backend", "reason"],
+        )
+        for reason, count in backend.errors:
+            errors.add_metric([backend.name, reason], count)
+        yield errors
+        yield CounterMetricFamily(
+            "policyd_backend_fallbacks",
+            "Clients scored on this policyd's own view because the shared store "
+            "was down or did not answer within POLICYD_REDIS_DEADLINE.",
+            value=backend.fallbacks,
+        )
+        yield GaugeMetricFamily(
+            "policyd_backend_pending_clients",
+            "Clients whose updates wait to be written to the shared store.",
+            value=backend.pending,
+        )
 
     def _per_host(self) -> Iterator[Metric]:
         """The load of each Postfix host, labelled with its name."""

@@ -64,6 +64,7 @@ from policyd.protocol import (
     Limits,
     PolicyProtocol,
 )
+from policyd.shared import RedisLoadTracker, RedisSettings
 
 log = Logger()
 
@@ -327,6 +328,37 @@ def load_settings(config: Config) -> LoadSettings:
     )
 
 
+def build_tracker(
+    config: Config, reactor: Any, settings: PolicySettings
+) -> LoadTracker:
+    """
+    The tracker the configuration describes (POLICYD_BACKEND).
+
+    In memory, or sharing clients in Redis; level changes are logged with who
+    holds the processes.
+    """
+    level_log = LevelChangeLog(settings, config.smtpd_capacity)
+    tracker: MemoryLoadTracker | RedisLoadTracker
+    if config.backend == "redis":
+        tracker = RedisLoadTracker(
+            reactor,
+            load_settings(config),
+            RedisSettings(
+                url=config.redis_url,
+                prefix=config.redis_prefix,
+                deadline=config.redis_deadline,
+                timeout=config.redis_timeout,
+            ),
+            level_log.level_changed,
+        )
+    else:
+        tracker = MemoryLoadTracker(
+            reactor, load_settings(config), level_log.level_changed
+        )
+    level_log.tracker = tracker
+    return tracker
+
+
 def policy_settings(config: Config) -> PolicySettings:
     """The decision settings from the configuration."""
     return PolicySettings(
@@ -422,12 +454,7 @@ class PolicyServer:
         )
         settings = policy_settings(config)
         if tracker is None:
-            level_log = LevelChangeLog(settings, config.smtpd_capacity)
-            memory = MemoryLoadTracker(
-                reactor, load_settings(config), level_log.level_changed
-            )
-            level_log.tracker = memory
-            tracker = memory
+            tracker = build_tracker(config, reactor, settings)
         self.tracker: LoadTracker = tracker
         registry.register(LoadCollector(self.tracker))
         registry.register(HoldersCollector(self.tracker, settings))

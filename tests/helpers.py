@@ -31,6 +31,7 @@ from policyd.decision import Decider
 from policyd.load import (
     LOCAL_HOST,
     NORMAL,
+    BackendStatus,
     ClientStats,
     LoadSnapshot,
     LoadTracker,
@@ -176,8 +177,13 @@ IDLE_SNAPSHOT = LoadSnapshot(
 class RecordingTracker:
     """A `LoadTracker` that records what it is told and reports a fixed load."""
 
-    def __init__(self, load: LoadSnapshot = IDLE_SNAPSHOT) -> None:
+    def __init__(
+        self,
+        load: LoadSnapshot = IDLE_SNAPSHOT,
+        backend: BackendStatus = BackendStatus("memory"),  # noqa: B008 - frozen
+    ) -> None:
         self.load = load
+        self.backend_status = backend
         self.calls: list[tuple[str, object]] = []
         self.snapshots = 0
         self.fixed_pressure = 0
@@ -256,6 +262,14 @@ class RecordingTracker:
     def hosts(self) -> list[str]:
         """The one host of the fixed load."""
         return [self.load.host]
+
+    def lookup(self, request: PolicyRequest) -> None:
+        """Record ``("lookup", request)``; nothing to wait for."""
+        self.calls.append(("lookup", request))
+
+    def backend(self) -> BackendStatus:
+        """The backend status given (in memory unless told)."""
+        return self.backend_status
 
 
 class RecordingTransport(StringTransportWithDisconnection):

@@ -12,6 +12,7 @@ import pytest
 from policyd import config
 from policyd.actions import DUNNO, MAX_ACTION_LENGTH, Action
 from policyd.policy import SIGNALS
+from policyd.resp import RedisURL
 
 # The defaults as docs/configuration.md and `policyd config` document them.
 DOCUMENTED_DEFAULTS = {
@@ -30,6 +31,11 @@ DOCUMENTED_DEFAULTS = {
     "POLICYD_SMTPD_CAPACITY": "100",
     "POLICYD_HOST_FROM": "peer",
     "POLICYD_HOST_CAPACITIES": "",
+    "POLICYD_BACKEND": "memory",
+    "POLICYD_REDIS_URL": "redis://127.0.0.1:6379/0",
+    "POLICYD_REDIS_PREFIX": "policyd:",
+    "POLICYD_REDIS_DEADLINE": "20ms",
+    "POLICYD_REDIS_TIMEOUT": "2s",
     "POLICYD_BUSY_WINDOW": "10s",
     "POLICYD_TRANSACTION_TIMEOUT": "30s",
     "POLICYD_CLOSE_LINGER": "5s",
@@ -225,6 +231,68 @@ GOOD: dict[str, list[tuple[str, Any]]] = {
             "mx1=200, 192.0.2.21=50 2001:db8::25=10",
             (("mx1", 200), ("192.0.2.21", 50), ("2001:db8::25", 10)),
         ),
+    ],
+    "POLICYD_BACKEND": [
+        ("memory", "memory"),
+        ("redis", "redis"),
+        (" Redis ", "redis"),
+    ],
+    "POLICYD_REDIS_URL": [
+        ("redis://127.0.0.1:6379/0", RedisURL("redis", host="127.0.0.1")),
+        (
+            "redis://:s%40cret@redis.example.net:6380/3",
+            RedisURL(
+                "redis",
+                host="redis.example.net",
+                port=6380,
+                db=3,
+                password="s@cret",  # noqa: S106 - a test value
+            ),
+        ),
+        (
+            "redis://policyd:pw@[2001:db8::6]/1",
+            RedisURL(
+                "redis",
+                host="2001:db8::6",
+                db=1,
+                username="policyd",
+                password="pw",  # noqa: S106 - a test value
+            ),
+        ),
+        ("redis://redis?db=2", RedisURL("redis", host="redis", db=2)),
+        (
+            "rediss://redis.example.net?ca=/etc/ssl/redis-ca.pem",
+            RedisURL(
+                "rediss", host="redis.example.net", ca_file="/etc/ssl/redis-ca.pem"
+            ),
+        ),
+        (
+            "unix:///run/redis/redis.sock?db=4",
+            RedisURL("unix", path="/run/redis/redis.sock", db=4),
+        ),
+        (
+            "unix://:pw@/run/redis/redis.sock",
+            RedisURL(
+                "unix",
+                path="/run/redis/redis.sock",
+                password="pw",  # noqa: S106 - a test value
+            ),
+        ),
+    ],
+    "POLICYD_REDIS_PREFIX": [
+        ("policyd:", "policyd:"),
+        (" mx-cluster-1: ", "mx-cluster-1:"),
+        ("{policyd}", "{policyd}"),
+    ],
+    "POLICYD_REDIS_DEADLINE": [
+        ("20ms", 0.02),
+        ("1ms", 0.001),
+        ("0.5", 0.5),
+    ],
+    "POLICYD_REDIS_TIMEOUT": [
+        ("2s", 2.0),
+        ("100ms", 0.1),
+        ("1m", 60.0),
     ],
     "POLICYD_BUSY_WINDOW": [
         ("10s", 10.0),
@@ -589,6 +657,41 @@ BAD: dict[str, list[tuple[str, str]]] = {
         ("mx1=0", "from 1 to 1000000"),
         ("mx1=lots", "from 1 to 1000000"),
         ("mx1=5 mx1=6", "given twice"),
+    ],
+    "POLICYD_BACKEND": [
+        ("postgres", "expected one of: memory, redis"),
+        ("", "expected one of: memory, redis"),
+    ],
+    "POLICYD_REDIS_URL": [
+        ("", "no Redis URL given"),
+        ("127.0.0.1:6379", "the scheme must be redis://, rediss:// or unix://"),
+        ("http://redis", "the scheme must be"),
+        ("redis://", "no host"),
+        ("redis://redis:99999", "the port must be a number from 1 to 65535"),
+        ("redis://redis:port", "the port must be a number"),
+        ("redis://redis/zero", "the database must be a number"),
+        ("redis://redis/1?db=2", "the database is given twice"),
+        ("redis://redis?timeout=5", "unknown URL parameter 'timeout'"),
+        ("redis://redis?ca=/x.pem", "unknown URL parameter 'ca'"),
+        ("rediss://redis?ca=", "needs the path of a PEM file"),
+        ("redis://redis?db=1&db=2", "given twice"),
+        ("redis://redis#x", "no #fragment"),
+        ("unix://redis/run/redis.sock", "names a socket path, not a host"),
+        ("unix://", "needs the socket's absolute path"),
+    ],
+    "POLICYD_REDIS_PREFIX": [
+        ("", "printable ASCII characters without spaces"),
+        ("my prefix", "without spaces"),
+        ("x" * 65, "1 to 64"),
+        ("pr\u00e9fixe", "printable ASCII"),
+    ],
+    "POLICYD_REDIS_DEADLINE": [
+        ("0", _DURATION + r" between 0\.001s and 10s"),
+        ("soon", _DURATION),
+    ],
+    "POLICYD_REDIS_TIMEOUT": [
+        ("0", _DURATION + r" between 0\.1s and 60s"),
+        ("2 minutes", _DURATION),
     ],
     "POLICYD_BUSY_WINDOW": [
         ("", _DURATION),
@@ -1163,6 +1266,22 @@ TANGLED = [
         "0.5",
         "must be below POLICYD_ELEVATED_ENTER",
         id="elevated enter below the default exit",
+    ),
+    pytest.param(
+        {"POLICYD_BACKEND": "redis", "POLICYD_REDIS_DEADLINE": "1s"},
+        "POLICYD_REDIS_DEADLINE",
+        "1s",
+        "must be below POLICYD_DECISION_TIMEOUT, or a decision waiting for "
+        "Redis would get the fallback action",
+        id="redis deadline at the decision timeout",
+    ),
+    pytest.param(
+        {"POLICYD_BACKEND": "redis", "POLICYD_DECISION_TIMEOUT": "10ms"},
+        "POLICYD_REDIS_DEADLINE",
+        "20ms",
+        "must be below POLICYD_DECISION_TIMEOUT, or a decision waiting for "
+        "Redis would get the fallback action",
+        id="decision timeout below the default redis deadline",
     ),
     pytest.param(
         {"POLICYD_OVERLOAD_EXIT": "0.9"},

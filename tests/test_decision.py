@@ -28,6 +28,7 @@ from policyd.load import (
     LOCAL_HOST,
     NORMAL,
     OVERLOAD,
+    BackendStatus,
     ClientStats,
     LoadSettings,
     LoadSnapshot,
@@ -82,6 +83,9 @@ class ForcedLevel:
         self.refusals: list[PolicyRequest] = []
         self.hangups: list[bool] = []
         self.observed: list[PolicyRequest] = []
+        self.looked_up: list[PolicyRequest] = []
+        #: What `lookup` returns: set a Deferred to make decisions wait.
+        self.waiting: Deferred[None] | None = None
 
     @property
     def level(self) -> int:
@@ -140,6 +144,15 @@ class ForcedLevel:
         """The real tracker's hosts."""
         return self.real.hosts()
 
+    def lookup(self, request: PolicyRequest) -> Deferred[None] | None:
+        """`waiting` (None unless the test set one): a shared store's fetch."""
+        self.looked_up.append(request)
+        return self.waiting
+
+    def backend(self) -> BackendStatus:
+        """The real tracker's backend."""
+        return self.real.backend()
+
 
 class Rig:
     """A decider on a forced-level tracker, a clock and a fresh registry."""
@@ -173,7 +186,10 @@ class Rig:
     ) -> Action:
         """The decider's answer to *attributes* with *changes*, on *connection*."""
         merged = {**attributes, **changes}
-        return self.decider.decide(PolicyRequest.from_attributes(merged, connection))
+        answer = self.decider.decide(PolicyRequest.from_attributes(merged, connection))
+        if not isinstance(answer, Action):
+            raise AssertionError(f"expected an answer at once, got {answer!r}")
+        return answer
 
     def set_level(self, level: int) -> None:
         """From now on the tracker reports *level*."""

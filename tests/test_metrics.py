@@ -16,7 +16,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from policyd import __version__
 from policyd.actions import DUNNO, Action
 from policyd.config import load
-from policyd.load import LoadSnapshot
+from policyd.load import BackendStatus, LoadSnapshot
 from policyd.metrics import (
     DURATION_BUCKETS,
     HealthResource,
@@ -392,7 +392,17 @@ LOAD_SAMPLES: list[tuple[str, dict[str, str], float]] = [
     ("policyd_host_load_ratio", {"host": "local"}, 0.75),
     ("policyd_host_busy_connections", {"host": "local"}, 15),
     ("policyd_host_capacity", {"host": "local"}, 20),
+    ("policyd_backend_up", {"backend": "redis"}, 0),
+    ("policyd_backend_errors_total", {"backend": "redis", "reason": "connect"}, 3),
+    ("policyd_backend_errors_total", {"backend": "redis", "reason": "timeout"}, 2),
+    ("policyd_backend_fallbacks_total", {}, 9),
+    ("policyd_backend_pending_clients", {}, 4),
 ]
+
+# A Redis backend that has been failing.
+REDIS_DOWN = BackendStatus(
+    "redis", up=False, errors=(("connect", 3), ("timeout", 2)), fallbacks=9, pending=4
+)
 
 
 class TestLoadCollector:
@@ -407,23 +417,25 @@ class TestLoadCollector:
         value: float,
     ) -> None:
         """Each load metric shows the tracker's value, on the registry passed in."""
-        registry.register(LoadCollector(RecordingTracker(BUSY_LOAD)))
+        registry.register(LoadCollector(RecordingTracker(BUSY_LOAD, REDIS_DOWN)))
         assert registry.get_sample_value(name, labels) == value
         assert REGISTRY.get_sample_value(name, labels) is None
 
     def test_no_other_samples(self, registry: CollectorRegistry) -> None:
         """The collector exports exactly the documented samples."""
-        registry.register(LoadCollector(RecordingTracker(BUSY_LOAD)))
+        registry.register(LoadCollector(RecordingTracker(BUSY_LOAD, REDIS_DOWN)))
         assert _sample_names(registry) == {name for name, _, _ in LOAD_SAMPLES}
 
     def test_types(self, registry: CollectorRegistry) -> None:
         """Counts that only grow are counters; the rest are gauges."""
-        registry.register(LoadCollector(RecordingTracker(BUSY_LOAD)))
+        registry.register(LoadCollector(RecordingTracker(BUSY_LOAD, REDIS_DOWN)))
         types = {family.name: family.type for family in registry.collect()}
         counters = {
             "policyd_postfix_stress_seen",
             "policyd_client_evictions",
             "policyd_stress_transitions",
+            "policyd_backend_errors",
+            "policyd_backend_fallbacks",
         }
         assert {n for n, t in types.items() if t == "counter"} == counters
         assert {t for n, t in types.items() if n not in counters} == {"gauge"}
