@@ -46,7 +46,7 @@ import hashlib
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import attrs
@@ -58,7 +58,7 @@ from twisted.internet.defer import (
 )
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import connectProtocol
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -242,9 +242,18 @@ class RedisLoadTracker:
         reactor: Any,
         settings: LoadSettings,
         redis: RedisSettings,
-        on_level_change: Any = None,
+        on_level_change: Callable[[int, int, LoadSnapshot], None] | None = None,
+        endpoint: IStreamClientEndpoint | None = None,
     ) -> None:
+        """
+        Track load on *reactor*'s clock; share clients in the Redis of *redis*.
+
+        *on_level_change* is `MemoryLoadTracker`'s.  *endpoint* is where to
+        connect, if not to ``redis.url`` on *reactor* (a socket handed over,
+        or a test's).
+        """
         self.reactor = reactor
+        self._endpoint = endpoint
         self.settings = settings
         self.redis = redis
         self.local = MemoryLoadTracker(
@@ -524,6 +533,7 @@ class RedisLoadTracker:
             # busy script): nothing was added, so nothing is lost.
             self._restore(batch.deltas)
             self._errors["error"] += 1
+            self._state = _DOWN
             self._went_down(f"Redis refused the update: {error}")
             if self._protocol is not None:
                 self._protocol.close()
@@ -615,6 +625,7 @@ class RedisLoadTracker:
                 timer.cancel()
             if failure.check(RedisError):
                 self._errors["error"] += 1
+                self._state = _DOWN
                 self._went_down(f"Redis refused the probe: {failure.value}")
                 if self._protocol is not None:
                     self._protocol.close()
@@ -675,9 +686,9 @@ class RedisLoadTracker:
 
     def start(self) -> Deferred[None]:
         """Connect; fires when connected, or when the first attempt failed."""
-        self._started = Deferred()
+        started = self._started = Deferred()
         self._connect()
-        return self._started
+        return started
 
     def stop(self) -> Deferred[None]:
         """Send what is pending (briefly), then close the connection."""
@@ -715,7 +726,9 @@ class RedisLoadTracker:
 
     async def _open(self) -> tuple[RedisProtocol, float, bytes]:
         protocol = RedisProtocol()
-        endpoint = self.redis.url.endpoint(self.reactor, self.redis.timeout)
+        endpoint = self._endpoint or self.redis.url.endpoint(
+            self.reactor, self.redis.timeout
+        )
         await connectProtocol(endpoint, protocol)
         try:
             await log_in(protocol, self.redis.url)

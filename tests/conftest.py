@@ -17,6 +17,7 @@ from policyd.testing.postfix import (
     PostfixTools,
     find_postfix,
 )
+from policyd.testing.redis import RedisServer
 from policyd.testing.system import Unavailable, free_port
 
 # --------------------------------------------------------------------------
@@ -153,3 +154,39 @@ def postfix_bed(
         yield Bed(postfix_instance, policyd, mark)
     finally:
         policyd.kill()
+
+
+# --------------------------------------------------------------------------
+# A real redis-server (policyd.testing.redis)
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """
+    One private redis-server for the session (tests/run installs Debian's).
+
+    Tests keep apart by key prefix.  Without the package the Redis tests are
+    skipped, except under ``CI=true``, where a missing server fails.
+    """
+    try:
+        server = RedisServer()
+    except Unavailable as e:
+        if _in_ci():
+            pytest.fail(f"CI=true but redis-server is unavailable: {e}")
+        pytest.skip(f"redis-server unavailable: {e}")
+    with server:
+        yield server
+
+
+@pytest.fixture
+def own_redis_server() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, to kill, pause and restart."""
+    try:
+        server = RedisServer()
+    except Unavailable as e:
+        if _in_ci():
+            pytest.fail(f"CI=true but redis-server is unavailable: {e}")
+        pytest.skip(f"redis-server unavailable: {e}")
+    with server:
+        yield server
