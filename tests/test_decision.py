@@ -86,6 +86,9 @@ class ForcedLevel:
         self.looked_up: list[PolicyRequest] = []
         #: What `lookup` returns: set a Deferred to make decisions wait.
         self.waiting: Deferred[None] | None = None
+        #: For each read of a client's counters, whether `waiting` had not
+        #: fired yet (the shared record was not in).
+        self.read_while_waiting: list[bool] = []
 
     @property
     def level(self) -> int:
@@ -115,7 +118,10 @@ class ForcedLevel:
         return self.forced
 
     def client(self, request: PolicyRequest) -> ClientStats:
-        """The real tracker's counters."""
+        """The real tracker's counters (noting whether a fetch was still due)."""
+        self.read_while_waiting.append(
+            self.waiting is not None and not self.waiting.called
+        )
         return self.real.client(request)
 
     def record_refusal(self, request: PolicyRequest, hangup: bool = False) -> None:
@@ -292,6 +298,48 @@ class TestNormal:
         assert [c for c in tracker.calls if c[0] == "refusal"] == [
             ("refusal", requests[0])
         ]
+
+
+class TestSharedRecord:
+    """With a tracker that shares clients, the decision waits for the record."""
+
+    def test_normal_does_not_look_up(self) -> None:
+        """At normal nobody is scored, so nothing is fetched or waited for."""
+        rig = Rig(NORMAL)
+        rig.tracker.waiting = Deferred()
+        assert rig.ask(BOT) == DUNNO
+        assert rig.tracker.looked_up == []
+
+    def test_scored_after_the_record_is_in(self) -> None:
+        """Under stress the answer comes once the lookup fires, not before."""
+        rig = Rig(ELEVATED)
+        rig.tracker.waiting = Deferred()
+        request = PolicyRequest.from_attributes(BOT, 1)
+        answer = rig.decider.decide(request)
+        assert isinstance(answer, Deferred)
+        assert rig.tracker.looked_up == [request]
+        assert rig.tracker.read_while_waiting == []
+        assert rig.tracker.refusals == []
+        answers: list[Action] = []
+        answer.addCallback(answers.append)
+        rig.tracker.waiting.callback(None)
+        assert answers == [E_BOT]
+        assert rig.tracker.read_while_waiting == [False]
+        assert rig.tracker.refusals == [request]
+        assert rig.counts() == {("defer", reason): 1.0 for reason in BOT_REASONS}
+
+    def test_nothing_to_wait_for(self) -> None:
+        """A tracker with nothing to fetch (None) is decided at once."""
+        rig = Rig(ELEVATED)
+        assert rig.ask(BOT) == E_BOT
+        assert len(rig.tracker.looked_up) == 1
+
+    def test_transaction_looks_up_once(self) -> None:
+        """The next recipients of a transaction reuse its verdict: no fetch."""
+        rig = Rig(ELEVATED)
+        rig.ask(CLEAN)
+        rig.ask(CLEAN, recipient="carol@example.org")
+        assert len(rig.tracker.looked_up) == 1
 
 
 class TestOneVerdictPerTransaction:
