@@ -1,8 +1,10 @@
 """
-One central policyd serving two real Postfix instances (issue 11).
+Several MX hosts (issue 11), with real Postfix instances.
 
-Both instances run on this machine and reach policyd over loopback, so the
-peer address cannot tell them apart: each names itself with
+One central policyd serves two Postfix instances; then two Postfix instances
+with a policyd each share one Redis.  In the first case both instances run
+on this machine and reach policyd over loopback, so the peer address cannot
+tell them apart: each names itself with
 ``policy_context`` in its ``check_policy_service`` settings (Postfix 3.1+),
 and policyd runs with ``POLICYD_HOST_FROM=policy_context``.  The process
 limits policyd assumes differ per host (``POLICYD_HOST_CAPACITIES``).
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 from policyd.testing.daemon import PolicydProcess
 from policyd.testing.postfix import PostfixConfig, PostfixInstance, PostfixTools
+from policyd.testing.redis import RedisServer
 from policyd.testing.system import wait_until
 
 
@@ -74,3 +77,67 @@ def test_flood_on_one_host_leaves_the_other_normal(
         # Every request came with its instance's context, none from "local".
         contexts = {e["attributes"].get("policy_context") for e in policyd.requests()}
         assert contexts == {"mx1", "mx2"}
+
+
+def _bot(address: str) -> dict[str, str]:
+    """XCLIENT attributes of a client without any reverse DNS and a bare HELO."""
+    return {
+        "ADDR": address,
+        "NAME": "[UNAVAILABLE]",
+        "REVERSE_NAME": "[UNAVAILABLE]",
+        "HELO": "foo",
+        "PROTO": "ESMTP",
+    }
+
+
+def test_refused_on_one_mx_is_a_quick_retry_on_the_other(
+    postfix_tools: PostfixTools, own_redis_server: RedisServer
+) -> None:
+    """
+    A bot refused by mx1 is refused by mx2 as a quick retry (one Redis).
+
+    Two MX hosts have a policyd each, sharing one Redis.  Both Postfix
+    instances send through their ``stress`` listener (smtpd with
+    ``-o stress=yes``), which puts each policyd at overload.  The bot's first
+    refusal (mx1) names its identity only; its try at mx2 seconds later also
+    names ``quick_retry``, which mx2's policyd can only know from Redis.  A
+    clean client passes both.
+    """
+    env = {
+        "POLICYD_BACKEND": "redis",
+        "POLICYD_REDIS_URL": own_redis_server.tcp_url,
+        "POLICYD_POSTFIX_STRESS_HOLD": "2s",
+        "POLICYD_POSTFIX_STRESS_MIN_LOAD": "0",
+    }
+    with (
+        PolicydProcess(env) as policyd1,
+        PolicydProcess(env) as policyd2,
+        PostfixInstance(PostfixConfig(policy_port=policyd1.port), postfix_tools) as mx1,
+        PostfixInstance(PostfixConfig(policy_port=policyd2.port), postfix_tools) as mx2,
+    ):
+        for policyd in (policyd1, policyd2):
+            policyd.wait_for_event("backend_connected")
+        bot = _bot("192.0.2.66")
+        first = mx1.send("stress", xclient=bot, ehlo_after_xclient=False)
+        refusal = first.replies("RCPT")[0]
+        assert refusal.code == 421, first
+        assert "no_client_name" in refusal.text
+        assert "quick_retry" not in refusal.text
+        wait_until(
+            lambda: (
+                own_redis_server.command("HEXISTS", "policyd:c:192.0.2.66", "ra") == 1
+            ),
+            what="mx1's refusal of the bot in Redis",
+        )
+        second = mx2.send("stress", xclient=bot, ehlo_after_xclient=False)
+        retry = second.replies("RCPT")[0]
+        assert retry.code in (421, 521), second
+        assert "quick_retry" in retry.text, second
+        clean = {
+            "ADDR": "192.0.2.25",
+            "NAME": "mail.example.org",
+            "HELO": "mail.example.org",
+            "PROTO": "ESMTP",
+        }
+        for mx in (mx1, mx2):
+            assert mx.send("stress", xclient=clean, ehlo_after_xclient=False).accepted
