@@ -20,7 +20,7 @@ from twisted.internet.testing import MemoryReactor
 
 from policyd.actions import Action, InvalidAction
 from policyd.policy import SIGNALS as _ALL_REASONS
-from policyd.resp import RedisURL, parse_url
+from policyd.resp import RedisURL, hide_password, parse_url
 
 PREFIX = "POLICYD"
 
@@ -874,7 +874,8 @@ def load(env: Mapping[str, str]) -> Config:
         try:
             convert(raw)
         except ValueError as e:
-            raise ConfigError(name, raw, str(e)) from None
+            # A URL's password stays out of the error (and so the logs).
+            raise ConfigError(name, hide_password(raw), str(e)) from None
     loaded = environ.to_config(Config, dict(env))
     _check_thresholds(loaded, env)
     return loaded

@@ -44,6 +44,7 @@ __all__ = [
     "RedisProtocol",
     "RedisURL",
     "encode",
+    "hide_password",
     "log_in",
     "parse_url",
 ]
@@ -123,6 +124,14 @@ _QUERY_KEYS: Final = {
 }
 
 
+_PASSWORD = re.compile(r"(://[^/@:]*:)[^@/]*@")
+
+
+def hide_password(text: str) -> str:
+    """*text* with the password of any URL in it replaced by ``***``."""
+    return _PASSWORD.sub(r"\1***@", text)
+
+
 def parse_url(raw: str) -> RedisURL:
     """
     Read a Redis URL; `ValueError` saying what is wrong if it is not one.
@@ -131,11 +140,11 @@ def parse_url(raw: str) -> RedisURL:
     over TLS (``?ca=/path/ca.pem`` to trust a private authority), and
     ``unix://[[user]:password@]/path/to/redis.sock[?db=N]``.
     """
-    text = raw.strip()
+    text = hide_password(raw.strip())
     example = "e.g. redis://127.0.0.1:6379/0 or unix:///run/redis/redis.sock"
     if not text:
         raise ValueError(f"no Redis URL given; {example}")
-    parts = urlsplit(text)
+    parts = urlsplit(raw.strip())
     scheme = parts.scheme.lower()
     if scheme not in _QUERY_KEYS:
         raise ValueError(

@@ -11,7 +11,14 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from policyd.resp import RedisError, RedisProtocol, RedisURL, encode, parse_url
+from policyd.resp import (
+    RedisError,
+    RedisProtocol,
+    RedisURL,
+    encode,
+    hide_password,
+    parse_url,
+)
 
 
 def connected() -> tuple[RedisProtocol, StringTransport]:
@@ -188,3 +195,29 @@ class TestURL:
         )
         tls = RedisURL("rediss", host="h").endpoint(reactor, 1.0)
         assert type(tls).__name__ == "_WrapperEndpoint"
+
+
+class TestSecrets:
+    """A password in POLICYD_REDIS_URL stays out of errors and logs."""
+
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "redis://:hunter2@redis.example.net:99999/0",
+            "redis://policyd:hunter2@redis/zero",
+            "unix://:hunter2@relative/path",
+        ],
+    )
+    def test_not_in_the_error(self, url: str) -> None:
+        """The configuration error shows the URL with *** for the password."""
+        from policyd import config
+
+        with pytest.raises(config.ConfigError) as caught:
+            config.load({"POLICYD_REDIS_URL": url})
+        assert "hunter2" not in str(caught.value)
+        assert "***" in str(caught.value)
+
+    def test_hide_password(self) -> None:
+        """Only the password goes; user, host and path stay."""
+        assert hide_password("redis://u:p%40ss@h:1/2") == "redis://u:***@h:1/2"
+        assert hide_password("redis://h:6379/0") == "redis://h:6379/0"
