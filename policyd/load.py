@@ -334,6 +334,8 @@ class HostLoad:
         "name",
         "open",
         "rate",
+        "remote_busy",
+        "remote_rate",
         "settings",
         "transactions",
     )
@@ -363,6 +365,10 @@ class HostLoad:
         self.hung: dict[int, int] = {}
         # Requests per second over rate_window one-second buckets.
         self.rate = RateWindow(settings.rate_window, now)
+        #: What other policyd instances serving this host count (busy
+        #: connections, requests per second), as a shared store last said.
+        self.remote_busy = 0
+        self.remote_rate = 0.0
         self.levels = LevelMachine(
             settings, now, lambda old, new: on_change(self, old, new)
         )
@@ -419,15 +425,21 @@ class HostLoad:
         return busy - _discount(busy, hung)
 
     def busy_now(self) -> int:
-        """Busy connections, those hung up by a refusal once per client."""
-        return self.busy - self.discounted
+        """Busy connections, those hung up by a refusal once per client.
+
+        With other policyd instances serving this host, theirs too.
+        """
+        return self.busy - self.discounted + self.remote_busy
 
     def load_ratio(self, now: float) -> float:
         """The load as a fraction of capacity (1.0 = every smtpd process busy)."""
         settings = self.settings
-        load = (self.busy - self.discounted) / self.capacity
+        load = (self.busy - self.discounted + self.remote_busy) / self.capacity
         if settings.rate_capacity > 0:
-            load = max(load, self.rate.rate(now) / settings.rate_capacity)
+            load = max(
+                load,
+                (self.rate.rate(now) + self.remote_rate) / settings.rate_capacity,
+            )
         return load
 
     @property
@@ -581,6 +593,10 @@ class MemoryLoadTracker:
     def hosts(self) -> list[str]:
         """The Postfix hosts whose load is tracked (`LOCAL_HOST` always)."""
         return list(self._hosts)
+
+    def loads(self) -> list[HostLoad]:
+        """The load of each Postfix host tracked (`LOCAL_HOST` first)."""
+        return list(self._hosts.values())
 
     def busy_requests(self) -> list[PolicyRequest]:
         """
@@ -1041,7 +1057,7 @@ class MemoryLoadTracker:
             connections=sum(load.open for load in hosts),
             busy_connections=sum(load.busy_now() for load in hosts),
             transactions=sum(load.transactions for load in hosts),
-            request_rate=sum(load.rate.rate(now) for load in hosts),
+            request_rate=sum(load.rate.rate(now) + load.remote_rate for load in hosts),
             postfix_stress=any(load.levels.stressed(now) for load in hosts),
             tracked_clients=len(self._clients),
             postfix_stress_seen=stress_seen

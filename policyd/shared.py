@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import socket
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, Final
@@ -65,6 +66,7 @@ from twisted.python.failure import Failure
 from policyd.counting import NEVER, NO_EVENTS, add_event, events
 from policyd.load import (
     HELD,
+    LOCAL_HOST,
     MESSAGES,
     REFUSALS,
     SESSIONS,
@@ -158,9 +160,45 @@ def _sha(script: bytes) -> bytes:
     return hashlib.sha1(script, usedforsecurity=False).hexdigest().encode()
 
 
+# Shares the load of the Postfix hosts several policyd instances serve.
+#   KEYS: one per host.  ARGV[1] now, ARGV[2] this instance, ARGV[3] how old
+#   another instance's count may be, ARGV[4] the TTL; then two per key: this
+#   instance's busy connections and requests per second for that host.
+# Returns, per key, the sums of the other instances' fresh counts (as text);
+# stale ones (an instance that stopped) are removed.
+HOSTS_SCRIPT: Final = b"""
+local now, me, fresh, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local out = {}
+for i, key in ipairs(KEYS) do
+  local busy, rate = ARGV[3 + 2 * i], ARGV[4 + 2 * i]
+  redis.call('HSET', key, me, busy .. ' ' .. rate .. ' ' .. ARGV[1])
+  redis.call('EXPIRE', key, ttl)
+  local others, others_rate = 0, 0
+  local all = redis.call('HGETALL', key)
+  for j = 1, #all, 2 do
+    if all[j] ~= me then
+      local b, r, at = string.match(all[j + 1], '(%S+) (%S+) (%S+)')
+      if at and tonumber(at) >= now - fresh then
+        others = others + tonumber(b)
+        others_rate = others_rate + tonumber(r)
+      else
+        redis.call('HDEL', key, all[j])
+      end
+    end
+  end
+  out[i] = {string.format('%d', others), string.format('%.17g', others_rate)}
+end
+return out
+"""
+
 UPDATE_SHA: Final = _sha(UPDATE_SCRIPT)
+HOSTS_SHA: Final = _sha(HOSTS_SCRIPT)
 EPOCH_SHA: Final = _sha(EPOCH_SCRIPT)
 
+# Another instance's count of a host's load is used while younger than
+# this (it writes every second); the key lives HOSTS_TTL after the last.
+HOSTS_FRESH: Final = 5.0
+HOSTS_TTL: Final = 60
 # How long the epoch key outlives the last policyd that refreshed it.
 EPOCH_TTL: Final = 86400
 # A shared record read for a decision is used for this long (the decision
@@ -279,6 +317,9 @@ class RedisLoadTracker:
         self._retry_call: IDelayedCall | None = None
         self._stall_call: IDelayedCall | None = None
         self._probing = False
+        self._sharing = False
+        # Who this policyd is among those sharing a host's load.
+        self._instance = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self._failures = 0
         self._errors: dict[str, int] = dict.fromkeys(
             ("connect", "timeout", "lost", "error"), 0
@@ -335,10 +376,69 @@ class RedisLoadTracker:
         return self.local.hosts()
 
     def tick(self) -> None:
-        """Expire what is stale here; check that Redis still answers."""
+        """Expire what is stale here; check Redis; share the hosts' load."""
         self.local.tick()
-        if self._state == _UP and not self._probing:
+        if self._state != _UP:
+            # Fail open: without fresh counts, only this policyd's own.
+            for load in self.local.loads():
+                load.remote_busy = 0
+                load.remote_rate = 0.0
+            return
+        if not self._probing:
             self._probe()
+        if not self._sharing:
+            self._share_hosts()
+
+    def _share_hosts(self) -> None:
+        """
+        Add up each named host's load with the other policyd serving it.
+
+        Several policyd instances may serve one Postfix host (two central
+        policyd behind one address): each sees only its share of the host's
+        smtpd processes, so each writes its counts and reads the others'.
+        The host of this machine's own Postfix (`LOCAL_HOST`) is this
+        policyd's alone, and not shared.
+        """
+        protocol = self._protocol
+        loads = [load for load in self.local.loads() if load.name != LOCAL_HOST]
+        if protocol is None or not loads:
+            return
+        now = self.reactor.seconds()
+        args: list[bytes | str | int | float] = [
+            HOSTS_SHA,
+            len(loads),
+            *(self._prefix + b"h:" + load.name.encode() for load in loads),
+            now + self._offset,
+            self._instance,
+            HOSTS_FRESH,
+            HOSTS_TTL,
+        ]
+        for load in loads:
+            args += (load.busy - load.discounted, load.rate.rate(now))
+        self._sharing = True
+
+        def answered(reply: Any) -> None:
+            self._sharing = False
+            try:
+                now = self.reactor.seconds()
+                for load, (busy, rate) in zip(loads, reply, strict=True):
+                    load.remote_busy = int(busy)
+                    load.remote_rate = float(rate)
+                    load.levels.evaluate(now, load.load_ratio(now))
+            except (TypeError, ValueError):
+                self._errors["error"] += 1
+                log.warn(
+                    "Redis answered the host-load script with {reply!r}",
+                    event="backend_bad_reply",
+                    reply=reply,
+                )
+
+        def failed(failure: Failure) -> None:
+            self._sharing = False
+            if failure.check(RedisError):
+                self._errors["error"] += 1
+
+        protocol.command(b"EVALSHA", *args).addCallbacks(answered, failed)
 
     # -- the shared view -------------------------------------------------
 
@@ -732,7 +832,11 @@ class RedisLoadTracker:
         await connectProtocol(endpoint, protocol)
         try:
             await log_in(protocol, self.redis.url)
-            for script, sha in ((UPDATE_SCRIPT, UPDATE_SHA), (EPOCH_SCRIPT, EPOCH_SHA)):
+            for script, sha in (
+                (UPDATE_SCRIPT, UPDATE_SHA),
+                (EPOCH_SCRIPT, EPOCH_SHA),
+                (HOSTS_SCRIPT, HOSTS_SHA),
+            ):
                 loaded = await protocol.command(b"SCRIPT", b"LOAD", script)
                 if loaded != sha:
                     raise RedisError(f"ERR SCRIPT LOAD gave {loaded!r}, not {sha!r}")
@@ -804,7 +908,7 @@ class RedisLoadTracker:
         if self._stall_call is not None and self._stall_call.active():
             self._stall_call.cancel()
         self._stall_call = None
-        self._probing = False
+        self._probing = self._sharing = False
         if self._state == _STOPPED:
             return
         if self._state in (_UP, _SLOW):

@@ -38,6 +38,7 @@ from policyd.load import ELEVATED, LoadSettings, LoadTracker
 from policyd.resp import RedisProtocol, RedisURL, encode
 from policyd.shared import (
     EPOCH_SHA,
+    HOSTS_SHA,
     UPDATE_SHA,
     RedisLoadTracker,
     RedisSettings,
@@ -232,6 +233,50 @@ class TestTwoTrackersOneRedis:
         assert tracker.ttl - 5 <= ttl <= tracker.ttl
 
 
+def serve(smtpd: Smtpd, host: str, busy: int) -> None:
+    """*busy* smtpd processes of Postfix host *host* ask *smtpd*'s policyd."""
+    for n in range(busy):
+        connection = 1000 + n
+        smtpd.tracker.connection_opened(connection, host)
+        smtpd.ask(connection, f"198.51.100.{n + 1}")
+
+
+class TestSharedHostLoad:
+    """Two policyd serving one Postfix host add up its load through Redis."""
+
+    def test_load_adds_up(self, connected: Connected) -> None:
+        """8 + 8 busy processes of mx1's 20 make elevated on both policyd."""
+        a, b = pair(connected)
+        serve(a, "mx1", 8)
+        serve(b, "mx1", 8)
+        assert (a.level, b.level) == (0, 0)
+        # Each writes its count and reads the other's, once a second.
+        both_wait(a, b, 1)
+        a.wait(1)
+        assert (a.level, b.level) == (ELEVATED, ELEVATED)
+        assert a.tracker.snapshot("mx1").busy_connections == 16
+
+    def test_local_host_is_each_policyds(self, connected: Connected) -> None:
+        """Each MX's own Postfix ("local") is not added to another's."""
+        a, b = pair(connected)
+        a.busy(8)
+        b.busy(8)
+        both_wait(a, b, 2)
+        assert (a.level, b.level) == (0, 0)
+        assert a.snapshot().busy_connections == 8
+
+    def test_stopped_instance_forgotten(self, connected: Connected) -> None:
+        """A policyd that stops writing its counts drops out within seconds."""
+        a, b = pair(connected)
+        serve(a, "mx1", 8)
+        serve(b, "mx1", 8)
+        both_wait(a, b, 1)
+        a.wait(1)
+        assert a.tracker.snapshot("mx1").busy_connections == 16
+        a.wait(6)
+        assert a.tracker.snapshot("mx1").busy_connections == 8
+
+
 # --------------------------------------------------------------------------
 # Failures, with the protocol driven by hand
 # --------------------------------------------------------------------------
@@ -326,6 +371,7 @@ class Scripted:
         assert sent.count(b"SCRIPT") == 1  # one at a time: the first so far
         self.endpoint.reply(bulk(UPDATE_SHA))
         self.endpoint.reply(bulk(EPOCH_SHA))
+        self.endpoint.reply(bulk(HOSTS_SHA))
         self.endpoint.reply(bulk(epoch))
         self.endpoint.reply(b"*2\r\n" + bulk(b"%d" % START) + bulk(b"0"))
         self.endpoint.sent()
@@ -421,6 +467,19 @@ class TestDeadline:
 
 class TestOutage:
     """Redis down: fail open, log once, back off, resynchronise."""
+
+    def test_no_shared_host_load_while_down(self) -> None:
+        """Without Redis, a host's load is what this policyd counts itself."""
+        s = Scripted()
+        s.tracker.connection_opened(1, "mx1")
+        s.smtpd.ask(1)
+        s.tracker.tick()
+        assert b"EVALSHA" in s.endpoint.sent()
+        s.endpoint.reply(bulk(b"e1"), b"*1\r\n*2\r\n" + bulk(b"5") + bulk(b"2.5"))
+        assert s.tracker.snapshot("mx1").busy_connections == 6
+        s.endpoint.protocol.connectionLost()
+        s.tracker.tick()
+        assert s.tracker.snapshot("mx1").busy_connections == 1
 
     def test_unreachable_at_start(self) -> None:
         """start() fires anyway; policyd decides on its own view meanwhile."""
