@@ -161,6 +161,18 @@ def postfix_bed(
 # --------------------------------------------------------------------------
 
 
+def _redis_server() -> Iterator[RedisServer]:
+    """A started redis-server, stopped afterwards; skip or fail if there is none."""
+    try:
+        server = RedisServer()
+    except Unavailable as e:
+        if _in_ci():
+            pytest.fail(f"CI=true but redis-server is unavailable: {e}")
+        pytest.skip(f"redis-server unavailable: {e}")
+    with server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """
@@ -169,24 +181,10 @@ def redis_server() -> Iterator[RedisServer]:
     Tests keep apart by key prefix.  Without the package the Redis tests are
     skipped, except under ``CI=true``, where a missing server fails.
     """
-    try:
-        server = RedisServer()
-    except Unavailable as e:
-        if _in_ci():
-            pytest.fail(f"CI=true but redis-server is unavailable: {e}")
-        pytest.skip(f"redis-server unavailable: {e}")
-    with server:
-        yield server
+    yield from _redis_server()
 
 
 @pytest.fixture
 def own_redis_server() -> Iterator[RedisServer]:
     """A redis-server of the test's own, to kill, pause and restart."""
-    try:
-        server = RedisServer()
-    except Unavailable as e:
-        if _in_ci():
-            pytest.fail(f"CI=true but redis-server is unavailable: {e}")
-        pytest.skip(f"redis-server unavailable: {e}")
-    with server:
-        yield server
+    yield from _redis_server()

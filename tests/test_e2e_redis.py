@@ -23,23 +23,15 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from helpers import TYPICAL
 
 from policyd.ask import encode_request, parse_reply
 from policyd.testing.daemon import PolicydProcess
 from policyd.testing.redis import RedisServer
 from policyd.testing.system import free_port, wait_until
 
-CLEAN = {
-    "request": "smtpd_access_policy",
-    "protocol_state": "RCPT",
-    "client_address": "192.0.2.10",
-    "client_name": "mail.example.net",
-    "reverse_client_name": "mail.example.net",
-    "helo_name": "mail.example.net",
-    "sender": "alice@example.net",
-    "recipient": "bob@example.org",
-    "sasl_username": "",
-}
+# A clean client (verified name, same HELO), as smtpd asks at RCPT.
+CLEAN = {k: v for k, v in TYPICAL.items() if k != "instance"}
 BOT = {
     **CLEAN,
     "client_address": "203.0.113.45",

@@ -465,6 +465,23 @@ class TestDeadline:
         assert s.tracker.state == "up"
 
 
+def unreachable(
+    why: str = "connection refused",
+) -> tuple[Clock, ScriptedEndpoint, RedisLoadTracker]:
+    """A tracker (not started) whose every connection attempt is refused."""
+    clock = Clock()
+    clock.advance(START)
+    endpoint = ScriptedEndpoint()
+    endpoint.refuse = ConnectionRefusedError(why)
+    tracker = RedisLoadTracker(
+        clock,
+        BASE,
+        RedisSettings(url=RedisURL("unix", path="/nonexistent")),
+        endpoint=endpoint,
+    )
+    return clock, endpoint, tracker
+
+
 class TestOutage:
     """Redis down: fail open, log once, back off, resynchronise."""
 
@@ -483,16 +500,7 @@ class TestOutage:
 
     def test_unreachable_at_start(self) -> None:
         """start() fires anyway; policyd decides on its own view meanwhile."""
-        clock = Clock()
-        clock.advance(START)
-        endpoint = ScriptedEndpoint()
-        endpoint.refuse = ConnectionRefusedError("connection refused")
-        tracker = RedisLoadTracker(
-            clock,
-            BASE,
-            RedisSettings(url=RedisURL("unix", path="/nonexistent")),
-            endpoint=endpoint,
-        )
+        _, _, tracker = unreachable("connection refused")
         with capture_logs() as events:
             started = tracker.start()
         assert started.called
@@ -503,16 +511,7 @@ class TestOutage:
 
     def test_backoff_grows_and_logs_once(self) -> None:
         """Retries come after 0.25, 0.5, 1, 2... s (at most 30 s), logged once."""
-        clock = Clock()
-        clock.advance(START)
-        endpoint = ScriptedEndpoint()
-        endpoint.refuse = ConnectionRefusedError()
-        tracker = RedisLoadTracker(
-            clock,
-            BASE,
-            RedisSettings(url=RedisURL("unix", path="/nonexistent")),
-            endpoint=endpoint,
-        )
+        clock, endpoint, tracker = unreachable()
         with capture_logs() as events:
             tracker.start()
             attempts = []
