@@ -8,6 +8,7 @@ docs and ``policyd config`` are generated from these declarations.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -284,6 +285,10 @@ def host_capacities(raw: str) -> tuple[tuple[str, int], ...]:
             raise ValueError(
                 f"{item!r}: the process limit must be a whole number from 1 to 1000000"
             )
+        # An address as policyd names a peer (compressed, lower case), so
+        # that 2001:DB8::21 matches the host 2001:db8::21.
+        with contextlib.suppress(ValueError):
+            name = str(ipaddress.ip_address(name))
         if name in result:
             raise ValueError(f"{name!r} is given twice")
         result[name] = count

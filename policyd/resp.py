@@ -30,6 +30,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     UNIXClientEndpoint,
+    connectProtocol,
     wrapClientTLS,
 )
 from twisted.internet.error import ConnectionDone
@@ -43,6 +44,7 @@ __all__ = [
     "RedisError",
     "RedisProtocol",
     "RedisURL",
+    "ask_sentinels",
     "encode",
     "hide_password",
     "log_in",
@@ -73,7 +75,8 @@ class ProtocolError(Exception):
 class RedisURL:
     """Where Redis is and how to log in, from ``POLICYD_REDIS_URL``."""
 
-    #: ``redis`` (TCP), ``rediss`` (TCP with TLS) or ``unix``.
+    #: ``redis`` (TCP), ``rediss`` (TCP with TLS), ``unix``, or
+    #: ``redis+sentinel`` (a master found through Sentinel).
     scheme: str
     host: str = ""
     port: int = DEFAULT_PORT
@@ -84,6 +87,10 @@ class RedisURL:
     #: For ``rediss``: a PEM file of the certificate authority to trust
     #: instead of the system's.
     ca_file: str | None = None
+    #: For ``redis+sentinel``: the Sentinels to ask, and the name of the
+    #: master they watch.
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service: str = ""
 
     def endpoint(self, reactor: Any, timeout: float) -> IStreamClientEndpoint:
         """A client endpoint that reaches this Redis within *timeout* seconds."""
@@ -104,9 +111,13 @@ class RedisURL:
 
     def describe(self) -> str:
         """The URL without its password, for logs."""
-        where = (
-            self.path if self.scheme == "unix" else f"{_bracket(self.host)}:{self.port}"
-        )
+        if self.scheme == SENTINEL:
+            where = ",".join(f"{_bracket(h)}:{p}" for h, p in self.sentinels)
+            where += f"/{self.service}"
+        elif self.scheme == "unix":
+            where = self.path
+        else:
+            where = f"{_bracket(self.host)}:{self.port}"
         user = ""
         if self.username is not None or self.password is not None:
             user = f"{self.username or ''}:***@"
@@ -117,10 +128,15 @@ def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+#: The scheme of a master found through Redis Sentinel.
+SENTINEL: Final = "redis+sentinel"
+SENTINEL_PORT: Final = 26379
+
 _QUERY_KEYS: Final = {
     "redis": {"db"},
     "rediss": {"db", "ca"},
     "unix": {"db"},
+    SENTINEL: {"db"},
 }
 
 
@@ -137,20 +153,24 @@ def parse_url(raw: str) -> RedisURL:
     Read a Redis URL; `ValueError` saying what is wrong if it is not one.
 
     ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` the same
-    over TLS (``?ca=/path/ca.pem`` to trust a private authority), and
-    ``unix://[[user]:password@]/path/to/redis.sock[?db=N]``.
+    over TLS (``?ca=/path/ca.pem`` to trust a private authority),
+    ``unix://[[user]:password@]/path/to/redis.sock[?db=N]``, and
+    ``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/name[/db]``
+    for the master that the Sentinels name *name* (port 26379 by default).
     """
     text = hide_password(raw.strip())
     example = "e.g. redis://127.0.0.1:6379/0 or unix:///run/redis/redis.sock"
     if not text:
         raise ValueError(f"no Redis URL given; {example}")
-    parts = urlsplit(raw.strip())
-    scheme = parts.scheme.lower()
+    scheme = text.partition("://")[0].lower() if "://" in text else ""
     if scheme not in _QUERY_KEYS:
         raise ValueError(
-            f"{text!r} is not a Redis URL: the scheme must be redis://, rediss:// "
-            f"or unix://; {example}"
+            f"{text!r} is not a Redis URL: the scheme must be redis://, rediss://, "
+            f"unix:// or redis+sentinel://; {example}"
         )
+    if scheme == SENTINEL:
+        return _parse_sentinel(raw.strip(), text)
+    parts = urlsplit(raw.strip())
     if parts.fragment:
         raise ValueError(f"{text!r}: a Redis URL has no #fragment")
     query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=False)
@@ -171,6 +191,7 @@ def parse_url(raw: str) -> RedisURL:
         ) from None
     username = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password is not None else None
+    _check_login(text, username, password)
     db_text = query.get("db", [None])[0]
     if scheme == "unix":
         if parts.hostname or parts.port:
@@ -209,6 +230,79 @@ def parse_url(raw: str) -> RedisURL:
         password=password,
         ca_file=ca_file,
     )
+
+
+def _check_login(text: str, username: str | None, password: str | None) -> None:
+    if username is not None and password is None:
+        raise ValueError(
+            f"{text!r}: a user without a password (Redis logs a user in with "
+            "both: redis://USER:PASSWORD@HOST)"
+        )
+
+
+def _parse_sentinel(raw: str, text: str) -> RedisURL:
+    """A ``redis+sentinel://`` URL (*text* is *raw* without its password)."""
+    rest = raw.split("://", 1)[1]
+    rest, _, query_text = rest.partition("?")
+    if "#" in query_text or "#" in rest:
+        raise ValueError(f"{text!r}: a Redis URL has no #fragment")
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) if user else None
+        password = unquote(secret) if colon else None
+    _check_login(text, username, password)
+    sentinels = []
+    for item in hosts.split(","):
+        host = item
+        port = SENTINEL_PORT
+        if item.startswith("["):
+            host, _, after = item[1:].partition("]")
+            if after:
+                port = _sentinel_port(text, after.removeprefix(":"))
+        elif ":" in item:
+            host, _, port_text = item.rpartition(":")
+            port = _sentinel_port(text, port_text)
+        if not host:
+            raise ValueError(
+                f"{text!r}: every Sentinel needs a host, e.g. "
+                "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster"
+            )
+        sentinels.append((host, port))
+    service, _, db_path = path.partition("/")
+    if not service:
+        raise ValueError(
+            f"{text!r}: name the master the Sentinels watch after the hosts, e.g. "
+            "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster"
+        )
+    query = parse_qs(query_text, keep_blank_values=True)
+    unknown = set(query) - _QUERY_KEYS[SENTINEL]
+    if unknown:
+        raise ValueError(
+            f"{text!r}: unknown URL parameter {sorted(unknown)[0]!r} "
+            "(redis+sentinel:// takes db)"
+        )
+    db_query = query.get("db", [None])
+    if len(db_query) != 1:
+        raise ValueError(f"{text!r}: the parameter 'db' is given twice")
+    if db_path and db_query[0] is not None:
+        raise ValueError(f"{text!r}: the database is given twice (path and ?db=)")
+    return RedisURL(
+        SENTINEL,
+        db=_db(text, db_path or db_query[0]),
+        username=username,
+        password=password,
+        sentinels=tuple(sentinels),
+        service=unquote(service),
+    )
+
+
+def _sentinel_port(text: str, port: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,5}", port) or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: the port must be a number from 1 to 65535")
+    return int(port)
 
 
 def _db(text: str, raw: str | None) -> int:
@@ -374,6 +468,46 @@ class RedisProtocol(Protocol):
                 each.errback(reason)
         if not self.lost.called:
             self.lost.callback(None)
+
+
+async def ask_sentinels(reactor: Any, url: RedisURL, timeout: float) -> RedisURL:
+    """
+    The master that *url*'s Sentinels name now, as a ``redis://`` URL.
+
+    The Sentinels are asked in turn (each may take *timeout*); the first one
+    that knows the master answers.  `ConnectionError` if none does.
+    """
+    problems = []
+    for host, port in url.sentinels:
+        protocol = RedisProtocol()
+        endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+        try:
+            await connectProtocol(endpoint, protocol)
+            try:
+                master = await protocol.command(
+                    b"SENTINEL", b"get-master-addr-by-name", url.service
+                )
+            finally:
+                protocol.close()
+        except (OSError, RedisError, ConnectionError) as e:
+            problems.append(f"{_bracket(host)}:{port}: {e}")
+            continue
+        except Exception as e:  # noqa: BLE001 - Twisted's connection errors
+            problems.append(f"{_bracket(host)}:{port}: {e or type(e).__name__}")
+            continue
+        if not isinstance(master, list) or len(master) != 2:
+            problems.append(f"{_bracket(host)}:{port} does not know {url.service!r}")
+            continue
+        return attrs.evolve(
+            url,
+            scheme="redis",
+            host=master[0].decode("ascii", "replace"),
+            port=int(master[1]),
+            sentinels=(),
+        )
+    raise ConnectionError(
+        f"no Sentinel names the master {url.service!r} ({'; '.join(problems)})"
+    )
 
 
 async def log_in(protocol: RedisProtocol, url: RedisURL) -> None:

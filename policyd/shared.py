@@ -8,11 +8,14 @@ refusals) is written to Redis by every instance and read back, merged, when
 a client is scored: a bot refused on MX1 is a quick retry on MX2.
 
 What stays in this process: the load of each Postfix host (busy smtpd
-processes, transactions, the request rate, the level), which is each host's
-own, and which processes a client holds on a host.  A `MemoryLoadTracker`
-keeps all of it, and a local copy of every client's counts; the Redis
-tracker wraps it, hears of every count through its journal, and adds the
-shared view.
+processes, transactions, the request rate, the level) and which processes a
+client holds on a host.  A `MemoryLoadTracker` keeps all of it, and a local
+copy of every client's counts; the Redis tracker wraps it, hears of every
+count through its journal, and adds the shared view.  Only when several
+policyd serve one *named* Postfix host (two central policyd behind one
+address) do they add up that host's busy processes and request rate, through
+``<prefix>h:<host>``, once a second; this machine's own Postfix (``local``)
+is never shared.
 
 How it talks to Redis:
 
@@ -77,7 +80,14 @@ from policyd.load import (
     MemoryLoadTracker,
 )
 from policyd.request import PolicyRequest
-from policyd.resp import RedisError, RedisProtocol, RedisURL, log_in
+from policyd.resp import (
+    SENTINEL,
+    RedisError,
+    RedisProtocol,
+    RedisURL,
+    ask_sentinels,
+    log_in,
+)
 
 __all__ = ["RedisLoadTracker", "RedisSettings"]
 
@@ -313,6 +323,7 @@ class RedisLoadTracker:
         self._shared: OrderedDict[int, tuple[float, float, float, float, float, float]]
         self._shared = OrderedDict()
         self._flush_call: IDelayedCall | None = None
+        self._wanted_call: IDelayedCall | None = None
         self._flush_soon = False
         self._retry_call: IDelayedCall | None = None
         self._stall_call: IDelayedCall | None = None
@@ -329,7 +340,10 @@ class RedisLoadTracker:
         self._down_since: float | None = None
         self._down_logged_at = -math.inf
         self._downs_not_logged = 0
+        self._hosts_error_logged_at = -math.inf
         self._started: Deferred[None] | None = None
+        #: The Redis connected to (the master Sentinel named, if it did).
+        self._master = redis.url.describe()
 
     # -- the local view, as it is ----------------------------------------
 
@@ -437,6 +451,15 @@ class RedisLoadTracker:
             self._sharing = False
             if failure.check(RedisError):
                 self._errors["error"] += 1
+                now = self.reactor.seconds()
+                if now - self._hosts_error_logged_at >= DOWN_LOG_INTERVAL:
+                    self._hosts_error_logged_at = now
+                    log.warn(
+                        "Redis refused the host-load script ({error}); each "
+                        "host's load is this policyd's own count meanwhile",
+                        event="backend_error",
+                        error=str(failure.value),
+                    )
 
         protocol.command(b"EVALSHA", *args).addCallbacks(answered, failed)
 
@@ -450,6 +473,11 @@ class RedisLoadTracker:
         key = self.keys.key(request.client_address)
         waiting: Deferred[None] = Deferred()
         self._wanted.setdefault(key, []).append(waiting)
+        if len(self._in_flight) >= MAX_IN_FLIGHT and self._wanted_call is None:
+            # Queued behind batches in flight: bounded by the deadline too.
+            self._wanted_call = self.reactor.callLater(
+                self.redis.deadline, self._queued_late
+            )
         self._schedule(now=True)
         return waiting
 
@@ -579,10 +607,17 @@ class RedisLoadTracker:
             args.append(1 if key in waiters else 0)
         batch = _Batch(deltas, waiters, now)
         self._in_flight.append(batch)
-        # Every batch, waited for or not: a Redis slower than the deadline
-        # cannot serve decisions, and a decision queued behind this batch
-        # (MAX_IN_FLIGHT) must not wait longer than the deadline either.
-        batch.timer = self.reactor.callLater(self.redis.deadline, self._late, batch)
+        # A decision waits at most the deadline; updates nobody waits for
+        # may take up to the timeout (a Redis across a slow link still
+        # shares what it can).
+        batch.timer = self.reactor.callLater(
+            self.redis.deadline if waiters else self.redis.timeout,
+            self._late,
+            batch,
+        )
+        if not self._wanted and self._wanted_call is not None:
+            self._wanted_call.cancel()
+            self._wanted_call = None
         protocol.command(b"EVALSHA", *args).addCallbacks(
             self._answered,
             self._batch_failed,
@@ -683,11 +718,29 @@ class RedisLoadTracker:
         self._fallbacks += count
         self._release(batch)
         self._errors["timeout"] += 1
-        if self._state == _UP:
-            self._state = _SLOW
-            self._went_down(f"no reply within {self.redis.deadline * 1000:.0f} ms")
-            # A reply that never comes means a hung server: drop it.
-            self._stall_call = self.reactor.callLater(self.redis.timeout, self._stalled)
+        waited = self.redis.deadline if count else self.redis.timeout
+        self._slow(f"no reply within {waited * 1000:.0f} ms")
+
+    def _slow(self, reason: str) -> None:
+        """Redis is late: decide without it until it answers, or drop it."""
+        if self._state != _UP:
+            return
+        self._state = _SLOW
+        self._went_down(reason)
+        # A reply that never comes means a hung server: drop it.
+        self._stall_call = self.reactor.callLater(self.redis.timeout, self._stalled)
+
+    def _queued_late(self) -> None:
+        """Decisions queued behind batches in flight waited the deadline out."""
+        self._wanted_call = None
+        if not self._wanted:
+            return
+        self._errors["timeout"] += 1
+        self._slow(
+            f"no reply within {self.redis.deadline * 1000:.0f} ms "
+            f"({len(self._in_flight)} batches in flight)"
+        )
+        self._release_wanted()
 
     def _stalled(self) -> None:
         self._stall_call = None
@@ -734,9 +787,10 @@ class RedisLoadTracker:
 
     def _probe_late(self, probe: Deferred[Any]) -> None:
         self._errors["timeout"] += 1
-        if self._state == _UP:
-            self._state = _SLOW
-            self._went_down(f"no answer to the probe within {self.redis.timeout:.1f} s")
+        self._slow(f"no answer to the probe within {self.redis.timeout:.1f} s")
+        # Silent for the whole timeout already: drop the connection now.
+        if self._stall_call is not None and self._stall_call.active():
+            self._stall_call.cancel()
         self._stalled()
 
     def _lost_data(self, epoch: bytes) -> None:
@@ -796,8 +850,9 @@ class RedisLoadTracker:
             if call is not None and call.active():
                 call.cancel()
         self._flush_call = self._retry_call = self._stall_call = None
-        # What is pending goes now, as far as the in-flight limit allows.
-        self._flush()
+        # What is pending goes now, all of it (in batches).
+        while self._state == _UP and (self._pending or self._wanted):
+            self._send_batch()
         protocol = self._protocol
         self._state = _STOPPED
         if protocol is None or protocol.transport is None:
@@ -824,14 +879,24 @@ class RedisLoadTracker:
         attempt.addTimeout(self.redis.timeout, self.reactor)
         attempt.addCallbacks(self._connected, self._connect_failed)
 
-    async def _open(self) -> tuple[RedisProtocol, float, bytes]:
+    async def _open(self) -> tuple[RedisProtocol, float, bytes, str]:
         protocol = RedisProtocol()
-        endpoint = self._endpoint or self.redis.url.endpoint(
-            self.reactor, self.redis.timeout
-        )
+        url = self.redis.url
+        sentinel = url.scheme == SENTINEL
+        if sentinel:
+            url = await ask_sentinels(self.reactor, url, self.redis.timeout)
+        endpoint = self._endpoint or url.endpoint(self.reactor, self.redis.timeout)
         await connectProtocol(endpoint, protocol)
         try:
-            await log_in(protocol, self.redis.url)
+            await log_in(protocol, url)
+            if sentinel:
+                # Sentinel may not have noticed a failover yet: writing to a
+                # replica would only fail.
+                role = await protocol.command(b"ROLE")
+                if not role or role[0] != b"master":
+                    raise RedisError(
+                        f"ERR {url.describe()}, named master by Sentinel, is a replica"
+                    )
             for script, sha in (
                 (UPDATE_SCRIPT, UPDATE_SHA),
                 (EPOCH_SCRIPT, EPOCH_SHA),
@@ -853,10 +918,10 @@ class RedisLoadTracker:
             protocol.abort()
             raise
         offset = int(seconds) + int(micro) / 1e6 - self.reactor.seconds()
-        return protocol, offset, epoch
+        return protocol, offset, epoch, url.describe()
 
-    def _connected(self, opened: tuple[RedisProtocol, float, bytes]) -> None:
-        protocol, offset, epoch = opened
+    def _connected(self, opened: tuple[RedisProtocol, float, bytes, str]) -> None:
+        protocol, offset, epoch, self._master = opened
         if self._state == _STOPPED:
             protocol.close()
             self._fire_started()
@@ -873,9 +938,10 @@ class RedisLoadTracker:
             self._recovered()
         else:
             log.info(
-                "Sharing client state in Redis at {url}",
+                "Sharing client state in Redis at {master}",
                 event="backend_connected",
                 url=self.redis.url.describe(),
+                master=self._master,
             )
         self._fire_started()
         if self._pending or self._wanted:
@@ -885,15 +951,24 @@ class RedisLoadTracker:
         if self._state == _STOPPED:
             self._fire_started()
             return
-        timed_out = failure.check(DeferredTimeout, CancelledError) is not None
-        self._errors["timeout" if timed_out else "connect"] += 1
-        reason = (
-            f"no connection within {self.redis.timeout:.1f} s"
-            if timed_out
-            else str(failure.value) or type(failure.value).__name__
-        )
+        where = self.redis.url.describe()
+        if failure.check(RedisError):
+            # It answered, and said no: a wrong password, a missing
+            # permission, a replica.
+            self._errors["error"] += 1
+            reason = f"Redis at {where} refused to set up: {failure.value}"
+        elif failure.check(DeferredTimeout, CancelledError):
+            self._errors["timeout"] += 1
+            reason = (
+                f"cannot reach Redis at {where}: no connection within "
+                f"{self.redis.timeout:.1f} s"
+            )
+        else:
+            self._errors["connect"] += 1
+            detail = str(failure.value) or type(failure.value).__name__
+            reason = f"cannot reach Redis at {where}: {detail}"
         self._state = _DOWN
-        self._went_down(f"cannot reach Redis at {self.redis.url.describe()}: {reason}")
+        self._went_down(reason)
         self._fire_started()
         self._retry()
 
@@ -930,15 +1005,11 @@ class RedisLoadTracker:
     def _went_down(self, reason: str) -> None:
         """Log the start of an outage (at most once a minute), not each failure."""
         now = self.reactor.seconds()
+        # Waiting decisions go on at once.
+        self._release_wanted()
         if self._down_since is not None:
             return
         self._down_since = now
-        # Waiting decisions go on at once.
-        wanted, self._wanted = self._wanted, {}
-        for waiting in wanted.values():
-            self._fallbacks += len(waiting)
-            for each in waiting:
-                each.callback(None)
         if now - self._down_logged_at < DOWN_LOG_INTERVAL:
             self._downs_not_logged += 1
             return
@@ -956,6 +1027,17 @@ class RedisLoadTracker:
         )
         self._downs_not_logged = 0
 
+    def _release_wanted(self) -> None:
+        """Decisions queued for a batch go on at once, on the local view."""
+        if self._wanted_call is not None and self._wanted_call.active():
+            self._wanted_call.cancel()
+        self._wanted_call = None
+        wanted, self._wanted = self._wanted, {}
+        for waiting in wanted.values():
+            self._fallbacks += len(waiting)
+            for each in waiting:
+                each.callback(None)
+
     def _recovered(self) -> None:
         """Redis answers again: say so once, and send what waited."""
         now = self.reactor.seconds()
@@ -967,10 +1049,11 @@ class RedisLoadTracker:
         self._stall_call = None
         if since is not None and self._down_logged_at >= since:
             log.info(
-                "Redis is back after {seconds:.1f} s; {pending} clients' "
-                "updates to write",
+                "Redis is back after {seconds:.1f} s ({master}); {pending} "
+                "clients' updates to write",
                 event="backend_up",
                 seconds=now - since,
+                master=self._master,
                 pending=len(self._pending),
             )
         if self._pending or self._wanted:

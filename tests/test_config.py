@@ -231,6 +231,8 @@ GOOD: dict[str, list[tuple[str, Any]]] = {
             "mx1=200, 192.0.2.21=50 2001:db8::25=10",
             (("mx1", 200), ("192.0.2.21", 50), ("2001:db8::25", 10)),
         ),
+        # Addresses as policyd names peers: compressed, lower case.
+        ("2001:DB8:0:0::25=10", (("2001:db8::25", 10),)),
     ],
     "POLICYD_BACKEND": [
         ("memory", "memory"),
@@ -264,6 +266,16 @@ GOOD: dict[str, list[tuple[str, Any]]] = {
             "rediss://redis.example.net?ca=/etc/ssl/redis-ca.pem",
             RedisURL(
                 "rediss", host="redis.example.net", ca_file="/etc/ssl/redis-ca.pem"
+            ),
+        ),
+        (
+            "redis+sentinel://:pw@10.0.0.1,[2001:db8::7]:26380/mymaster/2",
+            RedisURL(
+                "redis+sentinel",
+                db=2,
+                password="pw",  # noqa: S106 - a test value
+                sentinels=(("10.0.0.1", 26379), ("2001:db8::7", 26380)),
+                service="mymaster",
             ),
         ),
         (
@@ -657,6 +669,7 @@ BAD: dict[str, list[tuple[str, str]]] = {
         ("mx1=0", "from 1 to 1000000"),
         ("mx1=lots", "from 1 to 1000000"),
         ("mx1=5 mx1=6", "given twice"),
+        ("2001:db8::25=5 2001:DB8::25=6", "given twice"),
     ],
     "POLICYD_BACKEND": [
         ("postgres", "expected one of: memory, redis"),
@@ -664,7 +677,7 @@ BAD: dict[str, list[tuple[str, str]]] = {
     ],
     "POLICYD_REDIS_URL": [
         ("", "no Redis URL given"),
-        ("127.0.0.1:6379", "the scheme must be redis://, rediss:// or unix://"),
+        ("127.0.0.1:6379", "the scheme must be redis://, rediss://, unix:// or"),
         ("http://redis", "the scheme must be"),
         ("redis://", "no host"),
         ("redis://redis:99999", "the port must be a number from 1 to 65535"),
@@ -676,6 +689,13 @@ BAD: dict[str, list[tuple[str, str]]] = {
         ("rediss://redis?ca=", "needs the path of a PEM file"),
         ("redis://redis?db=1&db=2", "given twice"),
         ("redis://redis#x", "no #fragment"),
+        ("redis://policyd@redis", "a user without a password"),
+        ("redis+sentinel://policyd@s1/mymaster", "a user without a password"),
+        ("redis+sentinel://s1:26379", "name the master the Sentinels watch"),
+        ("redis+sentinel://s1:port/mymaster", "the port must be a number"),
+        ("redis+sentinel://s1,/mymaster", "every Sentinel needs a host"),
+        ("redis+sentinel://s1/mymaster/x", "the database must be a number"),
+        ("redis+sentinel://s1/mymaster?ca=/x", "unknown URL parameter 'ca'"),
         ("unix://redis/run/redis.sock", "names a socket path, not a host"),
         ("unix://", "needs the socket's absolute path"),
     ],

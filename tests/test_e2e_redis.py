@@ -249,3 +249,45 @@ class TestTwoPolicyd:
             finally:
                 first.close()
                 second.close()
+
+
+class TestSentinel:
+    """Redis behind Sentinel: policyd follows a failover to the new master."""
+
+    def test_failover(self) -> None:
+        """
+        The master dies; Sentinel promotes the replica; policyd goes on.
+
+        Decisions stay real throughout; once Sentinel names the new master,
+        policyd connects to it and writes refusals there.
+        """
+        with (
+            RedisServer() as master,
+            RedisServer(replica_of=master) as replica,
+            RedisServer(sentinel_for=master) as sentinel,
+        ):
+            url = f"redis+sentinel://127.0.0.1:{sentinel.port}/mymaster"
+            with run(url) as policyd:
+                connected = policyd.wait_for_event("backend_connected")
+                assert f":{master.port}" in connected["master"]
+                state = Overloaded(policyd)
+                try:
+                    state.check_decisions(1)
+                    master.kill()
+                    state.check_decisions()
+                    policyd.wait_for_event("backend_down")
+                    wait_until(
+                        lambda: replica.command("ROLE")[0] == b"master",
+                        timeout=30,
+                        what="Sentinel to promote the replica",
+                    )
+                    policyd.wait_for_event("backend_up", timeout=40)
+                    state.ask({**BOT, "client_address": "203.0.113.98"})
+                    wait_until(
+                        lambda: (
+                            replica.command("EXISTS", "policyd:c:203.0.113.98") == 1
+                        ),
+                        what="a refusal written to the new master",
+                    )
+                finally:
+                    state.close()

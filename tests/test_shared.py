@@ -482,6 +482,47 @@ def unreachable(
     return clock, endpoint, tracker
 
 
+class TestSlowLinks:
+    """Only decisions are held to the deadline; updates may take the timeout."""
+
+    def test_update_not_held_to_the_deadline(self) -> None:
+        """A batch nobody waits for may take longer than the deadline."""
+        s = Scripted(deadline=0.02, timeout=2.0)
+        s.smtpd.refuse("192.0.2.90")
+        s.clock.advance(0.02)  # the flush delay: the batch goes
+        assert b"192.0.2.90" in s.endpoint.sent()
+        s.clock.advance(0.5)
+        assert s.tracker.state == "up"
+        s.endpoint.reply(records())
+        s.clock.advance(2.0)
+        assert s.tracker.state == "up"
+
+    def test_update_late_by_the_timeout(self) -> None:
+        """An update without a reply for the whole timeout means Redis is slow."""
+        s = Scripted(timeout=2.0)
+        s.smtpd.refuse("192.0.2.90")
+        s.clock.advance(0.02)
+        s.clock.advance(2.0)
+        assert s.tracker.state == "slow"
+        assert s.tracker.lookup(request(0, CLIENT)) is None
+
+    def test_queued_decisions_bounded_too(self) -> None:
+        """Decisions queued behind four batches in flight wait the deadline only."""
+        s = Scripted(deadline=0.02, timeout=2.0, max_batch=1)
+        for n in range(4):
+            s.smtpd.refuse(f"192.0.2.{n + 100}")
+        s.clock.advance(0.02)
+        assert s.endpoint.sent().count(b"EVALSHA") == 4
+        waiting = s.tracker.lookup(request(0, CLIENT))
+        assert waiting is not None
+        s.clock.advance(0.019)
+        assert not fired(waiting)
+        s.clock.advance(0.002)
+        assert fired(waiting)
+        assert s.tracker.state == "slow"
+        assert s.tracker.backend().fallbacks == 1
+
+
 class TestOutage:
     """Redis down: fail open, log once, back off, resynchronise."""
 
@@ -574,6 +615,53 @@ class TestOutage:
         s.handshake(epoch=b"e1")
         s.clock.advance(1)
         assert b"192.0.2.70" not in s.endpoint.sent()
+
+    def test_stop_sends_everything_pending(self) -> None:
+        """At stop, every pending update goes, beyond the in-flight limit."""
+        s = Scripted(max_batch=2)
+        for n in range(20):
+            s.smtpd.refuse(f"198.51.100.{n + 1}")
+        s.tracker.stop()
+        sent = s.endpoint.sent()
+        assert sent.count(b"EVALSHA") == 10
+        for n in range(20):
+            assert f"198.51.100.{n + 1}".encode() in sent
+
+    def test_refused_login(self) -> None:
+        """A wrong password is said as such, not as an unreachable Redis."""
+        clock = Clock()
+        clock.advance(START)
+        endpoint = ScriptedEndpoint()
+        tracker = RedisLoadTracker(
+            clock,
+            BASE,
+            RedisSettings(url=RedisURL("unix", path="/x", password="wrong")),  # noqa: S106 - a test value
+            endpoint=endpoint,
+        )
+        with capture_logs() as events:
+            tracker.start()
+            assert b"AUTH" in endpoint.sent()
+            endpoint.reply(b"-WRONGPASS invalid username-password pair\r\n")
+        (down,) = events_named(events, "backend_down")
+        assert "refused to set up" in down["reason"]
+        assert "WRONGPASS" in down["reason"]
+        assert dict(tracker.backend().errors)["error"] == 1
+        assert tracker.state == "down"
+
+    def test_host_load_refused_is_logged_once(self) -> None:
+        """A refused host-load script is logged (once a minute), not silent."""
+        s = Scripted()
+        s.tracker.connection_opened(1, "mx1")
+        s.smtpd.ask(1)
+        with capture_logs() as events:
+            for _ in range(3):
+                s.tracker.tick()
+                s.endpoint.sent()
+                s.endpoint.reply(bulk(b"e1"), b"-NOPERM no permission\r\n")
+                s.clock.advance(1)
+        (error,) = events_named(events, "backend_error")
+        assert "NOPERM" in error["error"]
+        assert dict(s.tracker.backend().errors)["error"] == 3
 
     def test_stop_closes(self) -> None:
         """stop() writes what is pending, then closes the connection."""

@@ -15,6 +15,7 @@ talk to the real server.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -46,6 +47,22 @@ from policyd.testing.system import (
 __all__ = ["BlockingEndpoint", "RedisServer"]
 
 
+def _die_with_parent() -> None:
+    """In the child: be killed when the process that started us dies (Linux).
+
+    A test run that is killed (a timeout, ^C twice) then leaves no
+    redis-server behind.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 class RedisServer:
     """
     A redis-server child process on a unix socket and a loopback port.
@@ -54,7 +71,23 @@ class RedisServer:
     directory removed, on exit.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        replica_of: RedisServer | None = None,
+        sentinel_for: RedisServer | None = None,
+        service: str = "mymaster",
+    ) -> None:
+        """
+        A plain server, a replica, or a Sentinel.
+
+        With *replica_of*, a replica of that server; with *sentinel_for*, a
+        Sentinel watching that server as master *service* (quorum 1, a
+        master down after 1 s, failovers 3 s apart).
+        """
+        self.replica_of = replica_of
+        self.sentinel_for = sentinel_for
+        self.service = service
         program = find_program("redis-server")
         if program is None:
             raise Unavailable(
@@ -81,32 +114,56 @@ class RedisServer:
         """Start the server (empty) and wait until it answers PING."""
         if self.socket.exists():
             self.socket.unlink()
+        if self.sentinel_for is not None:
+            config = Path(self._dir.name) / "sentinel.conf"
+            master = self.sentinel_for
+            config.write_text(
+                f"port {self.port}\n"
+                "bind 127.0.0.1\n"
+                f"dir {self._dir.name}\n"
+                f"sentinel monitor {self.service} 127.0.0.1 {master.port} 1\n"
+                f"sentinel down-after-milliseconds {self.service} 1000\n"
+                f"sentinel failover-timeout {self.service} 3000\n"
+            )
+            argv = [self.program, str(config), "--sentinel"]
+        else:
+            argv = self._server_argv()
         self.process = subprocess.Popen(
-            [
-                self.program,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--unixsocket",
-                str(self.socket),
-                "--unixsocketperm",
-                "700",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self._dir.name,
-                "--daemonize",
-                "no",
-                "--loglevel",
-                "warning",
-            ],
+            argv,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
         )
         wait_until(self._answers, what="redis-server to answer PING")
+
+    def _server_argv(self) -> list[str]:
+        replica = (
+            ["--replicaof", "127.0.0.1", str(self.replica_of.port)]
+            if self.replica_of is not None
+            else []
+        )
+        return [
+            self.program,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--unixsocket",
+            str(self.socket),
+            "--unixsocketperm",
+            "700",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self._dir.name,
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+            *replica,
+        ]
 
     def _answers(self) -> bool:
         if self.process is None or self.process.poll() is not None:
@@ -118,9 +175,11 @@ class RedisServer:
 
     def command(self, *args: bytes | str | int | float) -> Any:
         """Run one command on a fresh connection; its reply (errors raised)."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sentinel = self.sentinel_for is not None
+        family = socket.AF_INET if sentinel else socket.AF_UNIX
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.settimeout(10)
-            sock.connect(str(self.socket))
+            sock.connect(("127.0.0.1", self.port) if sentinel else str(self.socket))
             sock.sendall(encode(args))
             buffer = b""
             while True:
