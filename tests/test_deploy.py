@@ -301,6 +301,47 @@ def configured_redis() -> Iterator[ConfiguredRedis]:
         yield server
 
 
+@pytest.fixture
+def endpoints() -> Iterator[list[BlockingEndpoint]]:
+    """Connections to a test's redis-server, closed at the end."""
+    made: list[BlockingEndpoint] = []
+    yield made
+    for endpoint in made:
+        endpoint.close()
+
+
+def policyd_on(
+    server: RedisServer,
+    cfg: config.Config,
+    endpoints: list[BlockingEndpoint],
+    url: RedisURL | None = None,
+) -> Smtpd:
+    """A started Redis tracker as *cfg* sets it up, on *server* (as *url*)."""
+    clock = Clock()
+    clock.advance(START)
+    endpoint = BlockingEndpoint(server.socket)
+    endpoints.append(endpoint)
+    tracker = RedisLoadTracker(
+        clock,
+        load_settings(cfg),
+        RedisSettings(url=url or cfg.redis_url, prefix=cfg.redis_prefix),
+        endpoint=endpoint,
+    )
+    tracker.start()
+    assert tracker.state == "up"
+    return Smtpd(tracker, clock)
+
+
+def assert_no_errors(*policyd: Smtpd) -> None:
+    """Redis answered every command of every one of *policyd*."""
+    for each in policyd:
+        assert isinstance(each.tracker, RedisLoadTracker)
+        assert each.tracker.state == "up"
+        assert dict(each.tracker.backend().errors) == dict.fromkeys(
+            ("connect", "timeout", "lost", "error"), 0
+        )
+
+
 class TestRedisConf:
     """deploy/cluster/redis.conf, read by a real redis-server."""
 
@@ -318,7 +359,7 @@ class TestRedisConf:
         assert int(configured_redis.command("CONFIG", "GET", "maxmemory")[1]) > 0
 
     def test_two_policyd_share_a_refusal(
-        self, configured_redis: ConfiguredRedis
+        self, configured_redis: ConfiguredRedis, endpoints: list[BlockingEndpoint]
     ) -> None:
         """
         Two policyd set up by policyd-redis.env share a refusal as the ACL user.
@@ -329,41 +370,42 @@ class TestRedisConf:
         run.  A database other than 0 (SELECT) works too.
         """
         cfg = read_env(REDIS_ENV).load()
-        endpoints: list[BlockingEndpoint] = []
-
-        def mx(url: RedisURL) -> Smtpd:
-            clock = Clock()
-            clock.advance(START)
-            endpoint = BlockingEndpoint(configured_redis.socket)
-            endpoints.append(endpoint)
-            tracker = RedisLoadTracker(
-                clock,
-                load_settings(cfg),
-                RedisSettings(url=url, prefix=cfg.redis_prefix),
-                endpoint=endpoint,
+        for url in (cfg.redis_url, attrs.evolve(cfg.redis_url, db=1)):
+            mx1, mx2 = (
+                policyd_on(configured_redis, cfg, endpoints, url) for _ in range(2)
             )
-            tracker.start()
-            assert tracker.state == "up"
-            return Smtpd(tracker, clock)
+            mx1.refuse()
+            for host in (mx1, mx2):
+                host.wait(3)
+            assert mx2.stats().since_refusal == pytest.approx(3.0, abs=0.1)
+            assert_no_errors(mx1, mx2)
 
-        try:
-            for url in (cfg.redis_url, attrs.evolve(cfg.redis_url, db=1)):
-                mx1, mx2 = mx(url), mx(url)
-                mx1.refuse()
-                for host in (mx1, mx2):
-                    host.wait(3)
-                assert mx2.stats().since_refusal == pytest.approx(3.0, abs=0.1)
-                assert isinstance(mx2.tracker, RedisLoadTracker)
-                assert mx2.tracker.state == "up"
-                assert mx2.tracker.backend().errors == (
-                    ("connect", 0),
-                    ("timeout", 0),
-                    ("lost", 0),
-                    ("error", 0),
-                )
-        finally:
-            for endpoint in endpoints:
-                endpoint.close()
+    def test_two_central_policyd_add_up_a_host(
+        self, configured_redis: ConfiguredRedis, endpoints: list[BlockingEndpoint]
+    ) -> None:
+        """
+        Two central policyd on Redis (central.env's alternative) add up an MX's load.
+
+        Each serves part of one MX's smtpd processes and, as the ACL user,
+        runs the script that shares each named host's load: each then counts
+        the processes of both.
+        """
+        env = read_env(CENTRAL_ENV)
+        cfg = env.load(*env.alternative("POLICYD_BACKEND", "POLICYD_REDIS_URL"))
+        assert cfg.backend == "redis"
+        host = cfg.host_capacities[0][0]
+        first, second = (policyd_on(configured_redis, cfg, endpoints) for _ in range(2))
+        for policyd, busy in ((first, 3), (second, 4)):
+            for number in range(busy):
+                connection = 100 + number
+                policyd.tracker.connection_opened(connection, host)
+                policyd.ask(connection, f"198.51.100.{number + 1}")
+        for _ in range(2):
+            for policyd in (first, second):
+                policyd.wait(1)
+        for policyd in (first, second):
+            assert policyd.tracker.snapshot(host).busy_connections == 3 + 4
+        assert_no_errors(first, second)
 
     def test_policyd_user_may_do_nothing_else(
         self, configured_redis: ConfiguredRedis
