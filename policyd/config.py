@@ -479,8 +479,10 @@ class Config:
         redis_url,
         "The Redis of POLICYD_BACKEND=redis: redis://[[USER]:PASSWORD@]HOST"
         "[:PORT][/DB], rediss://... for TLS (?ca=/path/ca.pem to trust a "
-        "private authority), or unix://[[USER]:PASSWORD@]/path/redis.sock"
-        "[?db=N].",
+        "private authority), unix://[[USER]:PASSWORD@]/path/redis.sock"
+        "[?db=N], or redis+sentinel://SENTINEL[:PORT],SENTINEL.../NAME[/DB] "
+        "(a user and password as above) for the master that Redis Sentinel "
+        "names NAME.",
     )
     redis_prefix: str = _setting(
         "policyd:",
