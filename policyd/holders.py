@@ -25,7 +25,7 @@ from typing import Final
 from twisted.logger import Logger
 
 from policyd.levels import LEVEL_NAMES, NORMAL
-from policyd.load import LoadSnapshot, LoadTracker
+from policyd.load import ALL_HOSTS, LoadSnapshot, LoadTracker
 from policyd.policy import (
     CLEAN,
     EXEMPT,
@@ -60,10 +60,16 @@ ADVICE: Final = {
 }
 
 
-def count_holders(tracker: LoadTracker, settings: PolicySettings) -> dict[str, int]:
-    """How many busy processes are held by clean, suspicious and exempt clients."""
+def count_holders(
+    tracker: LoadTracker, settings: PolicySettings, host: str | None = None
+) -> dict[str, int]:
+    """
+    How many busy processes clean, suspicious and exempt clients hold.
+
+    On Postfix host *host* only, if given; else on every host.
+    """
     counts = dict.fromkeys(HOLDER_CLASSES, 0)
-    for request in tracker.busy_requests():
+    for request in tracker.busy_requests(host):
         counts[holder_class(request, tracker.client(request), settings)] += 1
     return counts
 
@@ -93,8 +99,11 @@ class LevelChangeLog:
 
     def level_changed(self, old: int, new: int, snapshot: LoadSnapshot) -> None:
         """Log the change (event ``stress_level``) with its cause and advice."""
+        # The holders of the host whose level changed: another host's
+        # clients say nothing about this one's load.
+        host = None if snapshot.host == ALL_HOSTS else snapshot.host
         counts = (
-            count_holders(self.tracker, self.settings)
+            count_holders(self.tracker, self.settings, host)
             if self.tracker is not None
             else dict.fromkeys(HOLDER_CLASSES, 0)
         )

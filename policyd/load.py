@@ -184,6 +184,9 @@ class LoadSnapshot:
     host: str = LOCAL_HOST
     #: Its smtpd process limit (the sum, for several hosts together).
     capacity: int = 0
+    #: How far a lasting overload has lowered its bar (the highest, for
+    #: several hosts together; see `LoadTracker.pressure`).
+    pressure: int = 0
 
     @property
     def level_name(self) -> str:
@@ -228,8 +231,11 @@ class LoadTracker(Protocol):
         another's clients.
         """
 
-    def busy_requests(self) -> list[PolicyRequest]:
-        """The latest request of each busy connection (who holds the processes)."""
+    def busy_requests(self, host: str | None = None) -> list[PolicyRequest]:
+        """The latest request of each busy connection (who holds the processes).
+
+        Of Postfix host *host* only, if given.
+        """
 
     def connection_opened(self, connection: int, host: str = LOCAL_HOST) -> None:
         """A policy connection (an smtpd process of Postfix host *host*) arrived."""
@@ -598,18 +604,21 @@ class MemoryLoadTracker:
         """The load of each Postfix host tracked (`LOCAL_HOST` first)."""
         return list(self._hosts.values())
 
-    def busy_requests(self) -> list[PolicyRequest]:
+    def busy_requests(self, host: str | None = None) -> list[PolicyRequest]:
         """
         The latest request of every busy connection: who holds the processes.
 
-        Counted as the load counts them: connections hung up by a refusal
-        once per client, and not at all for a client holding another.
+        Of Postfix host *host* only, if given.  Counted as the load counts
+        them: connections hung up by a refusal once per client, and not at
+        all for a client holding another.
         """
         held: list[PolicyRequest] = []
         holding: set[tuple[str, int | None]] = set()
         hung: dict[tuple[str, int | None], PolicyRequest] = {}
         for state in self._connections.values():
             if not state.busy or state.request is None:
+                continue
+            if host is not None and state.host.name != host:
                 continue
             holder = (state.host.name, state.client)
             if state.hung:
@@ -1066,4 +1075,5 @@ class MemoryLoadTracker:
             transitions=transitions,
             host=hosts[0].name if len(hosts) == 1 else ALL_HOSTS,
             capacity=sum(load.capacity for load in hosts),
+            pressure=max(load.levels.pressure for load in hosts),
         )

@@ -29,7 +29,7 @@ from policyd import __version__
 from policyd.actions import Action
 from policyd.holders import count_holders, current_bar
 from policyd.load import LoadTracker
-from policyd.policy import PolicySettings
+from policyd.policy import PolicySettings, bar
 
 # Decisions are expected in microseconds; the upper buckets show a stalled
 # decider long before Postfix's own policy timeout (reference §1.6).
@@ -408,6 +408,35 @@ class HoldersCollector(Collector):
             "policyd_refusal_bar",
             "The score a client needs now to be refused under stress: "
             "POLICYD_SUSPICIOUS_SCORE, falling towards "
-            "POLICYD_OVERLOAD_SUSPICIOUS_SCORE while overload lasts.",
+            "POLICYD_OVERLOAD_SUSPICIOUS_SCORE while overload lasts (the "
+            "lowest of the hosts').",
             value=current_bar(self._tracker, self._settings),
         )
+        yield from self._per_host()
+
+    def _per_host(self) -> Iterator[Metric]:
+        """The holders and the bar of each Postfix host, labelled with its name."""
+        tracker, settings = self._tracker, self._settings
+        holders = GaugeMetricFamily(
+            "policyd_host_busy_processes",
+            "Busy smtpd processes of one Postfix host by the class of the client "
+            "holding them (see policyd_busy_processes).",
+            labels=["host", "class"],
+        )
+        bars = GaugeMetricFamily(
+            "policyd_host_refusal_bar",
+            "The score a client of one Postfix host needs now to be refused "
+            "(see policyd_refusal_bar).",
+            labels=["host"],
+        )
+        for host in tracker.hosts():
+            try:
+                load = tracker.snapshot(host)
+            except KeyError:  # forgotten between the two calls
+                continue
+            counts = count_holders(tracker, settings, host)
+            for kind, count in counts.items():
+                holders.add_metric([host, kind], count)
+            bars.add_metric([host], bar(load.level, load.pressure, settings))
+        yield holders
+        yield bars

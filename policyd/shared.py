@@ -361,9 +361,9 @@ class RedisLoadTracker:
         """The pressure of the host *request* came from."""
         return self.local.pressure_at(request)
 
-    def busy_requests(self) -> list[PolicyRequest]:
-        """The latest request of every busy connection."""
-        return self.local.busy_requests()
+    def busy_requests(self, host: str | None = None) -> list[PolicyRequest]:
+        """The latest request of every busy connection (of *host*)."""
+        return self.local.busy_requests(host)
 
     def connection_opened(self, connection: int, host: str = "local") -> None:
         """Start tracking a connection from Postfix host *host*."""

@@ -206,7 +206,7 @@ class RecordingTracker:
         """The pressure set by the test, for every request."""
         return self.fixed_pressure
 
-    def busy_requests(self) -> list[PolicyRequest]:
+    def busy_requests(self, host: str | None = None) -> list[PolicyRequest]:
         """Every request observed (a test double's idea of the holders)."""
         return [
             r

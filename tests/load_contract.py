@@ -559,6 +559,21 @@ class HoldersContract:
         p.wait(11)
         assert p.tracker.busy_requests() == []
 
+    def test_of_one_host(self) -> None:
+        """busy_requests(host) holds the busy connections of that host only."""
+        p = self.smtpd()
+        p.tracker.connection_opened(101, "mx1")
+        p.tracker.connection_opened(102, "mx2")
+        p.ask(101, A)
+        p.ask(102, B)
+        p.ask(p.connect(), CLIENT)
+        assert [r.client_address for r in p.tracker.busy_requests("mx1")] == [A]
+        assert [r.client_address for r in p.tracker.busy_requests("mx2")] == [B]
+        assert [r.client_address for r in p.tracker.busy_requests(LOCAL_HOST)] == [
+            CLIENT
+        ]
+        assert len(p.tracker.busy_requests()) == 3
+
 
 class LoadTrackerContract(ProcessHolderContract, PressureContract, HoldersContract):
     """

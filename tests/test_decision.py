@@ -99,9 +99,9 @@ class ForcedLevel:
         """The pressure the test set, for every request."""
         return self.pressure
 
-    def busy_requests(self) -> list[PolicyRequest]:
+    def busy_requests(self, host: str | None = None) -> list[PolicyRequest]:
         """The real tracker's holders."""
-        return self.real.busy_requests()
+        return self.real.busy_requests(host)
 
     def connection_opened(self, connection: int, host: str = LOCAL_HOST) -> None:
         """Pass on."""

@@ -174,3 +174,74 @@ class TestCollector:
             clock.advance(1)
             tracker.tick()
         assert value("policyd_refusal_bar") == 2
+
+
+def hosts_rig() -> tuple[MemoryLoadTracker, Clock]:
+    """A tracker of two Postfix hosts, mx1 and mx2, each of capacity 20."""
+    tracker, clock, _ = rig(attrs.evolve(BASE, busy_window=3600.0))
+    return tracker, clock
+
+
+def on_host(
+    tracker: MemoryLoadTracker, host: str, connections: range, **bot: str
+) -> None:
+    """One request on each of *connections*, all of Postfix host *host*."""
+    for n in connections:
+        tracker.connection_opened(n, host)
+        ask(tracker, n, f"203.0.113.{n}", **bot)
+
+
+class TestPerHost:
+    """Holders and the bar of one Postfix host are that host's own."""
+
+    def test_count_on_one_host(self) -> None:
+        """count_holders(host=...) counts that host's busy processes only."""
+        tracker, _ = hosts_rig()
+        on_host(tracker, "mx1", range(3), client_name="unknown")
+        on_host(tracker, "mx2", range(10, 15))
+        assert count_holders(tracker, SETTINGS, "mx1") == {
+            CLEAN: 0,
+            SUSPICIOUS: 3,
+            EXEMPT: 0,
+        }
+        assert count_holders(tracker, SETTINGS, "mx2")[CLEAN] == 5
+        assert count_holders(tracker, SETTINGS)[CLEAN] == 5
+
+    def test_level_line_counts_its_hosts_holders(self) -> None:
+        """
+        A botnet on mx1 is called a botnet, whatever clean clients hold mx2.
+
+        Counting every host's holders would see 18 suspicious of 38, less
+        than half, and call mx1's overload a legitimate surge.
+        """
+        tracker, _ = hosts_rig()
+        on_host(tracker, "mx2", range(100, 120))
+        with capture_logs() as logs:
+            on_host(tracker, "mx1", range(18), client_name="unknown")
+        last = [e for e in events_named(logs, "stress_level") if e["host"] == "mx1"][-1]
+        assert last["new_level"] == "overload"
+        assert (last["suspicious"], last["clean"]) == (18, 0)
+        assert last["cause"] == BOTNET
+
+    def test_metrics_per_host(self) -> None:
+        """policyd_host_busy_processes and policyd_host_refusal_bar, per host."""
+        tracker, clock = hosts_rig()
+        registry = CollectorRegistry()
+        registry.register(HoldersCollector(tracker, SETTINGS))
+        on_host(tracker, "mx1", range(19), client_name="unknown")
+        on_host(tracker, "mx2", range(100, 102))
+        for _ in range(11):
+            clock.advance(1)
+            tracker.tick()
+
+        def value(name: str, **labels: str) -> float | None:
+            return registry.get_sample_value(name, labels)
+
+        busy = "policyd_host_busy_processes"
+        assert value(busy, host="mx1", **{"class": "suspicious"}) == 19
+        assert value(busy, host="mx2", **{"class": "clean"}) == 2
+        assert value(busy, host="mx2", **{"class": "suspicious"}) == 0
+        # mx1's overload has lasted a step: its bar fell; mx2 is at normal.
+        assert value("policyd_host_refusal_bar", host="mx1") == 2
+        assert value("policyd_host_refusal_bar", host="mx2") == 3
+        assert value("policyd_refusal_bar") == 2
