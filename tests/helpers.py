@@ -8,8 +8,11 @@ policyd as a real process is `policyd.testing.daemon.PolicydProcess`.
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -424,3 +427,23 @@ def run_main(
         code = 0
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def sourced_by_sh(path: Path, names: Sequence[str], cwd: Path) -> dict[str, str]:
+    """
+    The values /bin/sh gives *names* after ``set -a; . PATH``.
+
+    Run in *cwd* with only ``PATH`` in the environment, so that what the file
+    sets is all there is.
+    """
+    script = 'set -a; . "$1" && printf "%s\\0" ' + " ".join(f'"${n}"' for n in names)
+    result = subprocess.run(
+        ["/bin/sh", "-c", script, "sh", str(path)],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        capture_output=True,
+        timeout=30,
+        check=True,
+        cwd=cwd,
+    )
+    values = result.stdout.decode().split("\0")[:-1]
+    return dict(zip(names, values, strict=True))

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
-from helpers import run_main
+from helpers import run_main, sourced_by_sh
 
 from policyd import __version__, config
 from policyd.testing.daemon import PolicydProcess
@@ -219,19 +219,8 @@ class TestConfigCommand:
         assert code == 0
         env_file = tmp_path / "policyd.env"
         env_file.write_text(out)
-        names = config.variables()
-        script = '. "$1" && printf "%s\\0" ' + " ".join(f'"${n}"' for n in names)
-        result = subprocess.run(
-            ["/bin/sh", "-c", script, "sh", str(env_file)],
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-            capture_output=True,
-            timeout=TIMEOUT,
-            check=True,
-            cwd=tmp_path,
-        )
-        values = result.stdout.decode().split("\0")[:-1]
-        expected = {s.variable: s.value for s in config.describe(env)}
-        assert dict(zip(names, values, strict=True)) == expected
+        sourced = sourced_by_sh(env_file, config.variables(), tmp_path)
+        assert sourced == {s.variable: s.value for s in config.describe(env)}
         assert not (tmp_path / "x").exists()  # nothing was executed
 
     def test_markdown(self, capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,13 +16,13 @@ import ipaddress
 import os
 import re
 import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
+from helpers import sourced_by_sh
 from load_contract import CLIENT, START, Smtpd, request
 from prometheus_client import CollectorRegistry
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -36,7 +36,7 @@ from policyd.resp import RedisError, RedisURL, _Incomplete, _parse, encode
 from policyd.server import PolicyServer, host_of, load_settings
 from policyd.shared import RedisLoadTracker, RedisSettings
 from policyd.testing.redis import BlockingEndpoint, RedisServer
-from policyd.testing.system import Unavailable, wait_until
+from policyd.testing.system import Unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -154,19 +154,8 @@ class TestEnvFiles:
             if line.startswith("POLICYD_"):
                 name, value = _assignment(path, number, line)
                 expected[name] = value
-        names = sorted(expected)
-        assert names, f"{path.name} sets nothing"
-        script = 'set -a; . "$1"; printf "%s\\0" ' + " ".join(f'"${n}"' for n in names)
-        result = subprocess.run(
-            ["/bin/sh", "-c", script, "sh", str(uncommented)],
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-            capture_output=True,
-            timeout=TIMEOUT,
-            check=True,
-            cwd=tmp_path,
-        )
-        values = result.stdout.decode().split("\0")[:-1]
-        assert dict(zip(names, values, strict=True)) == expected
+        assert expected, f"{path.name} sets nothing"
+        assert sourced_by_sh(uncommented, sorted(expected), tmp_path) == expected
 
 
 class TestOnePolicydPerMx:
@@ -252,31 +241,9 @@ def redis_session(path: Path, *commands: tuple[Any, ...]) -> list[Any]:
 class ConfiguredRedis(RedisServer):
     """A private redis-server that reads deploy/cluster/redis.conf."""
 
-    def start(self) -> None:
-        """Start it on this test's socket and port (the file's are examples)."""
-        self.process = subprocess.Popen(
-            [
-                self.program,
-                str(REDIS_CONF),
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--unixsocket",
-                str(self.socket),
-                "--unixsocketperm",
-                "700",
-                "--dir",
-                self._dir.name,
-                "--daemonize",
-                "no",
-                "--loglevel",
-                "warning",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_until(self._answers, what="redis-server to answer PING")
+    def __init__(self) -> None:
+        """On this test's socket and port (the file's are examples)."""
+        super().__init__(config=REDIS_CONF)
 
     def command(self, *args: bytes | str | int | float) -> Any:
         """Run one command as the default user (redis.conf's requirepass)."""

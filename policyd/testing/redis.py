@@ -77,14 +77,18 @@ class RedisServer:
         replica_of: RedisServer | None = None,
         sentinel_for: RedisServer | None = None,
         service: str = "mymaster",
+        config: Path | None = None,
     ) -> None:
         """
         A plain server, a replica, or a Sentinel.
 
         With *replica_of*, a replica of that server; with *sentinel_for*, a
         Sentinel watching that server as master *service* (quorum 1, a
-        master down after 1 s, failovers 3 s apart).
+        master down after 1 s, failovers 3 s apart).  With *config*, a
+        server reads that redis.conf first; this server's addresses,
+        directory and no persistence override it.
         """
+        self.config = config
         self.replica_of = replica_of
         self.sentinel_for = sentinel_for
         self.service = service
@@ -144,6 +148,7 @@ class RedisServer:
         )
         return [
             self.program,
+            *([str(self.config)] if self.config is not None else []),
             "--port",
             str(self.port),
             "--bind",
