@@ -395,6 +395,70 @@ def write_pool(sessions: Sequence[Sequence[bytes]], path: Path) -> None:
 # ---------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Companion:
+    """A helper process of the server under test, watched over the same window.
+
+    ``bench/run.py`` gives the redis-server of a Redis-backed policyd: its CPU
+    time and run-queue wait are read at the start and the end of the measured
+    window, like the server's.  With *signal*, the load generator sends it
+    that signal at the very moment the measured window begins (SIGKILL: the
+    window is then exactly the answers after Redis died).
+    """
+
+    pid: int
+    signal: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeSlice:
+    """The answers completed in one slice of the measured window."""
+
+    start_s: float
+    end_s: float
+    count: int
+    p50_us: float
+    p99_us: float
+    max_us: float
+
+
+def latency_timeline(
+    latencies_ns: Sequence[int],
+    done_ns: Sequence[int],
+    window_s: float,
+    step_s: float,
+) -> list[TimeSlice]:
+    """Latency percentiles per *step_s* slice of the window, by completion time.
+
+    *done_ns*[i] is when the answer of *latencies_ns*[i] came, in nanoseconds
+    since the window began.  Every slice of the window is listed, empty ones
+    too (count 0, percentiles 0), so that a stall shows as a gap.  The window
+    is cut into round(window_s / step_s) slices (at least one); the last one
+    ends with the window and takes every later answer.
+    """
+    if step_s <= 0:
+        raise ValueError("step_s must be positive")
+    n = max(1, round(window_s / step_s))
+    buckets: list[list[int]] = [[] for _ in range(n)]
+    step_ns = step_s * 1e9
+    for latency, done in zip(latencies_ns, done_ns, strict=True):
+        buckets[min(n - 1, max(0, int(done // step_ns)))].append(latency)
+    slices = []
+    for i, bucket in enumerate(buckets):
+        bucket.sort()
+        slices.append(
+            TimeSlice(
+                start_s=i * step_s,
+                end_s=window_s if i == n - 1 else (i + 1) * step_s,
+                count=len(bucket),
+                p50_us=_percentile(bucket, 50) / 1e3,
+                p99_us=_percentile(bucket, 99) / 1e3,
+                max_us=(bucket[-1] / 1e3) if bucket else 0.0,
+            )
+        )
+    return slices
+
+
 @dataclasses.dataclass
 class LoadResult:
     """What one load run measured.  Times are seconds unless named ``_us``."""
@@ -426,6 +490,21 @@ class LoadResult:
     loadgen_wait_s: float | None = None
     """The same for the load generator."""
     first_malformed: str = ""
+    companion_cpu_s: float | None = None
+    """CPU time of the `Companion` (a Redis) over the window."""
+    companion_wait_s: float | None = None
+    """Its run-queue wait over the window."""
+    signal_error: int | None = None
+    """The errno of sending the companion its signal: 0 sent, None not asked."""
+    timeline: list[TimeSlice] | None = None
+    """Latencies per slice of the window, when asked for."""
+
+    @property
+    def companion_us_per_req(self) -> float | None:
+        """The companion's CPU per request answered, in microseconds."""
+        if self.companion_cpu_s is None or not self.completed:
+            return None
+        return self.companion_cpu_s * 1e6 / self.completed
 
     @property
     def contention(self) -> float | None:
@@ -433,9 +512,15 @@ class LoadResult:
 
         A clean run on an otherwise idle machine stays near 0; a few percent
         means something else (another tenant, a test run) competed for a core
-        and the figures of this run are suspect.
+        and the figures of this run are suspect.  A companion (the server's
+        Redis) pinned to the server's CPU makes the server wait while it runs:
+        that part of the server's wait, at most the companion's CPU time, is
+        not counted, as it is the server's own setup and not a neighbour.
         """
-        waits = [w for w in (self.server_wait_s, self.loadgen_wait_s) if w is not None]
+        server = self.server_wait_s
+        if server is not None and self.companion_cpu_s is not None:
+            server = max(0.0, server - self.companion_cpu_s)
+        waits = [w for w in (server, self.loadgen_wait_s) if w is not None]
         if not waits or self.window_s <= 0:
             return None
         return max(waits) / self.window_s
@@ -450,6 +535,7 @@ class LoadResult:
         d = dataclasses.asdict(self)
         d["error_total"] = self.error_total
         d["contention"] = self.contention
+        d["companion_us_per_req"] = self.companion_us_per_req
         return d
 
 
@@ -479,7 +565,15 @@ def _make_result(
     first_malformed: str,
     server_wait_s: float | None = None,
     loadgen_wait_s: float | None = None,
+    companion_cpu_s: float | None = None,
+    companion_wait_s: float | None = None,
+    signal_error: int | None = None,
+    done_ns: Sequence[int] | None = None,
+    timeline_step: float = 0.0,
 ) -> LoadResult:
+    timeline = None
+    if timeline_step > 0 and done_ns is not None:
+        timeline = latency_timeline(latencies_ns, done_ns, window_s, timeline_step)
     lat = sorted(latencies_ns)
     n = len(lat)
     window = window_s if window_s > 0 else float("nan")
@@ -512,6 +606,10 @@ def _make_result(
         server_wait_s=server_wait_s,
         loadgen_wait_s=loadgen_wait_s,
         first_malformed=first_malformed,
+        companion_cpu_s=companion_cpu_s,
+        companion_wait_s=companion_wait_s,
+        signal_error=signal_error,
+        timeline=timeline,
     )
 
 
@@ -548,6 +646,11 @@ def format_result(res: LoadResult, title: str = "") -> str:
         f"load generator {opt(res.loadgen_wait_s, '.3f')} s "
         f"(contention {opt(res.contention, '.1%')})",
     ]
+    if res.companion_cpu_s is not None:
+        lines.append(
+            f"  companion CPU      {res.companion_cpu_s:.2f} s, "
+            f"{opt(res.companion_us_per_req)} us/req"
+        )
     if res.first_malformed:
         lines.append(f"  first bad reply    {res.first_malformed}")
     if res.loadgen_cores > 0.9 and (res.server_cores or 0.0) < 0.9:
@@ -641,8 +744,11 @@ def _run_c(
     connect_limit: float,
     server_pid: int | None,
     start_session: int,
+    companion: Companion | None = None,
+    timeline_step: float = 0.0,
 ) -> LoadResult:
     lat_file = workdir / f"latencies-{os.getpid()}-{port}-{connections}.bin"
+    done_file = workdir / f"done-{os.getpid()}-{port}-{connections}.bin"
     argv = [
         str(driver),
         "-h", host, "-p", str(port), "-f", str(pool_file), "-o", str(lat_file),
@@ -652,6 +758,12 @@ def _run_c(
     ]  # fmt: skip
     if server_pid:
         argv += ["-P", str(server_pid)]
+    if companion is not None:
+        argv += ["-Q", str(companion.pid)]
+        if companion.signal is not None:
+            argv += ["-k", str(companion.pid), "-S", str(int(companion.signal))]
+    if timeline_step > 0:
+        argv += ["-e", str(done_file)]
     limit = connect_limit + warmup + duration + 30
     proc = subprocess.run(
         argv, capture_output=True, text=True, timeout=limit, check=False
@@ -672,6 +784,11 @@ def _run_c(
     raw = lat_file.read_bytes()
     lat_file.unlink()
     latencies = struct.unpack(f"={len(raw) // 8}Q", raw)
+    done: tuple[int, ...] | None = None
+    if timeline_step > 0:
+        raw = done_file.read_bytes()
+        done_file.unlink()
+        done = struct.unpack(f"={len(raw) // 8}Q", raw)
     server_cpu = float(kv["server_cpu_s"])
     return _make_result(
         engine="c",
@@ -695,7 +812,16 @@ def _run_c(
         first_malformed=kv.get("first_malformed", ""),
         server_wait_s=float(kv["server_wait_s"]) if "server_wait_s" in kv else None,
         loadgen_wait_s=float(kv["own_wait_s"]) if "own_wait_s" in kv else None,
+        companion_cpu_s=_optional_float(kv, "companion_cpu_s"),
+        companion_wait_s=_optional_float(kv, "companion_wait_s"),
+        signal_error=int(kv["signal_errno"]) if "signal_errno" in kv else None,
+        done_ns=done,
+        timeline_step=timeline_step,
     )
+
+
+def _optional_float(kv: dict[str, str], key: str) -> float | None:
+    return float(kv[key]) if key in kv else None
 
 
 # ---------------------------------------------------------------------------
@@ -712,6 +838,8 @@ class _AsyncRun:
         self.cursor = start
         self.measuring = False
         self.latencies: list[int] = []
+        self.done_ns: list[int] = []
+        self.window_start_ns = 0
         self.actions: collections.Counter[str] = collections.Counter()
         self.errors = {"timeout": 0, "closed": 0, "malformed": 0, "connect": 0}
         self.warmup_completed = 0
@@ -800,6 +928,7 @@ class _AsyncClient(asyncio.Protocol):
             return  # the count is reached: the run is ending
         if run.measuring:
             run.latencies.append(t - self.t_start)
+            run.done_ns.append(t - run.window_start_ns)
             value = buf[7:nl]
             sp = value.find(b" ")
             run.actions[
@@ -848,6 +977,8 @@ async def _run_async(
     server_pid: int | None,
     start_session: int,
     engine: str,
+    companion: Companion | None = None,
+    timeline_step: float = 0.0,
 ) -> LoadResult:
     loop = asyncio.get_running_loop()
     requests = [req for s in sessions for req in s]
@@ -903,12 +1034,22 @@ async def _run_async(
 
     watcher = loop.create_task(watch_timeouts())
     await asyncio.sleep(warmup)
-    run.measuring = True
     cpu0 = time.process_time()
     srv0 = proc_cpu_seconds(server_pid) if server_pid else None
     sw0 = proc_wait_seconds(server_pid) if server_pid else None
     ow0 = proc_wait_seconds(os.getpid())
     m0 = machine_cpu_seconds()
+    cc0 = proc_cpu_seconds(companion.pid) if companion else None
+    cw0 = proc_wait_seconds(companion.pid) if companion else None
+    run.window_start_ns = time.perf_counter_ns()
+    run.measuring = True
+    signal_error = None
+    if companion is not None and companion.signal is not None:
+        try:
+            os.kill(companion.pid, companion.signal)
+            signal_error = 0
+        except OSError as e:
+            signal_error = e.errno or -1
     w0 = time.perf_counter()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(run.count_done.wait(), duration)
@@ -919,6 +1060,8 @@ async def _run_async(
     sw1 = proc_wait_seconds(server_pid) if server_pid else None
     ow1 = proc_wait_seconds(os.getpid())
     m1 = machine_cpu_seconds()
+    cc1 = proc_cpu_seconds(companion.pid) if companion else None
+    cw1 = proc_wait_seconds(companion.pid) if companion else None
     run.stopping = True
     watcher.cancel()
     for task in list(tasks):
@@ -945,6 +1088,11 @@ async def _run_async(
         first_malformed=run.first_malformed,
         server_wait_s=None if sw0 is None or sw1 is None else sw1 - sw0,
         loadgen_wait_s=None if ow0 is None or ow1 is None else ow1 - ow0,
+        companion_cpu_s=None if cc0 is None or cc1 is None else cc1 - cc0,
+        companion_wait_s=None if cw0 is None or cw1 is None else cw1 - cw0,
+        signal_error=signal_error,
+        done_ns=run.done_ns,
+        timeline_step=timeline_step,
     )
 
 
@@ -1007,13 +1155,17 @@ class LoadGenerator:
         connect_limit: float = 30.0,
         server_pid: int | None = None,
         sessions: Sequence[Sequence[bytes]] | None = None,
+        companion: Companion | None = None,
+        timeline_step: float = 0.0,
     ) -> LoadResult:
         """Run one bounded load against ``host:port`` and return what it measured.
 
         Runs for *duration* seconds after *warmup* seconds, or until *count*
         requests completed if *count* is given (still at most *duration*).
         *sessions* replaces the generator's pool for this run only (then it
-        starts at the first session).
+        starts at the first session).  *companion* is a helper process of the
+        server (see `Companion`); *timeline_step* > 0 also reports latencies
+        per slice of that many seconds (`LoadResult.timeline`).
         """
         if host not in LOOPBACK_HOSTS:
             raise ValueError(f"refusing to load {host}: loopback only {LOOPBACK_HOSTS}")
@@ -1036,7 +1188,8 @@ class LoadGenerator:
                 host=host, port=port, connections=connections, warmup=warmup,
                 duration=duration, count=count, timeout=timeout,
                 connect_limit=connect_limit, server_pid=server_pid,
-                start_session=start,
+                start_session=start, companion=companion,
+                timeline_step=timeline_step,
             )  # fmt: skip
         loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
         if self.engine == "uvloop":
@@ -1047,7 +1200,8 @@ class LoadGenerator:
             sessions, host=host, port=port, connections=connections,
             warmup=warmup, duration=duration, count=count, timeout=timeout,
             connect_limit=connect_limit, server_pid=server_pid,
-            start_session=start, engine=self.engine,
+            start_session=start, engine=self.engine, companion=companion,
+            timeline_step=timeline_step,
         )  # fmt: skip
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             return runner.run(coro)

@@ -18,8 +18,16 @@
  * one connection, as with Postfix.
  *
  * Output: latencies of the requests completed inside the measured window, as
- * native uint64 nanoseconds, to the file named by -o; and "key value" lines on
- * stdout (see print_report).
+ * native uint64 nanoseconds, to the file named by -o; with -e, when each of
+ * them completed (nanoseconds since the window began, same order) to that
+ * file; and "key value" lines on stdout (see print_report).
+ *
+ * Two options serve runs of a server with a helper process (bench/run.py's
+ * Redis-backed policyd): -Q PID measures that process's CPU time and
+ * run-queue wait over the same window as the server's (companion_cpu_s,
+ * companion_wait_s), and -k PID sends it signal -S (SIGKILL by default) at
+ * the very moment the measured window begins, so that the window is exactly
+ * "the answers after the fault" (signalled_at_s says when, from the start).
  *
  * Phases: connect (all N connections, at most 64 connects in flight, no
  * requests sent until all are up or the connect limit passed), warm-up
@@ -100,6 +108,9 @@ static int waiting_reconnect; /* connections in C_WAIT_RECONNECT */
 static uint64_t timeout_ns = 10ull * 1000000000ull;
 static int measuring;
 static uint64_t *lat;
+static uint64_t *done_at; /* with -e: completion time of lat[i], ns since the window began */
+static int want_done_at;
+static uint64_t t_window; /* when the measured window began */
 static size_t lat_n, lat_cap;
 static uint64_t err_timeout, err_closed, err_malformed, err_connect;
 static uint64_t warm_completed;
@@ -445,7 +456,14 @@ static void conn_readable(struct conn *c, uint64_t *completed, uint64_t t_end_co
                 lat = realloc(lat, lat_cap * sizeof *lat);
                 if (!lat)
                     die("realloc");
+                if (want_done_at) {
+                    done_at = realloc(done_at, lat_cap * sizeof *done_at);
+                    if (!done_at)
+                        die("realloc");
+                }
             }
+            if (want_done_at)
+                done_at[lat_n] = t - t_window;
             lat[lat_n++] = t - c->t_start;
             record_action(c->rbuf + 7, c->rlen - 9);
             (*completed)++;
@@ -475,7 +493,8 @@ static void usage(void)
     fprintf(stderr,
             "usage: policyload -h ADDR -p PORT -f POOL -o LATFILE [-c CONNS] [-w WARMUP_S]\n"
             "                  [-d DURATION_S] [-n COUNT] [-t TIMEOUT_MS] [-T CONNECT_S]\n"
-            "                  [-P SERVER_PID] [-s START_SESSION]\n");
+            "                  [-P SERVER_PID] [-s START_SESSION] [-e DONEFILE]\n"
+            "                  [-Q COMPANION_PID] [-k SIGNAL_PID [-S SIGNUM]]\n");
     exit(2);
 }
 
@@ -511,12 +530,12 @@ static void print_report(double window_s, uint64_t completed, int connected, int
 
 int main(int argc, char **argv)
 {
-    const char *host = NULL, *pool_path = NULL, *lat_path = NULL;
-    int port = 0, server_pid = 0, opt;
+    const char *host = NULL, *pool_path = NULL, *lat_path = NULL, *done_path = NULL;
+    int port = 0, server_pid = 0, companion_pid = 0, signal_pid = 0, signum = SIGKILL, opt;
     double warmup_s = 1.0, duration_s = 10.0, connect_limit_s = 30.0;
     unsigned long long count = 0;
     n_conns = 1;
-    while ((opt = getopt(argc, argv, "h:p:f:o:c:w:d:n:t:T:P:s:")) != -1) {
+    while ((opt = getopt(argc, argv, "h:p:f:o:c:w:d:n:t:T:P:s:e:Q:k:S:")) != -1) {
         switch (opt) {
         case 'h': host = optarg; break;
         case 'p': port = atoi(optarg); break;
@@ -530,12 +549,18 @@ int main(int argc, char **argv)
         case 'T': connect_limit_s = atof(optarg); break;
         case 'P': server_pid = atoi(optarg); break;
         case 's': next_session = (uint32_t)strtoul(optarg, NULL, 10); break;
+        case 'e': done_path = optarg; break;
+        case 'Q': companion_pid = atoi(optarg); break;
+        case 'k': signal_pid = atoi(optarg); break;
+        case 'S': signum = atoi(optarg); break;
         default: usage();
         }
     }
     if (!host || !pool_path || !lat_path || port <= 0 || port > 65535 || n_conns < 1 ||
-        duration_s <= 0 || warmup_s < 0 || timeout_ns == 0)
+        duration_s <= 0 || warmup_s < 0 || timeout_ns == 0 || companion_pid < 0 ||
+        signal_pid < 0 || signum <= 0)
         usage();
+    want_done_at = done_path != NULL;
 
     memset(&target, 0, sizeof target);
     struct sockaddr_in *sin = (struct sockaddr_in *)&target;
@@ -576,6 +601,11 @@ int main(int argc, char **argv)
         lat = malloc(lat_cap * sizeof *lat);
         if (!lat)
             die("malloc");
+        if (want_done_at) {
+            done_at = malloc(lat_cap * sizeof *done_at);
+            if (!done_at)
+                die("malloc");
+        }
     }
 
     struct epoll_event *evs = calloc((size_t)n_conns, sizeof *evs);
@@ -589,6 +619,9 @@ int main(int argc, char **argv)
     uint64_t t_measure = 0, t_stop = 0, connect_ns = 0;
     uint64_t own0 = 0, own1 = 0;
     long long srv0 = -1, srv1 = -1, srvw0 = -1, srvw1 = -1, ownw0 = -1, ownw1 = -1;
+    long long cmp0 = -1, cmp1 = -1, cmpw0 = -1, cmpw1 = -1;
+    int signal_errno = -1;
+    uint64_t t_signal = 0;
     unsigned long long mb0 = 0, ms0 = 0, mb1 = 0, ms1 = 0;
     uint64_t completed = 0;
     int count_done = 0;
@@ -623,7 +656,14 @@ int main(int argc, char **argv)
             srvw0 = server_pid ? proc_wait_ns(server_pid) : -1;
             ownw0 = proc_wait_ns(getpid());
             machine_ticks(&mb0, &ms0);
+            cmp0 = companion_pid ? proc_cpu_ticks(companion_pid) : -1;
+            cmpw0 = companion_pid ? proc_wait_ns(companion_pid) : -1;
             t_measure = now_ns();
+            t_window = t_measure;
+            if (signal_pid) {
+                t_signal = now_ns();
+                signal_errno = kill(signal_pid, signum) == 0 ? 0 : errno;
+            }
             phase_end = t_measure + (uint64_t)(duration_s * 1e9);
             t = t_measure;
         }
@@ -633,6 +673,8 @@ int main(int argc, char **argv)
             srvw1 = server_pid ? proc_wait_ns(server_pid) : -1;
             ownw1 = proc_wait_ns(getpid());
             machine_ticks(&mb1, &ms1);
+            cmp1 = companion_pid ? proc_cpu_ticks(companion_pid) : -1;
+            cmpw1 = companion_pid ? proc_wait_ns(companion_pid) : -1;
             t_stop = now_ns();
             measuring = 0;
             phase = P_DONE;
@@ -718,6 +760,15 @@ int main(int argc, char **argv)
         die("write latency file");
     if (fclose(lf) != 0)
         die("close latency file");
+    if (done_path) {
+        FILE *df = fopen(done_path, "wb");
+        if (!df)
+            die("open completion-time file");
+        if (lat_n && fwrite(done_at, sizeof *done_at, lat_n, df) != lat_n)
+            die("write completion-time file");
+        if (fclose(df) != 0)
+            die("close completion-time file");
+    }
 
     print_report((double)(t_stop - t_measure) / 1e9, completed, connected, count_done, own1 - own0,
                  cpu_ns(CLOCK_PROCESS_CPUTIME_ID),
@@ -727,5 +778,14 @@ int main(int argc, char **argv)
         printf("server_wait_s %.6f\n", (double)(srvw1 - srvw0) / 1e9);
     if (ownw0 >= 0 && ownw1 >= 0)
         printf("own_wait_s %.6f\n", (double)(ownw1 - ownw0) / 1e9);
+    if (cmp0 >= 0 && cmp1 >= 0)
+        printf("companion_cpu_s %.6f\n", (double)(cmp1 - cmp0) / (double)ticks_per_s);
+    if (cmpw0 >= 0 && cmpw1 >= 0)
+        printf("companion_wait_s %.6f\n", (double)(cmpw1 - cmpw0) / 1e9);
+    if (signal_pid) {
+        printf("signal_errno %d\n", signal_errno);
+        if (t_signal)
+            printf("signalled_at_s %.6f\n", (double)(t_signal - t0) / 1e9);
+    }
     return interrupted ? 130 : 0;
 }
