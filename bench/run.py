@@ -95,6 +95,7 @@ from pathlib import Path
 from typing import Any
 
 import loadgen
+import redisbench
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -138,15 +139,22 @@ def size_label(n: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """What a policyd under test is set up for: a stress level, a table size."""
+    """What a policyd under test is set up for: level, table size, backend."""
 
     level: str
     tracked: int
+    backend: str = "memory"
+
+    @property
+    def group(self) -> str:
+        """The level and backend, e.g. ``overload`` or ``overload redis``."""
+        return self.level + ("" if self.backend == "memory" else f" {self.backend}")
 
     @property
     def name(self) -> str:
-        """Row label, e.g. ``overload 1M``."""
-        return f"{self.level} {size_label(self.tracked)}"
+        """Row label, e.g. ``overload 1M`` (memory) or ``overload 1M redis``."""
+        suffix = "" if self.backend == "memory" else f" {self.backend}"
+        return f"{self.level} {size_label(self.tracked)}{suffix}"
 
 
 @dataclasses.dataclass
@@ -162,6 +170,9 @@ class Server:
     #: Where it runs (`python -m` imports from there): this checkout or
     #: the one given with ``--compare``.
     cwd: Path = REPO
+    #: The Redis a Redis-backed policyd shares its clients in, and its prefix.
+    redis: redisbench.BenchRedis | None = None
+    redis_prefix: str = ""
     proc: subprocess.Popen[bytes] | None = None
     metrics_port: int | None = None
     lines: int = 0
@@ -230,12 +241,14 @@ class Server:
 
     def pin(self) -> None:
         """Bind every thread of the process to ``cpus`` (if set)."""
-        if self.cpus is None or self.proc is None:
-            return
-        with contextlib.suppress(OSError):  # the process may be gone
-            for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
-                with contextlib.suppress(OSError):  # the thread may be gone
-                    os.sched_setaffinity(int(task.name), self.cpus)
+        if self.proc is not None:
+            redisbench.pin(self.proc.pid, self.cpus)
+
+    def companion(self, signal: int | None = None) -> loadgen.Companion | None:
+        """Its redis-server, for the load generator to watch (None: no Redis)."""
+        if self.redis is None or not self.redis.alive():
+            return None
+        return loadgen.Companion(self.redis.pid, signal)
 
     @property
     def pid(self) -> int:
@@ -355,9 +368,15 @@ def wait_for_quiet(max_wait: float, threshold: float = 0.25) -> float:
 
 
 def make_servers(
-    args: argparse.Namespace, variants: Sequence[Variant], cpus: set[int] | None
+    args: argparse.Namespace,
+    variants: Sequence[Variant],
+    cpus: set[int] | None,
+    redis: redisbench.BenchRedis | None = None,
 ) -> list[Server]:
-    """The baseline, then the targets, not yet started."""
+    """The baseline, then the targets, not yet started.
+
+    A Redis-backed variant uses *redis*, under a prefix of its own.
+    """
     env = dict(os.environ)
     servers: list[Server] = []
     names = ["baseline"] + (["baseline2"] if args.target == "baseline" else [])
@@ -396,6 +415,16 @@ def make_servers(
                 ),
                 **LEVEL_ENV[variant.level],
             )
+            prefix = ""
+            if variant.backend == "redis":
+                if redis is None:
+                    raise SystemExit("a Redis-backed policyd needs the Redis")
+                prefix = redis_prefix(variant, suffix)
+                tenv.update(
+                    POLICYD_BACKEND="redis",
+                    POLICYD_REDIS_URL=redis.url,
+                    POLICYD_REDIS_PREFIX=prefix,
+                )
             for item in args.target_env:
                 key, sep, value = item.partition("=")
                 if not sep:
@@ -410,9 +439,20 @@ def make_servers(
                     cpus,
                     variant,
                     checkout,
+                    redis if variant.backend == "redis" else None,
+                    prefix,
                 )
             )
     return servers
+
+
+def redis_prefix(variant: Variant, suffix: str = "") -> str:
+    """The POLICYD_REDIS_PREFIX of a Redis-backed cell: its own keys in the Redis.
+
+    *suffix* is the ``--compare`` checkout's label (`` @abc1234``).
+    """
+    label = f"{variant.level}-{size_label(variant.tracked)}{suffix.strip()}"
+    return f"bench:{label}:"
 
 
 def checkout_label(path: Path) -> str:
@@ -452,6 +492,9 @@ def fill(
     """
     assert server.variant is not None  # noqa: S101 - only policyd is filled
     t0 = time.monotonic()
+    redis = server.redis
+    redis_before = redis.used_memory() if redis is not None else None
+    keys_before = len(redis.client_keys(server.redis_prefix)) if redis else 0
     extra = max(0, server.variant.tracked - pool_clients)
     sent = errors = 0
     while sent < extra:
@@ -483,6 +526,8 @@ def fill(
         server_pid=server.pid,
     )
     errors += res.error_total
+    if redis is not None:
+        wait_written(server)
     metrics = server.scrape()
     server.warmup = {
         "fill_requests": sent,
@@ -494,13 +539,56 @@ def fill(
         "rss_bytes": server.rss_bytes(),
     }
     w = server.warmup
+    extra_text = ""
+    if redis is not None:
+        keys = redis.client_keys(server.redis_prefix)
+        redis_after = redis.used_memory()
+        written = len(keys) - keys_before
+        w.update(
+            redis_keys=len(keys),
+            redis_keys_written=written,
+            redis_used_memory_before=redis_before,
+            redis_used_memory_after=redis_after,
+            redis_bytes_per_key=redisbench.per_item(redis_before, redis_after, written),
+            redis_memory_usage_sample=redis.memory_usage(keys),
+            backend_fallbacks=redisbench.metric_total(
+                metrics, "policyd_backend_fallbacks_total"
+            ),
+        )
+        extra_text = (
+            f"; Redis keys {len(keys):,}, "
+            f"{_num(w['redis_bytes_per_key'])} B each (used_memory), "
+            f"MEMORY USAGE {_num(w['redis_memory_usage_sample'])} B"
+        )
     print(
         f"  {server.name}: warm-up {sent:,} fill + {res.completed:,} pool requests "
         f"in {w['seconds']:.0f} s, errors {errors}; tracked clients "
         f"{_num(w['tracked_clients'])}, evictions {_num(w['evictions'])}, "
-        f"RSS {_num(_mb(w['rss_bytes']), '.1f')} MB",
+        f"RSS {_num(_mb(w['rss_bytes']), '.1f')} MB{extra_text}",
         flush=True,
     )
+
+
+def wait_written(server: Server, limit: float = 10.0) -> bool:
+    """Wait (at most *limit* s) until a Redis-backed policyd has written everything.
+
+    That is: its backend is up and no client's update is pending.
+    """
+    deadline = time.monotonic() + limit
+    while True:
+        metrics = server.scrape()
+        up = redisbench.metric_total(metrics, "policyd_backend_up")
+        pending = metrics.get("policyd_backend_pending_clients")
+        if up == 1 and pending == 0:
+            return True
+        if time.monotonic() > deadline:
+            print(
+                f"  {server.name}: backend up {_num(up)}, {_num(pending)} clients "
+                f"still pending after {limit:g} s",
+                flush=True,
+            )
+            return False
+        time.sleep(0.1)
 
 
 def _mb(n: float | None) -> float | None:
@@ -530,6 +618,17 @@ class Run:
     """``policyd_tracked_clients`` scraped right after the window."""
     log_lines: int = 0
     """Lines the server wrote during the run (warm-up and window)."""
+    fallbacks: float | None = None
+    """Decisions made without Redis in the run (``policyd_backend_fallbacks_total``
+    after minus before; Redis-backed policyd only)."""
+    backend_errors: dict[str, float] = dataclasses.field(default_factory=dict)
+    """``policyd_backend_errors_total`` by reason, after minus before."""
+
+    @property
+    def fallback_share(self) -> float | None:
+        """Fallbacks per request answered in the run (warm-up and window)."""
+        n = self.result.completed + self.result.warmup_completed
+        return redisbench.share(self.fallbacks, n)
 
     @property
     def refused_share(self) -> float | None:
@@ -553,6 +652,8 @@ class Run:
             "tracked_clients": self.tracked,
             "log_lines": self.log_lines,
             "refused_share": self.refused_share,
+            "backend_fallbacks": self.fallbacks,
+            "backend_errors": self.backend_errors,
         }
 
 
@@ -586,6 +687,20 @@ class Summary:
     def errors(self) -> int:
         """Errors over all repeats."""
         return sum(r.result.error_total for r in self.runs)
+
+    @property
+    def fallbacks(self) -> float | None:
+        """Decisions made without Redis over all repeats (None: no Redis)."""
+        vals = [r.fallbacks for r in self.runs if r.fallbacks is not None]
+        return sum(vals) if vals else None
+
+    @property
+    def backend_errors(self) -> dict[str, float]:
+        """Backend errors by reason over all repeats."""
+        total: collections.Counter[str] = collections.Counter()
+        for r in self.runs:
+            total.update(r.backend_errors)
+        return {k: v for k, v in total.items() if v}
 
     @property
     def contention(self) -> float | None:
@@ -626,6 +741,8 @@ class Summary:
             "loadgen_us_per_req",
             "refused_share",
             "log_per_req",
+            "companion_us_per_req",
+            "fallback_share",
         )
         return {
             "server": self.server,
@@ -633,6 +750,8 @@ class Summary:
             "median": {a: self.median(a) for a in attrs},
             "spread": {a: self.spread(a) for a in attrs},
             "errors": self.errors,
+            "backend_fallbacks": self.fallbacks,
+            "backend_errors": self.backend_errors,
             "contention": self.contention,
             "stress_levels_seen": self.levels_seen,
             "actions": self.actions,
@@ -676,7 +795,7 @@ def format_table(
     """The comparison table: one row per server per concurrency, with ratios."""
     header = (
         f"{'conns':>5}  {'server':<20} {'req/s':>13} {'x base':>6} "
-        f"{'CPU us/req':>12} {'x base':>6} {'p50 us':>7} {'p99 us':>7} "
+        f"{'CPU us/req':>12} {'x base':>6} {'redis':>6} {'p50 us':>7} {'p99 us':>7} "
         f"{'errors':>6} {'loadgen':>7} {'noise':>6}  {'level':<8} {'refused':>7} "
         f"{'log/req':>7}"
     )
@@ -700,11 +819,13 @@ def format_table(
                 x_cpu = _ratio(s, base, "server_us_per_req")
             flag = "!" if (s.contention or 0.0) > max_contention else " "
             noisy += flag == "!"
+            redis_cpu = s.median("companion_us_per_req")
             lines.append(
                 f"{conns:>5}  {s.server:<20} {rps:>13} "
                 f"{x_rps:>6} "
                 f"{cpu:>12} "
                 f"{x_cpu:>6} "
+                f"{'' if redis_cpu is None else format(redis_cpu, '.1f'):>6} "
                 f"{_num(s.median('p50_us')):>7} {_num(s.median('p99_us')):>7} "
                 f"{s.errors:>6} {_num(s.median('loadgen_cores'), '.2f'):>7} "
                 f"{_num(s.contention, '.1%'):>6}{flag} {s.levels_seen:<8} "
@@ -716,7 +837,8 @@ def format_table(
         "req/s and CPU us/req: median over repeats, ± half the min-max spread;",
         "x base: the server's figure / the baseline's, median of the pairs measured",
         "in the same block. CPU us/req: the server's utime+stime in the window /",
-        "requests answered. loadgen: cores the load generator itself used (near",
+        "requests answered; redis: the same for the redis-server of a Redis-backed",
+        "policyd (not in CPU us/req). loadgen: cores the load generator used (near",
         "1.00 would make it the bottleneck). noise: worst share of a window that",
         "the server or the load generator waited for a CPU held by something else.",
         "level: policyd_stress_level scraped after each window. refused: share of",
@@ -750,7 +872,9 @@ def format_tracked(
     by_level: dict[str, list[Server]] = {}
     for t in targets:
         assert t.variant is not None  # noqa: S101 - targets are policyd
-        by_level.setdefault(t.variant.level, []).append(t)
+        # Level and backend, and the --compare checkout's label if any.
+        key = t.variant.group + t.name[len(t.variant.name) :]
+        by_level.setdefault(key, []).append(t)
     by = {(s.server, s.connections): s for s in summaries}
     for level, group in by_level.items():
         if len(group) < 2:
@@ -822,6 +946,46 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--repeat", type=int, help="runs per server and level [3; quick 1]"
+    )
+    parser.add_argument(
+        "--backends",
+        default="memory",
+        help="comma-separated client-state backends, one policyd per backend, "
+        "level and size: memory, redis (a private redis-server shared by the "
+        "Redis-backed policyds, each under its own key prefix) [memory]",
+    )
+    parser.add_argument(
+        "--redis-transport",
+        choices=("tcp", "unix"),
+        default="tcp",
+        help="how policyd reaches the Redis: loopback TCP or its unix socket [tcp]",
+    )
+    parser.add_argument(
+        "--redis-cpu",
+        choices=("server", "loadgen"),
+        default="server",
+        help="pin redis-server with the servers (it competes with policyd, as "
+        "a Redis on the MX would) or with the load generator (a Redis "
+        "elsewhere) [server]",
+    )
+    parser.add_argument(
+        "--redis-faults",
+        default="kill,pause",
+        help="after the matrix, for each Redis-backed level: Redis faults to "
+        "measure, each in a window that starts with the fault: kill (SIGKILL), "
+        "pause (SIGSTOP), or none [kill,pause]",
+    )
+    parser.add_argument(
+        "--fault-window",
+        type=float,
+        default=10.0,
+        help="s measured from the fault on [10]",
+    )
+    parser.add_argument(
+        "--fault-connections",
+        type=int,
+        default=100,
+        help="connections during a fault window [100]",
     )
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument(
@@ -903,6 +1067,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--tracked wants comma-separated counts such as 1k,1m")
     if not args.sizes or min(args.sizes) < 1:
         parser.error("--tracked wants positive counts")
+    args.backend_list = [x.strip() for x in args.backends.split(",") if x.strip()]
+    if not args.backend_list or set(args.backend_list) - {"memory", "redis"}:
+        parser.error("--backends wants some of memory,redis")
+    faults = [x.strip() for x in args.redis_faults.split(",") if x.strip()]
+    args.faults = [] if faults == ["none"] else faults
+    if set(args.faults) - set(redisbench.FAULTS):
+        parser.error(f"--redis-faults wants some of {','.join(redisbench.FAULTS)}")
+    if "redis" not in args.backend_list or args.target == "baseline":
+        args.faults = []
+    if args.fault_window <= 0 or args.fault_connections < 1:
+        parser.error("--fault-window and --fault-connections must be positive")
     return args
 
 
@@ -911,7 +1086,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     # Every connection is a descriptor in both the load generator and the
     # server; children inherit the raised limit.
-    need = max(*args.conns, FILL_CONNECTIONS) + 256
+    need = max(*args.conns, FILL_CONNECTIONS, args.fault_connections) + 256
     have = loadgen.raise_fd_limit(need)
     if have < need:
         print(f"warning: RLIMIT_NOFILE is {have}, below the {need} needed", flush=True)
@@ -927,13 +1102,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"servers on CPU {sorted(server_cpus)}, "
             f"load generator on CPU {sorted(loadgen_cpus)}"
         )
-    variants = [Variant(lv, n) for lv in args.stress_levels for n in args.sizes]
-    servers = make_servers(args, variants, server_cpus)
+    variants = [
+        Variant(lv, n, backend)
+        for backend in args.backend_list
+        for lv in args.stress_levels
+        for n in args.sizes
+    ]
+    redis = None
+    if "redis" in args.backend_list and args.target == "policyd":
+        redis = redisbench.BenchRedis(
+            server_cpus if args.redis_cpu == "server" else loadgen_cpus,
+            args.redis_transport,
+        )
+        redis.start()
+        args.redis_desc = (
+            f"redis-server {redis.version()} (no persistence) over "
+            f"{args.redis_transport}, pinned "
+            + (
+                "with the servers"
+                if args.redis_cpu == "server"
+                else "with the load generator"
+            )
+        )
+        print(args.redis_desc, flush=True)
     try:
-        return _run(args, servers)
+        servers = make_servers(args, variants, server_cpus, redis)
+        try:
+            return _run(args, servers)
+        finally:
+            for s in servers:
+                s.stop()
     finally:
-        for s in servers:
-            s.stop()
+        if redis is not None:
+            redis.stop()
 
 
 def measure(
@@ -955,6 +1156,7 @@ def measure(
         # Also lets the previous run's connections drain.
         wait_for_quiet(args.quiet_wait if attempt else 2.0)
         lines0 = server.lines
+        before = server.scrape() if server.redis is not None else {}
         res = gen.run(
             host=HOST,
             port=server.port,
@@ -963,6 +1165,7 @@ def measure(
             warmup=args.warmup,
             timeout=args.timeout,
             server_pid=server.pid,
+            companion=server.companion(),
         )
         time.sleep(0.05)  # let the drain thread catch up with the last lines
         run = Run(res, log_lines=server.lines - lines0)
@@ -970,6 +1173,8 @@ def measure(
             metrics = server.scrape()
             run.level = metrics.get("policyd_stress_level")
             run.tracked = metrics.get("policyd_tracked_clients")
+            if server.redis is not None:
+                run.fallbacks, run.backend_errors = backend_deltas(before, metrics)
         noisy = (res.contention or 0.0) > args.max_contention
         again = "  (noisy, again)" if noisy and attempt < args.retries else ""
         extra = ""
@@ -983,6 +1188,14 @@ def measure(
                 f"  level {level} refused "
                 f"{_num(run.refused_share, '.1%')} tracked {_num(run.tracked)}"
             )
+            if server.redis is not None:
+                extra += (
+                    f"  redis {loadgen.format_optional(res.companion_us_per_req)} "
+                    f"us/req fallbacks {_num(run.fallbacks)}"
+                    + "".join(
+                        f" {k} {v:,.0f}" for k, v in run.backend_errors.items() if v
+                    )
+                )
         print(
             f"  {tag} {server.name:<20} c={conns:<5} {res.rps:>9,.0f} req/s  "
             f"{loadgen.format_optional(res.server_us_per_req)} us/req  "
@@ -996,6 +1209,318 @@ def measure(
         if not noisy:
             break
     return best
+
+
+def backend_deltas(
+    before: dict[str, float], after: dict[str, float]
+) -> tuple[float | None, dict[str, float]]:
+    """Fallbacks and backend errors by reason between two scrapes."""
+    fb0 = redisbench.metric_total(before, "policyd_backend_fallbacks_total")
+    fb1 = redisbench.metric_total(after, "policyd_backend_fallbacks_total")
+    name = "policyd_backend_errors_total"
+    e0 = redisbench.metric_by_label(before, name, "reason")
+    e1 = redisbench.metric_by_label(after, name, "reason")
+    errors = {k: v - e0.get(k, 0.0) for k, v in e1.items()}
+    return (None if fb0 is None or fb1 is None else fb1 - fb0), errors
+
+
+# ---------------------------------------------------------------------------
+# Redis faults and the Redis sections of the report
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FaultRun:
+    """One window that began with a fault of the Redis under a policyd."""
+
+    fault: str
+    server: str
+    result: loadgen.LoadResult
+    fallbacks: float | None
+    backend_errors: dict[str, float]
+    scored_share: float
+    """Share of the pool's requests that policyd scores at a stress level
+    above normal (the first of each transaction): the most that can fall back."""
+    back_after_s: float | None
+    """From Redis running again (restarted empty, or resumed) to this policyd's
+    backend being up, s; None if not within the limit."""
+
+    @property
+    def fallback_share(self) -> float | None:
+        """Fallbacks per answer of the window."""
+        return redisbench.share(self.fallbacks, self.result.completed)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for ``--json``."""
+        return {
+            "fault": self.fault,
+            "server": self.server,
+            "fallbacks": self.fallbacks,
+            "fallback_share": self.fallback_share,
+            "backend_errors": self.backend_errors,
+            "scored_share": self.scored_share,
+            "back_after_s": self.back_after_s,
+            "result": self.result.as_dict(),
+        }
+
+
+def wait_backends_up(servers: Sequence[Server], limit: float) -> bool:
+    """Wait (at most *limit* s) until every Redis-backed policyd's backend is up."""
+    deadline = time.monotonic() + limit
+    waiting = [s for s in servers if s.redis is not None]
+    while waiting:
+        waiting = [
+            s
+            for s in waiting
+            if redisbench.metric_total(s.scrape(), "policyd_backend_up") != 1
+        ]
+        if not waiting:
+            break
+        if time.monotonic() > deadline:
+            print(
+                "  backend still down after "
+                f"{limit:g} s: {', '.join(s.name for s in waiting)}",
+                flush=True,
+            )
+            return False
+        time.sleep(0.05)
+    return True
+
+
+# The Redis-backed policyds reconnect with a growing delay (up to 30 s).
+RECONNECT_LIMIT = 45.0
+
+
+def run_fault(
+    gen: loadgen.LoadGenerator,
+    server: Server,
+    fault: str,
+    others: Sequence[Server],
+    args: argparse.Namespace,
+    scored: float,
+) -> FaultRun | None:
+    """Measure the answers of *server* in the window that starts with *fault*.
+
+    Redis runs and every Redis-backed policyd (*others*) is connected first;
+    after a warm-up of at least 2 s, the load generator sends redis-server
+    the fault's signal when the measured window begins.  Then Redis is
+    resumed or restarted (empty) and the runner waits for the policyds to
+    reconnect (bounded), so that the next fault starts from a healthy state.
+    None if the server died.
+    """
+    redis = server.redis
+    assert redis is not None  # noqa: S101 - only Redis-backed policyd
+    if redis.ensure_running():
+        print("  redis-server restarted", flush=True)
+    wait_backends_up(others, RECONNECT_LIMIT)
+    if not server.alive():
+        print(f"{server.name} died:\n{server.log_tail()}", file=sys.stderr)
+        return None
+    wait_for_quiet(2.0)
+    before = server.scrape()
+    number = signal.SIGKILL if fault == "kill" else signal.SIGSTOP
+    res = gen.run(
+        host=HOST,
+        port=server.port,
+        connections=args.fault_connections,
+        duration=args.fault_window,
+        warmup=max(2.0, args.warmup),
+        timeout=args.timeout,
+        server_pid=server.pid,
+        companion=server.companion(number),
+        timeline_step=1.0,
+    )
+    after = server.scrape()
+    fallbacks, errors = backend_deltas(before, after)
+    redis.signal_sent(fault)
+    back = time.monotonic()
+    redis.ensure_running()
+    back_after = (
+        time.monotonic() - back if wait_backends_up([server], RECONNECT_LIMIT) else None
+    )
+    run = FaultRun(fault, server.name, res, fallbacks, errors, scored, back_after)
+    print(
+        f"  {fault:<5} {server.name:<20} c={args.fault_connections:<5} "
+        f"{res.rps:>9,.0f} req/s  p50 {res.p50_us:,.0f} p99 {res.p99_us:,.0f} "
+        f"max {res.max_us:,.0f} us  errors {res.error_total}  fallbacks "
+        f"{_num(fallbacks)} ({_num(run.fallback_share, '.1%')} of answers)  "
+        f"signal errno {res.signal_error}  back after {_num(back_after, '.1f')} s  "
+        f"noise {loadgen.format_optional(res.contention, '.1%')}",
+        flush=True,
+    )
+    return run
+
+
+def fault_cells(targets: Sequence[Server], args: argparse.Namespace) -> list[Server]:
+    """The Redis-backed policyd of each level with the fewest tracked clients."""
+    cells: dict[str, Server] = {}
+    for t in targets:
+        v = t.variant
+        if v is None or t.redis is None or t.cwd != REPO:
+            continue
+        if v.level not in cells or v.tracked < (cells[v.level].variant or v).tracked:
+            cells[v.level] = t
+    return [cells[level] for level in args.stress_levels if level in cells]
+
+
+def deadline_text(args: argparse.Namespace) -> str:
+    """POLICYD_REDIS_DEADLINE as the Redis-backed policyds run with it."""
+    for item in args.target_env:
+        key, _, value = item.partition("=")
+        if key == "POLICYD_REDIS_DEADLINE":
+            return str(value)
+    return "20ms (the default)"
+
+
+def format_faults(faults: Sequence[FaultRun], args: argparse.Namespace) -> str:
+    """The fault windows: latency from the fault on, fallbacks, recovery."""
+    lines = [
+        f"Redis faults: each window ({args.fault_window:g} s, "
+        f"{args.fault_connections} connections) starts when the load generator "
+        "signals redis-server (kill: SIGKILL; pause: SIGSTOP, resumed after the "
+        f"window); POLICYD_REDIS_DEADLINE {deadline_text(args)}",
+        f"{'fault':<6} {'server':<20} {'answers':>8} {'req/s':>7} {'p50 us':>7} "
+        f"{'p99 us':>7} {'max us':>8} {'errors':>6} {'fallbk':>7} {'/answ':>6} "
+        f"{'scored':>6} {'back s':>6} {'noise':>6}  backend errors",
+    ]
+    for f in faults:
+        r = f.result
+        errs = ", ".join(f"{k} {v:,.0f}" for k, v in f.backend_errors.items() if v)
+        lines.append(
+            f"{f.fault:<6} {f.server:<20} {r.completed:>8,} {r.rps:>7,.0f} "
+            f"{r.p50_us:>7,.0f} {r.p99_us:>7,.0f} {r.max_us:>8,.0f} "
+            f"{r.error_total:>6} {_num(f.fallbacks):>7} "
+            f"{_num(f.fallback_share, '.1%'):>6} {f.scored_share:>6.1%} "
+            f"{_num(f.back_after_s, '.1f'):>6} "
+            f"{loadgen.format_optional(r.contention, '.1%'):>6}  {errs or '-'}"
+        )
+        if r.timeline:
+            lines.append(
+                "       p99/max per second, ms: "
+                + "  ".join(
+                    f"{sl.p99_us / 1e3:.1f}/{sl.max_us / 1e3:.1f}" for sl in r.timeline
+                )
+            )
+    lines += [
+        "answers: replies in the window (requests in flight at the fault "
+        "included); fallbk: policyd_backend_fallbacks_total over the run; /answ: "
+        "per answer of the window; scored: share of the pool's requests policyd "
+        "scores above normal (the first of each transaction), the most that can "
+        "fall back; back s: from Redis running again to policyd_backend_up 1.",
+    ]
+    return "\n".join(lines)
+
+
+def backend_pairs(targets: Sequence[Server]) -> list[tuple[Server, Server]]:
+    """(memory-backed, Redis-backed) policyd of the same level, size and checkout."""
+    by_name = {t.name: t for t in targets}
+    pairs = []
+    for t in targets:
+        v = t.variant
+        if v is None or v.backend != "redis":
+            continue
+        suffix = t.name[len(v.name) :]
+        memory = by_name.get(dataclasses.replace(v, backend="memory").name + suffix)
+        if memory is not None:
+            pairs.append((memory, t))
+    return pairs
+
+
+def paired(
+    target: Summary, base: Summary, value: Any, of_base: Any = None
+) -> float | None:
+    """Median over same-block pairs of value(target run) / of_base(base run)."""
+    of_base = of_base or value
+    ratios = []
+    for t, b in zip(target.runs, base.runs, strict=False):
+        tv, bv = value(t.result), of_base(b.result)
+        if tv is not None and bv:
+            ratios.append(tv / bv)
+    return statistics.median(ratios) if ratios else None
+
+
+def _total_cpu(r: loadgen.LoadResult) -> float | None:
+    if r.server_us_per_req is None:
+        return None
+    return r.server_us_per_req + (r.companion_us_per_req or 0.0)
+
+
+def format_backends(
+    summaries: Sequence[Summary], targets: Sequence[Server]
+) -> tuple[str, list[dict[str, Any]]]:
+    """Redis-backed against memory-backed policyd, cell by cell."""
+    by = {(s.server, s.connections): s for s in summaries}
+    lines = [
+        "Redis-backed against memory-backed policyd (x mem: median of the "
+        "same-block pairs):",
+        f"{'conns':>5}  {'cell':<14} {'req/s mem':>9} {'redis':>7} {'x mem':>6} "
+        f"{'p99 mem':>8} {'redis':>7} {'CPU mem':>7} {'redis':>6} {'x mem':>6} "
+        f"{'+server':>7} {'x mem':>6} {'fallbk':>7}",
+    ]
+    data = []
+    for memory, redis in backend_pairs(targets):
+        for conns in sorted({s.connections for s in summaries}):
+            sm, sr = by.get((memory.name, conns)), by.get((redis.name, conns))
+            if sm is None or sr is None:
+                continue
+            x_rps = paired_ratio(sr, sm, "rps")
+            x_cpu = paired_ratio(sr, sm, "server_us_per_req")
+            x_total = paired(sr, sm, _total_cpu, lambda r: r.server_us_per_req)
+            redis_cpu = sr.median("companion_us_per_req")
+            row: dict[str, Any] = {
+                "connections": conns,
+                "memory": memory.name,
+                "redis": redis.name,
+                "rps_memory": sm.median("rps"),
+                "rps_redis": sr.median("rps"),
+                "rps_ratio": x_rps,
+                "p99_us_memory": sm.median("p99_us"),
+                "p99_us_redis": sr.median("p99_us"),
+                "cpu_us_memory": sm.median("server_us_per_req"),
+                "cpu_us_redis": sr.median("server_us_per_req"),
+                "cpu_ratio": x_cpu,
+                "redis_server_us": redis_cpu,
+                "total_cpu_ratio": x_total,
+                "fallbacks": sr.fallbacks,
+            }
+            data.append(row)
+            cell = memory.name
+            lines.append(
+                f"{conns:>5}  {cell:<14} {_num(row['rps_memory']):>9} "
+                f"{_num(row['rps_redis']):>7} {_num(x_rps, '.2f'):>6} "
+                f"{_num(row['p99_us_memory']):>8} {_num(row['p99_us_redis']):>7} "
+                f"{_num(row['cpu_us_memory'], '.1f'):>7} "
+                f"{_num(row['cpu_us_redis'], '.1f'):>6} {_num(x_cpu, '.2f'):>6} "
+                f"{_num(redis_cpu, '.1f'):>7} {_num(x_total, '.2f'):>6} "
+                f"{_num(sr.fallbacks):>7}"
+            )
+    lines += [
+        "CPU: policyd's us/req; +server: redis-server's us/req, and x mem the "
+        "two together against the memory-backed policyd's; fallbk: decisions "
+        "made without Redis (deadline missed) over all repeats.",
+    ]
+    return "\n".join(lines), data
+
+
+def format_redis_memory(targets: Sequence[Server]) -> str:
+    """Redis's memory per client record, after each Redis-backed warm-up."""
+    lines = [
+        "Redis memory (each warm-up: used_memory growth / keys it wrote; "
+        "MEMORY USAGE: mean of 200 of its keys):",
+        f"{'server':<20} {'keys':>9} {'written':>9} {'used MB':>8} {'B/key':>6} "
+        f"{'MEMORY USAGE B':>14}",
+    ]
+    for t in targets:
+        w = t.warmup
+        if t.redis is None or "redis_keys" not in w:
+            continue
+        lines.append(
+            f"{t.name:<20} {w['redis_keys']:>9,} {w['redis_keys_written']:>9,} "
+            f"{_num(_mb(w['redis_used_memory_after']), '.1f'):>8} "
+            f"{_num(w['redis_bytes_per_key']):>6} "
+            f"{_num(w['redis_memory_usage_sample']):>14}"
+        )
+    return "\n".join(lines)
 
 
 def _run(args: argparse.Namespace, servers: list[Server]) -> int:
@@ -1035,6 +1560,16 @@ def _run(args: argparse.Namespace, servers: list[Server]) -> int:
                     if run is None:
                         return 1
                     results.setdefault((s.name, conns), []).append(run)
+        faults: list[FaultRun] = []
+        if args.faults:
+            scored = redisbench.scored_share(gen.sessions)
+            print("Redis faults:", flush=True)
+            for cell in fault_cells(targets, args):
+                for fault in args.faults:
+                    fr = run_fault(gen, cell, fault, targets, args, scored)
+                    if fr is None:
+                        return 1
+                    faults.append(fr)
         for s in servers:
             if s.alive() and s.children():
                 print(
@@ -1054,10 +1589,20 @@ def _run(args: argparse.Namespace, servers: list[Server]) -> int:
     print()
     print(format_table(summaries, order, args.max_contention))
     tracked_data: dict[str, Any] = {}
+    backend_data: list[dict[str, Any]] = []
     if targets:
         text, tracked_data = format_tracked(summaries, targets)
         print()
         print(text)
+        if any(t.redis is not None for t in targets):
+            text, backend_data = format_backends(summaries, targets)
+            print()
+            print(text)
+            print()
+            print(format_redis_memory(targets))
+        if faults:
+            print()
+            print(format_faults(faults, args))
         print()
         print("action mix (all repeats):")
         by = {(s.server, s.connections): s for s in summaries}
@@ -1085,6 +1630,9 @@ def _run(args: argparse.Namespace, servers: list[Server]) -> int:
             "servers": order,
             "level_env": LEVEL_ENV,
             "tracked": tracked_data,
+            "redis": getattr(args, "redis_desc", None),
+            "backends": backend_data,
+            "faults": [f.as_dict() for f in faults],
             "summaries": [s.as_dict() for s in summaries],
         }
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
