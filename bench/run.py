@@ -1305,9 +1305,32 @@ def run_fault(
     after a warm-up of at least 2 s, the load generator sends redis-server
     the fault's signal when the measured window begins.  Then Redis is
     resumed or restarted (empty) and the runner waits for the policyds to
-    reconnect (bounded), so that the next fault starts from a healthy state.
-    None if the server died.
+    reconnect (bounded), so that the next window starts from a healthy
+    state.  A noisy window is done again, like any run (`measure`); the
+    least noisy counts.  None if the server died.
     """
+    best: FaultRun | None = None
+    for attempt in range(args.retries + 1):
+        run = _fault_window(gen, server, fault, others, args, scored, attempt)
+        if run is None:
+            return None
+        contention = run.result.contention or 0.0
+        if best is None or contention < (best.result.contention or 0.0):
+            best = run
+        if contention <= args.max_contention:
+            break
+    return best
+
+
+def _fault_window(
+    gen: loadgen.LoadGenerator,
+    server: Server,
+    fault: str,
+    others: Sequence[Server],
+    args: argparse.Namespace,
+    scored: float,
+    attempt: int,
+) -> FaultRun | None:
     redis = server.redis
     assert redis is not None  # noqa: S101 - only Redis-backed policyd
     if redis.ensure_running():
@@ -1316,7 +1339,7 @@ def run_fault(
     if not server.alive():
         print(f"{server.name} died:\n{server.log_tail()}", file=sys.stderr)
         return None
-    wait_for_quiet(2.0)
+    wait_for_quiet(args.quiet_wait if attempt else 2.0)
     before = server.scrape()
     number = signal.SIGKILL if fault == "kill" else signal.SIGSTOP
     res = gen.run(
@@ -1339,13 +1362,15 @@ def run_fault(
         time.monotonic() - back if wait_backends_up([server], RECONNECT_LIMIT) else None
     )
     run = FaultRun(fault, server.name, res, fallbacks, errors, scored, back_after)
+    noisy = (res.contention or 0.0) > args.max_contention
     print(
         f"  {fault:<5} {server.name:<20} c={args.fault_connections:<5} "
         f"{res.rps:>9,.0f} req/s  p50 {res.p50_us:,.0f} p99 {res.p99_us:,.0f} "
         f"max {res.max_us:,.0f} us  errors {res.error_total}  fallbacks "
         f"{_num(fallbacks)} ({_num(run.fallback_share, '.1%')} of answers)  "
         f"signal errno {res.signal_error}  back after {_num(back_after, '.1f')} s  "
-        f"noise {loadgen.format_optional(res.contention, '.1%')}",
+        f"noise {loadgen.format_optional(res.contention, '.1%')}"
+        + ("  (noisy, again)" if noisy and attempt < args.retries else ""),
         flush=True,
     )
     return run
@@ -1505,9 +1530,10 @@ def format_backends(
 def format_redis_memory(targets: Sequence[Server]) -> str:
     """Redis's memory per client record, after each Redis-backed warm-up."""
     lines = [
-        "Redis memory (each warm-up: used_memory growth / keys it wrote; "
-        "MEMORY USAGE: mean of 200 of its keys):",
-        f"{'server':<20} {'keys':>9} {'written':>9} {'used MB':>8} {'B/key':>6} "
+        "Redis memory (after each warm-up: the keys under its prefix, those it "
+        "wrote, Redis's used_memory in all, B/key: used_memory growth over its "
+        "warm-up / keys it wrote; MEMORY USAGE: mean of 200 of its keys):",
+        f"{'server':<20} {'keys':>9} {'written':>9} {'Redis MB':>8} {'B/key':>6} "
         f"{'MEMORY USAGE B':>14}",
     ]
     for t in targets:
