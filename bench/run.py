@@ -793,8 +793,9 @@ def format_table(
     summaries: Sequence[Summary], order: Sequence[str], max_contention: float
 ) -> str:
     """The comparison table: one row per server per concurrency, with ratios."""
+    w = max(20, *(len(name) for name in order))  # --compare adds " @commit"
     header = (
-        f"{'conns':>5}  {'server':<20} {'req/s':>13} {'x base':>6} "
+        f"{'conns':>5}  {'server':<{w}} {'req/s':>13} {'x base':>6} "
         f"{'CPU us/req':>12} {'x base':>6} {'redis':>6} {'p50 us':>7} {'p99 us':>7} "
         f"{'errors':>6} {'loadgen':>7} {'noise':>6}  {'level':<8} {'refused':>7} "
         f"{'log/req':>7}"
@@ -821,7 +822,7 @@ def format_table(
             noisy += flag == "!"
             redis_cpu = s.median("companion_us_per_req")
             lines.append(
-                f"{conns:>5}  {s.server:<20} {rps:>13} "
+                f"{conns:>5}  {s.server:<{w}} {rps:>13} "
                 f"{x_rps:>6} "
                 f"{cpu:>12} "
                 f"{x_cpu:>6} "
@@ -1475,15 +1476,17 @@ def format_backends(
 ) -> tuple[str, list[dict[str, Any]]]:
     """Redis-backed against memory-backed policyd, cell by cell."""
     by = {(s.server, s.connections): s for s in summaries}
+    pairs = backend_pairs(targets)
+    w = max(14, *(len(memory.name) for memory, _ in pairs)) if pairs else 14
     lines = [
         "Redis-backed against memory-backed policyd (x mem: median of the "
         "same-block pairs):",
-        f"{'conns':>5}  {'cell':<14} {'req/s mem':>9} {'redis':>7} {'x mem':>6} "
+        f"{'conns':>5}  {'cell':<{w}} {'req/s mem':>9} {'redis':>7} {'x mem':>6} "
         f"{'p99 mem':>8} {'redis':>7} {'CPU mem':>7} {'redis':>6} {'x mem':>6} "
         f"{'+server':>7} {'x mem':>6} {'fallbk':>7}",
     ]
     data = []
-    for memory, redis in backend_pairs(targets):
+    for memory, redis in pairs:
         for conns in sorted({s.connections for s in summaries}):
             sm, sr = by.get((memory.name, conns)), by.get((redis.name, conns))
             if sm is None or sr is None:
@@ -1511,7 +1514,7 @@ def format_backends(
             data.append(row)
             cell = memory.name
             lines.append(
-                f"{conns:>5}  {cell:<14} {_num(row['rps_memory']):>9} "
+                f"{conns:>5}  {cell:<{w}} {_num(row['rps_memory']):>9} "
                 f"{_num(row['rps_redis']):>7} {_num(x_rps, '.2f'):>6} "
                 f"{_num(row['p99_us_memory']):>8} {_num(row['p99_us_redis']):>7} "
                 f"{_num(row['cpu_us_memory'], '.1f'):>7} "
