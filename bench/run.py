@@ -63,6 +63,16 @@ worktree`` of an older commit, say) at every level and table size, in the
 same rotation, labelled with its commit: a before/after comparison measured
 in the same blocks, with the same baseline.
 
+``--backends memory,redis`` adds a Redis-backed policyd per level and size
+(``POLICYD_BACKEND=redis``), in the same rotation: one private redis-server
+(``redisbench.BenchRedis``, no persistence) pinned with the servers, each
+policyd under its own ``POLICYD_REDIS_PREFIX``.  The load generator reads
+redis-server's CPU over each window of such a cell ("redis" us/req, apart
+from policyd's); Redis's memory per key is read after each warm-up; a table
+compares each Redis-backed cell with its memory twin.  After the matrix,
+``--redis-faults kill,pause`` measures a window that begins when the load
+generator sends redis-server SIGKILL (SIGSTOP), at each level.
+
 ``--target-env KEY=VALUE`` adds to every policyd's environment (after the
 runner's own settings, so it can override them).  ``--target baseline``
 benchmarks a second baseline instead of policyd, which shows the noise floor
