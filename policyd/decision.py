@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from policyd import policy
 from policyd.actions import DUNNO, MAX_ACTION_LENGTH, Action
-from policyd.load import NORMAL, LoadTracker
+from policyd.load import NORMAL, ClientStats, LoadTracker
 from policyd.logs import escape
 from policyd.metrics import PolicyMetrics
 from policyd.policy import PolicySettings, Verdict
@@ -126,14 +126,17 @@ class PolicyDecider:
             return self._decided(request, _NORMAL)
         waiting = self.tracker.lookup(request)
         if waiting is not None:
-            return waiting.addCallback(lambda _: self._score(request, level))
-        return self._score(request, level)
+            return waiting.addCallback(self._score, request, level)
+        return self._score(None, request, level)
 
-    def _score(self, request: PolicyRequest, level: int) -> Action:
+    def _score(
+        self, shared: ClientStats | None, request: PolicyRequest, level: int
+    ) -> Action:
+        """Score *request*'s client: its *shared* record, else what is known here."""
         verdict = policy.decide(
             request,
             level,
-            self.tracker.client(request),
+            shared if shared is not None else self.tracker.client(request),
             self.settings,
             self.tracker.pressure_at(request),
         )

@@ -290,14 +290,15 @@ class LoadTracker(Protocol):
     def stop(self) -> Deferred[None]:
         """Let go of what `start` took; fires once done (policyd is exiting)."""
 
-    def lookup(self, request: PolicyRequest) -> Deferred[None] | None:
+    def lookup(self, request: PolicyRequest) -> Deferred[ClientStats | None] | None:
         """
         Fetch what every policyd sharing the store knows of *request*'s client.
 
         ``None`` when there is nothing to wait for (the state is all here, or
-        the store is down); otherwise a Deferred that fires, never fails, once
-        `client` has the shared view, or once the store's deadline passed and
-        `client` answers from this process's own view.
+        the store is down): `client` has it.  Otherwise a Deferred that
+        fires, never fails, with the shared `ClientStats`, or with None once
+        the store's deadline passed (`client` then answers from this
+        process's own view).
         """
 
     def backend(self) -> BackendStatus:
@@ -950,6 +951,16 @@ class MemoryLoadTracker:
     def lookup(self, request: PolicyRequest) -> None:
         """Nothing to fetch: everything is in this process."""
         return None
+
+    def holding(self, request: PolicyRequest) -> tuple[str, int]:
+        """
+        *request*'s client as text, and the processes it holds on its host.
+
+        What a shared record lacks: which processes a client holds is each
+        host's own.
+        """
+        key = self.keys.key(request.client_address)
+        return self.keys.describe(key), self._host_of(request).concurrency(key)
 
     def backend(self) -> BackendStatus:
         """The memory of this process: always up."""

@@ -95,16 +95,20 @@ log = Logger()
 
 # Adds what several clients did and returns the records asked for.
 #   ARGV[1] now (Redis-clock seconds), ARGV[2] the rate window, ARGV[3] the
-#   hold window, ARGV[4] the TTL; then six per key: sessions, messages, held
-#   (amounts at now), refusals (an amount at now), the age of the latest of
-#   those refusals in seconds (-1: none), and 1 to return the record.
+#   hold window, ARGV[4] the TTL; ARGV[5] six numbers per key, separated by
+#   spaces (one argument: framing and parsing one number each costs policyd
+#   more than the arithmetic): sessions, messages, held (amounts at now),
+#   refusals (an amount at now), the age of the latest of those refusals in
+#   seconds (-1: none), and 1 to return the record.
 # Counts are kept as ln(count) + time / window (policyd.counting): one number
-# each, decayed by reading.  A returned record is five numbers as text:
-# sessions, messages, held, refusals at now, seconds since the latest refusal
-# (-1: never).
+# each, decayed by reading.  The reply is one string of five numbers per
+# record asked for, in the order of KEYS: sessions, messages, held,
+# refusals at now, seconds since the latest refusal (-1: never).
 UPDATE_SCRIPT: Final = b"""
 local now, cw, hw = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local ttl = ARGV[4]
+local nums = {}
+for x in string.gmatch(ARGV[5], '%S+') do nums[#nums + 1] = tonumber(x) end
 local function add(stored, amount, window)
   local base = now / window
   if stored then
@@ -120,18 +124,18 @@ local function text(x) return string.format('%.17g', x) end
 local fields = {'s', 'm', 'h', 'r'}
 local out = {}
 for i, key in ipairs(KEYS) do
-  local a = 4 + (i - 1) * 6
+  local a = (i - 1) * 6
   local rec = redis.call('HMGET', key, 's', 'm', 'h', 'r', 'ra')
   local set = {}
   for f = 1, 4 do
-    local amount = tonumber(ARGV[a + f])
+    local amount = nums[a + f]
     if amount > 0 then
       rec[f] = add(rec[f], amount, f == 3 and hw or cw)
       set[#set + 1] = fields[f]
       set[#set + 1] = text(rec[f])
     end
   end
-  local age = tonumber(ARGV[a + 5])
+  local age = nums[a + 5]
   if age >= 0 and (not rec[5] or tonumber(rec[5]) < now - age) then
     rec[5] = now - age
     set[#set + 1] = 'ra'
@@ -141,14 +145,15 @@ for i, key in ipairs(KEYS) do
     redis.call('HSET', key, unpack(set))
     redis.call('EXPIRE', key, ttl)
   end
-  if ARGV[a + 6] == '1' then
+  if nums[a + 6] == 1 then
     local since = -1
     if rec[5] then since = math.max(0, now - tonumber(rec[5])) end
-    out[#out + 1] = {text(count(rec[1], cw)), text(count(rec[2], cw)),
-                     text(count(rec[3], hw)), text(count(rec[4], cw)), text(since)}
+    out[#out + 1] = text(count(rec[1], cw)) .. ' ' .. text(count(rec[2], cw))
+      .. ' ' .. text(count(rec[3], hw)) .. ' ' .. text(count(rec[4], cw))
+      .. ' ' .. text(since)
   end
 end
-return out
+return table.concat(out, ' ')
 """
 
 # Who has seen this Redis's data: returns the epoch token in KEYS[1], set to
@@ -211,12 +216,6 @@ HOSTS_FRESH: Final = 5.0
 HOSTS_TTL: Final = 60
 # How long the epoch key outlives the last policyd that refreshed it.
 EPOCH_TTL: Final = 86400
-# A shared record read for a decision is used for this long (the decision
-# follows its arrival within microseconds; the bound only keeps a record
-# read long ago from standing in for the client now).
-SHARED_FRESH: Final = 1.0
-# Shared records kept for decisions still to come (one per waiting request).
-SHARED_KEPT: Final = 4096
 # Batches in flight at once; more waits in the next batch.
 MAX_IN_FLIGHT: Final = 4
 # The first retry after a failure, doubled each time up to backoff_max.
@@ -252,6 +251,10 @@ class RedisSettings:
     backoff_max: float = 30.0
 
 
+# A decision waiting for a client's shared record, and its request.
+_Waiter = tuple[Deferred[ClientStats | None], PolicyRequest]
+
+
 class _Batch:
     """One script call in flight."""
 
@@ -260,7 +263,7 @@ class _Batch:
     def __init__(
         self,
         deltas: dict[int, list[float]],
-        waiters: dict[int, list[Deferred[None]]],
+        waiters: dict[int, list[_Waiter]],
         sent_at: float,
     ) -> None:
         self.deltas = deltas
@@ -318,10 +321,8 @@ class RedisLoadTracker:
         self._offset = 0.0  # Redis's clock minus ours
         self._epoch: bytes | None = None
         self._pending: OrderedDict[int, list[float]] = OrderedDict()
-        self._wanted: dict[int, list[Deferred[None]]] = {}
+        self._wanted: dict[int, list[_Waiter]] = {}
         self._in_flight: list[_Batch] = []
-        self._shared: OrderedDict[int, tuple[float, float, float, float, float, float]]
-        self._shared = OrderedDict()
         self._flush_call: IDelayedCall | None = None
         self._wanted_call: IDelayedCall | None = None
         self._flush_soon = False
@@ -465,14 +466,18 @@ class RedisLoadTracker:
 
     # -- the shared view -------------------------------------------------
 
-    def lookup(self, request: PolicyRequest) -> Deferred[None] | None:
+    def lookup(self, request: PolicyRequest) -> Deferred[ClientStats | None] | None:
         """Fetch the shared record of *request*'s client (see `LoadTracker`)."""
         if self._state != _UP:
             self._fallbacks += 1
             return None
         key = self.keys.key(request.client_address)
-        waiting: Deferred[None] = Deferred()
-        self._wanted.setdefault(key, []).append(waiting)
+        waiting: Deferred[ClientStats | None] = Deferred()
+        wanted = self._wanted.get(key)
+        if wanted is None:
+            self._wanted[key] = [(waiting, request)]
+        else:
+            wanted.append((waiting, request))
         if len(self._in_flight) >= MAX_IN_FLIGHT and self._wanted_call is None:
             # Queued behind batches in flight: bounded by the deadline too.
             self._wanted_call = self.reactor.callLater(
@@ -482,26 +487,8 @@ class RedisLoadTracker:
         return waiting
 
     def client(self, request: PolicyRequest) -> ClientStats:
-        """The shared counters of *request*'s client if just read, else local ones."""
-        local = self.local.client(request)
-        key = self.keys.key(request.client_address)
-        shared = self._shared.get(key)
-        if shared is None:
-            return local
-        now = self.reactor.seconds()
-        sessions, messages, held, refusals, since, at = shared
-        if not 0 <= now - at <= SHARED_FRESH:
-            return local
-        per_minute = 60.0 / self.settings.client_rate_window
-        return ClientStats(
-            local.key,
-            local.concurrency,
-            sessions * per_minute,
-            messages * per_minute,
-            refusals,
-            None if since < 0 else since + (now - at),
-            held,
-        )
+        """What this policyd knows of *request*'s client itself (`lookup` shares)."""
+        return self.local.client(request)
 
     def backend(self) -> BackendStatus:
         """Redis, whether it answers, and what went wrong so far."""
@@ -565,7 +552,7 @@ class RedisLoadTracker:
             return
         now = self.reactor.seconds()
         limit = self.redis.max_batch
-        waiters: dict[int, list[Deferred[None]]] = {}
+        waiters: dict[int, list[_Waiter]] = {}
         deltas: dict[int, list[float]] = {}
         wanted, pending = self._wanted, self._pending
         while wanted and len(waiters) < limit:
@@ -582,29 +569,25 @@ class RedisLoadTracker:
         keys = list(waiters) + [key for key in deltas if key not in waiters]
         settings = self.settings
         cw, hw = settings.client_rate_window, settings.hold_window
-        args: list[bytes | str | int | float] = [
-            UPDATE_SHA,
-            len(keys),
-            *(self._key(key) for key in keys),
-            now + self._offset,
-            cw,
-            hw,
-            self.ttl,
-        ]
+        numbers = []
         for key in keys:
+            want = 1 if key in waiters else 0
             delta = deltas.get(key)
             if delta is None:
-                args += (0, 0, 0, 0, -1)
+                numbers.append(b"0 0 0 0 -1 %d" % want)
             else:
                 refused_at = delta[4]
-                args += (
-                    events(delta[0], now, cw),
-                    events(delta[1], now, cw),
-                    events(delta[2], now, hw),
-                    events(delta[3], now, cw),
-                    -1 if refused_at == NEVER else max(0.0, now - refused_at),
+                numbers.append(
+                    b"%r %r %r %r %r %d"
+                    % (
+                        events(delta[0], now, cw),
+                        events(delta[1], now, cw),
+                        events(delta[2], now, hw),
+                        events(delta[3], now, cw),
+                        -1.0 if refused_at == NEVER else max(0.0, now - refused_at),
+                        want,
+                    )
                 )
-            args.append(1 if key in waiters else 0)
         batch = _Batch(deltas, waiters, now)
         self._in_flight.append(batch)
         # A decision waits at most the deadline; updates nobody waits for
@@ -618,7 +601,17 @@ class RedisLoadTracker:
         if not self._wanted and self._wanted_call is not None:
             self._wanted_call.cancel()
             self._wanted_call = None
-        protocol.command(b"EVALSHA", *args).addCallbacks(
+        protocol.command(
+            b"EVALSHA",
+            UPDATE_SHA,
+            len(keys),
+            *[self._key(key) for key in keys],
+            now + self._offset,
+            cw,
+            hw,
+            self.ttl,
+            b" ".join(numbers),
+        ).addCallbacks(
             self._answered,
             self._batch_failed,
             callbackArgs=(batch, keys),
@@ -630,30 +623,47 @@ class RedisLoadTracker:
 
     def _answered(self, reply: Any, batch: _Batch, keys: list[int]) -> None:
         self._done(batch)
-        now = self.reactor.seconds()
-        shared = self._shared
-        records = iter(reply)
+        waiters, batch.waiters = batch.waiters, {}
+        try:
+            numbers = [float(x) for x in reply.split()] if waiters else []
+            if len(numbers) != 5 * len(waiters):
+                raise ValueError(f"{len(numbers)} numbers for {len(waiters)} records")
+        except (AttributeError, ValueError):
+            log.warn(
+                "Redis answered the update script with {reply!r}; deciding on "
+                "the local view",
+                event="backend_bad_reply",
+                reply=reply,
+            )
+            self._errors["error"] += 1
+            numbers = []
+        per_minute = 60.0 / self.settings.client_rate_window
+        holding = self.local.holding
+        at = 0
+        # The records come in the order of the keys, those asked for first.
         for key in keys:
-            if key not in batch.waiters:
-                continue
-            try:
-                fields = next(records)
-                values = tuple(float(field) for field in fields)
-                sessions, messages, held, refusals, since = values
-            except (StopIteration, TypeError, ValueError):
-                log.warn(
-                    "Redis answered the update script with {reply!r}; "
-                    "deciding on the local view",
-                    event="backend_bad_reply",
-                    reply=reply,
-                )
-                self._errors["error"] += 1
+            waiting = waiters.get(key)
+            if waiting is None:
                 break
-            shared[key] = (sessions, messages, held, refusals, since, now)
-            shared.move_to_end(key)
-        while len(shared) > SHARED_KEPT:
-            shared.popitem(last=False)
-        self._release(batch)
+            if not numbers:
+                for each, _ in waiting:
+                    each.callback(None)
+                continue
+            sessions, messages, held, refusals, since = numbers[at : at + 5]
+            at += 5
+            for each, request in waiting:
+                name, concurrency = holding(request)
+                each.callback(
+                    ClientStats(
+                        name,
+                        concurrency,
+                        sessions * per_minute,
+                        messages * per_minute,
+                        refusals,
+                        None if since < 0 else since,
+                        held,
+                    )
+                )
         if self._state == _SLOW and not any(b.late for b in self._in_flight):
             self._recovered()
         elif self._state == _UP and (self._wanted or self._pending):
@@ -687,7 +697,7 @@ class RedisLoadTracker:
         """Let the decisions waiting on *batch* go on (with whatever is known)."""
         waiters, batch.waiters = batch.waiters, {}
         for waiting in waiters.values():
-            for each in waiting:
+            for each, _ in waiting:
                 each.callback(None)
 
     def _restore(self, deltas: dict[int, list[float]]) -> None:
@@ -711,14 +721,22 @@ class RedisLoadTracker:
             current[4] = max(current[4], delta[4])
 
     def _late(self, batch: _Batch) -> None:
-        """A batch missed the deadline: its decisions go on; Redis is slow."""
+        """A batch missed the deadline: its decisions go on without it."""
         batch.timer = None
-        batch.late = True
         count = sum(len(waiting) for waiting in batch.waiters.values())
         self._fallbacks += count
         self._release(batch)
-        self._errors["timeout"] += 1
         waited = self.redis.deadline if count else self.redis.timeout
+        # The reply may be waiting on the socket already: timers run before
+        # the reactor reads.  Redis is slow only if it is still missing
+        # after this turn's reads.
+        self.reactor.callLater(0, self._still_late, batch, waited)
+
+    def _still_late(self, batch: _Batch, waited: float) -> None:
+        if batch not in self._in_flight:
+            return
+        batch.late = True
+        self._errors["timeout"] += 1
         self._slow(f"no reply within {waited * 1000:.0f} ms")
 
     def _slow(self, reason: str) -> None:
@@ -1035,7 +1053,7 @@ class RedisLoadTracker:
         wanted, self._wanted = self._wanted, {}
         for waiting in wanted.values():
             self._fallbacks += len(waiting)
-            for each in waiting:
+            for each, _ in waiting:
                 each.callback(None)
 
     def _recovered(self) -> None:

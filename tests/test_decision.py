@@ -85,7 +85,7 @@ class ForcedLevel:
         self.observed: list[PolicyRequest] = []
         self.looked_up: list[PolicyRequest] = []
         #: What `lookup` returns: set a Deferred to make decisions wait.
-        self.waiting: Deferred[None] | None = None
+        self.waiting: Deferred[ClientStats | None] | None = None
         #: For each read of a client's counters, whether `waiting` had not
         #: fired yet (the shared record was not in).
         self.read_while_waiting: list[bool] = []
@@ -150,7 +150,7 @@ class ForcedLevel:
         """The real tracker's hosts."""
         return self.real.hosts()
 
-    def lookup(self, request: PolicyRequest) -> Deferred[None] | None:
+    def lookup(self, request: PolicyRequest) -> Deferred[ClientStats | None] | None:
         """`waiting` (None unless the test set one): a shared store's fetch."""
         self.looked_up.append(request)
         return self.waiting
@@ -327,6 +327,24 @@ class TestSharedRecord:
         assert rig.tracker.read_while_waiting == [False]
         assert rig.tracker.refusals == [request]
         assert rig.counts() == {("defer", reason): 1.0 for reason in BOT_REASONS}
+
+    def test_shared_record_scored(self) -> None:
+        """The record the lookup brings is what the client is scored with."""
+        rig = Rig(ELEVATED)
+        rig.tracker.waiting = Deferred()
+        answer = rig.decider.decide(PolicyRequest.from_attributes(CLEAN, 1))
+        assert isinstance(answer, Deferred)
+        answers: list[Action] = []
+        answer.addCallback(answers.append)
+        # Refused 2 s ago elsewhere, and holding processes without progress:
+        # a clean identity that the shared history makes suspicious.
+        rig.tracker.waiting.callback(
+            ClientStats("192.0.2.10", 0, 0.0, 0.0, 1.0, 2.0, 60.0)
+        )
+        (action,) = answers
+        assert action != DUNNO
+        assert "quick_retry" in action.text
+        assert rig.tracker.read_while_waiting == []  # client() not asked
 
     def test_nothing_to_wait_for(self) -> None:
         """A tracker with nothing to fetch (None) is decided at once."""
