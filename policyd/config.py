@@ -503,7 +503,7 @@ class Config:
         duration(0.1, 60),
         "Connecting to Redis may take this long; a connection whose reply is "
         "this late is dropped and made again (with a growing delay between "
-        "attempts, up to 30s).",
+        "attempts, up to 5s).",
     )
     busy_window: float = _setting(
         "10s",

@@ -248,7 +248,9 @@ class RedisSettings:
     #: recent are dropped).
     max_pending: int = 100_000
     #: Longest wait between two attempts to reach Redis.
-    backoff_max: float = 30.0
+    #: (Short: a Redis that is back is used again within seconds; an
+    #: attempt costs one connection.)
+    backoff_max: float = 5.0
 
 
 # A decision waiting for a client's shared record, and its request.
