@@ -15,6 +15,7 @@ import argparse
 import gc
 import os
 import shlex
+import socket
 import sys
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,35 @@ EXIT_NO_REPLY = 1
 EXIT_USAGE = 2
 
 LISTEN_VARIABLE = "POLICYD_LISTEN"
+
+
+def sd_notify(state: str, env: Mapping[str, str]) -> bool:
+    """
+    Tell systemd *state* (``READY=1``, ``STOPPING=1``) if it asked to be told.
+
+    systemd sets ``NOTIFY_SOCKET`` for a ``Type=notify`` service: a datagram
+    socket path, or an abstract one written with a leading ``@``.  Without
+    it, nothing is sent (False).  A socket that cannot be reached is logged,
+    never fatal: policyd serves either way.
+    """
+    address = env.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError as e:
+        log.warn(
+            "Cannot notify systemd ({state}): {error}",
+            event="notify_failed",
+            state=state.split("\n", 1)[0],
+            error=str(e),
+        )
+        return False
+    return True
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -122,6 +152,9 @@ def serve(cfg: config.Config) -> NoReturn:
         reactor.addSystemEventTrigger(
             "before", "shutdown", lambda: Deferred.fromCoroutine(server.stop())
         )
+        reactor.addSystemEventTrigger(
+            "before", "shutdown", sd_notify, "STOPPING=1", os.environ
+        )
         # What start-up made (modules, Twisted, the configuration) lives as
         # long as the process: the cyclic collector need never scan it again.
         # Under load its full collections stop the reactor for as long as
@@ -139,6 +172,8 @@ def serve(cfg: config.Config) -> NoReturn:
             event="started",
             version=__version__,
         )
+        # Under systemd (Type=notify): ready means listening.
+        sd_notify("READY=1\nSTATUS=listening", os.environ)
         await Deferred()  # until the reactor stops; react() then exits 0
 
     react(lambda r: Deferred.fromCoroutine(run(r)))

@@ -364,7 +364,7 @@ class Config:
         endpoints,
         "Where Postfix connects: one or more Twisted server endpoint descriptions "
         "separated by spaces, e.g. 'tcp:10040:interface=127.0.0.1', "
-        "'unix:/var/spool/postfix/private/policyd:mode=666' or "
+        "'unix:/var/spool/postfix/private/policyd:mode=660' or "
         "'systemd:domain=INET:index=0' for socket activation.",
     )
     allow_peers: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _setting(
