@@ -9,6 +9,7 @@ policyd as a real process is `policyd.testing.daemon.PolicydProcess`.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -447,3 +448,30 @@ def sourced_by_sh(path: Path, names: Sequence[str], cwd: Path) -> dict[str, str]
     )
     values = result.stdout.decode().split("\0")[:-1]
     return dict(zip(names, values, strict=True))
+
+
+def exported_metric_names() -> set[str]:
+    """
+    Every sample name a policyd's /metrics can show.
+
+    Read from a real `PolicyServer`'s registry (its families, as typed), with
+    the sample suffixes of counters (``_total``) and histograms (``_bucket``,
+    ``_sum``, ``_count``): what a PromQL expression may name.
+    """
+    from prometheus_client.exposition import generate_latest
+    from twisted.internet.testing import MemoryReactorClock
+
+    from policyd import config
+    from policyd.server import PolicyServer
+
+    registry = CollectorRegistry()
+    PolicyServer(config.load({}), MemoryReactorClock(), registry)
+    text = generate_latest(registry).decode()
+    names: set[str] = set()
+    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)", text, re.MULTILINE):
+        names.add(name)
+        if kind == "counter":
+            names.add(name.removesuffix("_total") + "_total")
+        elif kind == "histogram":
+            names.update(name + suffix for suffix in ("_bucket", "_sum", "_count"))
+    return names
