@@ -15,6 +15,7 @@ import argparse
 import gc
 import os
 import shlex
+import signal
 import socket
 import sys
 import textwrap
@@ -144,6 +145,10 @@ def serve(cfg: config.Config) -> NoReturn:
         reactor.callWhenRunning(running.callback, None)
         await running
         server = PolicyServer(cfg, reactor, CollectorRegistry())
+        # SIGHUP (systemctl reload): read the allow-list files again.  Set
+        # before listening, so that no SIGHUP can end a policyd that answers
+        # already; the handler only schedules the work, the reactor does it.
+        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(server.reload))
         try:
             await server.start()
         except Exception as e:  # noqa: BLE001 - any listen failure ends start-up

@@ -333,6 +333,14 @@ def key_prefix(raw: str) -> str:
     return value
 
 
+def list_file(raw: str) -> str:
+    """The absolute path of a list file, or empty for none."""
+    path = raw.strip()
+    if path and not path.startswith("/"):
+        raise ValueError("expected an absolute path, e.g. /etc/policyd/allow-networks")
+    return path
+
+
 def flag(raw: str) -> bool:
     """A yes/no switch: 1/yes/true/on or 0/no/false/off."""
     value = raw.strip().lower()
@@ -809,6 +817,19 @@ class Config:
         "Clients whose verified name (client_name) is one of these domains or under "
         "one are never refused.",
     )
+    allow_networks_file: str = _setting(
+        "",
+        list_file,
+        "A file of more networks never refused: one CIDR network or address a "
+        "line, '#' comments. Read at start-up and again on SIGHUP (systemctl "
+        "reload policyd); a reload with a bad line keeps the lists it had.",
+    )
+    allow_domains_file: str = _setting(
+        "",
+        list_file,
+        "A file of more domains never refused (verified client names): one a "
+        "line, '#' comments. Read at start-up and again on SIGHUP.",
+    )
     elevated_action: str = _setting(
         "450 4.7.1 Busy; try again later ({reasons})",
         action_template,
@@ -885,7 +906,24 @@ def load(env: Mapping[str, str]) -> Config:
             raise ConfigError(name, hide_password(raw), str(e)) from None
     loaded = environ.to_config(Config, dict(env))
     _check_thresholds(loaded, env)
+    _check_list_files(loaded)
     return loaded
+
+
+def _check_list_files(cfg: Config) -> None:
+    """Each allow-list file must be readable, every line an entry."""
+    from policyd.lists import ListFileError, read_domains, read_networks
+
+    for name, path, read in (
+        ("allow_networks_file", cfg.allow_networks_file, read_networks),
+        ("allow_domains_file", cfg.allow_domains_file, read_domains),
+    ):
+        if not path:
+            continue
+        try:
+            read(path)
+        except ListFileError as e:
+            raise ConfigError(f"{PREFIX}_{name.upper()}", path, str(e)) from None
 
 
 def _check_thresholds(cfg: Config, env: Mapping[str, str]) -> None:

@@ -390,7 +390,8 @@ class HoldersCollector(Collector):
 
     def __init__(self, tracker: LoadTracker, settings: PolicySettings) -> None:
         self._tracker = tracker
-        self._settings = settings
+        #: Replaced on a reload (new allow-lists classify holders anew).
+        self.settings = settings
 
     def collect(self) -> Iterator[Metric]:
         """Yield the busy processes by class and the refusal bar."""
@@ -401,7 +402,7 @@ class HoldersCollector(Collector):
             "once overload lasts), exempt (authenticated or allow-listed).",
             labels=["class"],
         )
-        for kind, count in count_holders(self._tracker, self._settings).items():
+        for kind, count in count_holders(self._tracker, self.settings).items():
             holders.add_metric([kind], count)
         yield holders
         yield GaugeMetricFamily(
@@ -410,13 +411,13 @@ class HoldersCollector(Collector):
             "POLICYD_SUSPICIOUS_SCORE, falling towards "
             "POLICYD_OVERLOAD_SUSPICIOUS_SCORE while overload lasts (the "
             "lowest of the hosts').",
-            value=current_bar(self._tracker, self._settings),
+            value=current_bar(self._tracker, self.settings),
         )
         yield from self._per_host()
 
     def _per_host(self) -> Iterator[Metric]:
         """The holders and the bar of each Postfix host, labelled with its name."""
-        tracker, settings = self._tracker, self._settings
+        tracker, settings = self._tracker, self.settings
         holders = GaugeMetricFamily(
             "policyd_host_busy_processes",
             "Busy smtpd processes of one Postfix host by the class of the client "

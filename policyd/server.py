@@ -15,6 +15,7 @@ import itertools
 from collections.abc import Sequence
 from typing import Any, Final
 
+import attrs
 from prometheus_client import CollectorRegistry
 from twisted.internet.defer import (
     Deferred,
@@ -42,6 +43,7 @@ from policyd.actions import Action
 from policyd.config import Config
 from policyd.decision import Decider, PolicyDecider
 from policyd.holders import LevelChangeLog
+from policyd.lists import ListFileError, read_domains, read_networks
 from policyd.load import (
     ELEVATED,
     LOCAL_HOST,
@@ -329,15 +331,14 @@ def load_settings(config: Config) -> LoadSettings:
 
 
 def build_tracker(
-    config: Config, reactor: Any, settings: PolicySettings
+    config: Config, reactor: Any, level_log: LevelChangeLog
 ) -> LoadTracker:
     """
     The tracker the configuration describes (POLICYD_BACKEND).
 
-    In memory, or sharing clients in Redis; level changes are logged with who
-    holds the processes.
+    In memory, or sharing clients in Redis; level changes are logged by
+    *level_log*, with who holds the processes.
     """
-    level_log = LevelChangeLog(settings, config.smtpd_capacity)
     tracker: MemoryLoadTracker | RedisLoadTracker
     if config.backend == "redis":
         tracker = RedisLoadTracker(
@@ -359,8 +360,24 @@ def build_tracker(
     return tracker
 
 
+def allow_lists(config: Config) -> tuple[tuple[Network, ...], tuple[str, ...]]:
+    """
+    The networks and domains never refused: the variables' and the files'.
+
+    `policyd.lists.ListFileError` if a file cannot be read or has a bad line.
+    """
+    networks = config.allow_networks
+    domains = config.allow_domains
+    if config.allow_networks_file:
+        networks += read_networks(config.allow_networks_file)
+    if config.allow_domains_file:
+        domains += read_domains(config.allow_domains_file)
+    return networks, domains
+
+
 def policy_settings(config: Config) -> PolicySettings:
-    """The decision settings from the configuration."""
+    """The decision settings from the configuration (and its list files)."""
+    networks, domains = allow_lists(config)
     return PolicySettings(
         weights={
             policy.NO_CLIENT_NAME: config.weight_no_client_name,
@@ -386,8 +403,8 @@ def policy_settings(config: Config) -> PolicySettings:
         client_session_rate_limit=config.client_session_rate_limit,
         quick_retry_window=config.quick_retry_window,
         my_hostnames=config.my_hostnames,
-        allow_networks=config.allow_networks,
-        allow_domains=config.allow_domains,
+        allow_networks=networks,
+        allow_domains=domains,
         elevated_action=config.elevated_action,
         elevated_reject_action=config.elevated_reject_action,
         overload_action=config.overload_action,
@@ -452,12 +469,14 @@ class PolicyServer:
         self.metrics = PolicyMetrics(
             registry, PROTOCOL_ERROR_REASONS, DECISION_FAILURE_REASONS
         )
-        settings = policy_settings(config)
+        settings = self.settings = policy_settings(config)
+        self._level_log = LevelChangeLog(settings, config.smtpd_capacity)
         if tracker is None:
-            tracker = build_tracker(config, reactor, settings)
+            tracker = build_tracker(config, reactor, self._level_log)
         self.tracker: LoadTracker = tracker
         registry.register(LoadCollector(self.tracker))
-        registry.register(HoldersCollector(self.tracker, settings))
+        self._holders = HoldersCollector(self.tracker, settings)
+        registry.register(self._holders)
         self.factory = PolicyFactory(
             clock=reactor,
             decider=decider
@@ -491,6 +510,40 @@ class PolicyServer:
         self._sweeper = LoopingCall(self.factory.sweep)
         self._sweeper.clock = reactor
         self.stopping = False
+
+    def reload(self) -> bool:
+        """
+        Read the allow-list files again (SIGHUP); True if the new lists apply.
+
+        Connections, the load and what is known of clients are untouched.  A
+        file that cannot be read, or has a bad line, keeps the lists in use
+        and says why in the log.
+        """
+        try:
+            networks, domains = allow_lists(self.config)
+        except ListFileError as e:
+            log.warn(
+                "Reload failed, keeping the allow-lists in use: {error}",
+                event="reload_failed",
+                error=str(e),
+            )
+            return False
+        settings = attrs.evolve(
+            self.settings, allow_networks=networks, allow_domains=domains
+        )
+        self.settings = settings
+        decider = self.factory.decider
+        if isinstance(decider, PolicyDecider):
+            decider.settings = settings
+        self._holders.settings = settings
+        self._level_log.settings = settings
+        log.info(
+            "Reloaded: {networks} allowed networks, {domains} allowed domains",
+            event="reloaded",
+            networks=len(networks),
+            domains=len(domains),
+        )
+        return True
 
     def health(self) -> tuple[bool, str]:
         """Healthy while the policy listeners are up."""

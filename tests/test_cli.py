@@ -113,6 +113,8 @@ BAD = {
     "POLICYD_MY_HOSTNAMES": ("mx..example.org", "is not a host or domain name"),
     "POLICYD_ALLOW_NETWORKS": ("192.0.2.0/33", "is not a network; expected CIDR"),
     "POLICYD_ALLOW_PEERS": ("", "at least one network"),
+    "POLICYD_ALLOW_NETWORKS_FILE": ("networks", "expected an absolute path"),
+    "POLICYD_ALLOW_DOMAINS_FILE": ("/nonexistent/domains", "cannot read"),
     "POLICYD_BACKEND": ("postgres", "expected one of: memory, redis"),
     "POLICYD_REDIS_URL": ("http://redis:6379", "the scheme must be redis://"),
     "POLICYD_REDIS_PREFIX": ("my prefix", "without spaces"),

@@ -83,6 +83,8 @@ DOCUMENTED_DEFAULTS = {
     "POLICYD_MY_HOSTNAMES": "",
     "POLICYD_ALLOW_NETWORKS": "",
     "POLICYD_ALLOW_DOMAINS": "",
+    "POLICYD_ALLOW_NETWORKS_FILE": "",
+    "POLICYD_ALLOW_DOMAINS_FILE": "",
     "POLICYD_ELEVATED_ACTION": "450 4.7.1 Busy; try again later ({reasons})",
     "POLICYD_ELEVATED_REJECT_ACTION": "450 4.7.1 Busy; try again later ({reasons})",
     "POLICYD_OVERLOAD_ACTION": "421 4.7.0 Overloaded; try again later ({reasons})",
@@ -234,6 +236,8 @@ GOOD: dict[str, list[tuple[str, Any]]] = {
         # Addresses as policyd names peers: compressed, lower case.
         ("2001:DB8:0:0::25=10", (("2001:db8::25", 10),)),
     ],
+    "POLICYD_ALLOW_NETWORKS_FILE": [("", ""), (" ", "")],
+    "POLICYD_ALLOW_DOMAINS_FILE": [("", "")],
     "POLICYD_BACKEND": [
         ("memory", "memory"),
         ("redis", "redis"),
@@ -670,6 +674,14 @@ BAD: dict[str, list[tuple[str, str]]] = {
         ("mx1=lots", "from 1 to 1000000"),
         ("mx1=5 mx1=6", "given twice"),
         ("2001:db8::25=5 2001:DB8::25=6", "given twice"),
+    ],
+    "POLICYD_ALLOW_NETWORKS_FILE": [
+        ("allow-networks", "expected an absolute path"),
+        ("/nonexistent/policyd/allow-networks", "cannot read"),
+    ],
+    "POLICYD_ALLOW_DOMAINS_FILE": [
+        ("domains.txt", "expected an absolute path"),
+        ("/nonexistent/policyd/allow-domains", "cannot read"),
     ],
     "POLICYD_BACKEND": [
         ("postgres", "expected one of: memory, redis"),

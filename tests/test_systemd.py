@@ -111,9 +111,9 @@ class TestUnits:
         service = unit(SERVICE)["Service"]
         assert (service["Type"], service["NotifyAccess"]) == ("notify", "main")
 
-    def test_no_reload_until_policyd_reloads(self) -> None:
-        """No ExecReload: a SIGHUP would end a policyd that does not handle it."""
-        assert "ExecReload" not in unit(SERVICE)["Service"]
+    def test_reload_is_sighup(self) -> None:
+        """Systemctl reload sends policyd SIGHUP (it reads its list files again)."""
+        assert unit(SERVICE)["Service"]["ExecReload"] == "/bin/kill -HUP $MAINPID"
 
     def test_unix_socket_for_postfix(self) -> None:
         """The unix socket is Postfix's private/policyd, for root and postfix only."""
