@@ -7,16 +7,21 @@ handlers and decides exit codes.
 Exit codes: 0 after a clean stop (SIGTERM or SIGINT), 1 when the server cannot
 start (e.g. the address is in use), 2 for a usage or configuration error.
 ``policyd ask`` exits 0 with a reply, 1 without one, 2 for a usage error.
+``policyd doctor`` exits 0 when nothing needs fixing, 1 when something does,
+2 when it cannot read the configuration.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import shlex
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -26,7 +31,7 @@ from prometheus_client import CollectorRegistry
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger, globalLogBeginner
 
-from policyd import __version__, ask, config
+from policyd import __version__, ask, config, doctor, postconf
 from policyd.logs import escape, make_observer
 
 log = Logger()
@@ -34,6 +39,8 @@ log = Logger()
 EXIT_CANNOT_START = 1
 EXIT_NO_REPLY = 1
 EXIT_USAGE = 2
+EXIT_NEEDS_FIXING = 1
+EXIT_UNREADABLE = 2
 
 LISTEN_VARIABLE = "POLICYD_LISTEN"
 
@@ -237,6 +244,94 @@ def ask_command(
     print(action if action.isprintable() else escape(action))
 
 
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError as e:
+        _fail(f"cannot read {path}: {e.strerror or e}", EXIT_UNREADABLE)
+
+
+def _run_postconf(config_dir: str | None, *args: str) -> str:
+    """Run ``postconf [-c DIR] ARGS``; exit 2 with its message if it fails."""
+    program = shutil.which("postconf") or shutil.which(
+        "postconf", path="/usr/sbin:/usr/local/sbin:/sbin"
+    )
+    if program is None:
+        _fail(
+            "postconf not found; give --postconf FILE with saved 'postconf' output",
+            EXIT_UNREADABLE,
+        )
+    argv = [program, *(("-c", config_dir) if config_dir else ()), *args]
+    try:
+        done = subprocess.run(  # noqa: S603 - postconf with our own arguments
+            argv, capture_output=True, text=True, errors="replace", timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        _fail(f"running {' '.join(argv)} failed: {e}", EXIT_UNREADABLE)
+    if done.returncode != 0:
+        message = (done.stderr.strip() or done.stdout.strip()).splitlines()
+        _fail(
+            f"{' '.join(argv)} failed: {message[-1] if message else done.returncode}",
+            EXIT_UNREADABLE,
+        )
+    return done.stdout
+
+
+def doctor_command(args: argparse.Namespace, env: Mapping[str, str]) -> None:
+    """Check a Postfix configuration against what policyd needs; exit 0, 1 or 2."""
+    cfg = _load(env)
+    if args.postconf is None and args.master is not None:
+        _fail("--master needs --postconf (or neither, to run postconf)")
+    if args.postconf is not None and args.config_dir is not None:
+        _fail("give either --config-dir or --postconf, not both")
+    try:
+        if args.postconf is not None:
+            params = postconf.parse_main(_read(args.postconf), args.postconf)
+            services = (
+                None
+                if args.master is None
+                else postconf.parse_master(_read(args.master), args.master)
+            )
+        else:
+            params = postconf.parse_main(
+                _run_postconf(args.config_dir), "postconf output"
+            )
+            services = postconf.parse_master(
+                _run_postconf(args.config_dir, "-M"), "postconf -M output"
+            )
+        postfix = doctor.Postfix(params, services)
+        policyd = doctor.Policyd.from_config(cfg)
+        findings = doctor.diagnose(postfix, policyd)
+        if args.ask:
+            request = ask.encode_request(ask.build_request([]))
+            findings = doctor.sort(
+                [
+                    *findings,
+                    *doctor.check_answers(
+                        postfix,
+                        policyd,
+                        lambda target: ask.ask(target, request, args.timeout),
+                    ),
+                ]
+            )
+    except postconf.PostconfError as e:
+        _fail(str(e), EXIT_UNREADABLE)
+    if args.json:
+        report = {
+            "findings": [f.as_dict() for f in findings],
+            "summary": {
+                **doctor.summary(findings),
+                "needs_fixing": doctor.needs_fixing(findings),
+            },
+        }
+        print(json.dumps(report, indent=2))
+    else:
+        sys.stdout.write(doctor.render_text(findings))
+    if doctor.needs_fixing(findings):
+        raise SystemExit(EXIT_NEEDS_FIXING)
+
+
 def _timeout(raw: str) -> float:
     try:
         return config.duration(0.001, 3600)(raw)
@@ -336,6 +431,51 @@ def _parser() -> argparse.ArgumentParser:
         help="a request attribute, added or replacing a default; split at the "
         "first '=', so a value may contain '='",
     )
+    checking = commands.add_parser(
+        "doctor",
+        help="check a Postfix configuration against what policyd needs",
+        description=textwrap.fill(
+            "Check Postfix's configuration (postconf and postconf -M, or saved "
+            "output of them) against policyd's wiring (POLICYD_* from the "
+            "environment) and STRESS_README's advice; say what is wrong, why, "
+            "and the line to write.",
+            width=72,
+        ),
+        epilog="Exit status: 0 when nothing needs fixing (info only), 1 when\n"
+        "something does (a warning or an error), 2 when the configuration\n"
+        "cannot be read (or a usage error).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    checking.add_argument(
+        "--config-dir",
+        metavar="DIR",
+        help="run postconf -c DIR (default: the system's configuration)",
+    )
+    checking.add_argument(
+        "--postconf",
+        metavar="FILE",
+        help="read saved 'postconf' output instead of running postconf",
+    )
+    checking.add_argument(
+        "--master",
+        metavar="FILE",
+        help="with --postconf: saved 'postconf -M' output",
+    )
+    checking.add_argument(
+        "--ask",
+        action="store_true",
+        help="also send one request to each policyd endpoint Postfix uses",
+    )
+    checking.add_argument(
+        "--timeout",
+        metavar="DURATION",
+        type=_timeout,
+        default=5.0,
+        help="with --ask: longest wait per endpoint (default: 5s)",
+    )
+    checking.add_argument(
+        "--json", action="store_true", help="print the findings as JSON"
+    )
     return parser
 
 
@@ -353,6 +493,8 @@ def main(
             sys.stdout.write(show_config(environment))
     elif args.command == "serve":
         serve(_load(environment))
+    elif args.command == "doctor":
+        doctor_command(args, environment)
     elif args.command == "ask":
         ask_command(
             args.attributes, args.server, args.timeout, args.verbose, environment
