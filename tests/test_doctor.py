@@ -459,6 +459,23 @@ class TestCommand:
         assert "fix:  POLICYD_SMTPD_CAPACITY=200\n" in out
         assert "1 warning(s)" in out
 
+    def test_docs_sample(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """The sample in docs/operations.md is what doctor prints for it."""
+        code, out, _ = run_main(
+            capsys,
+            [
+                "doctor",
+                "--postconf",
+                str(DATA / "mistakes.postconf"),
+                "--master",
+                str(DATA / "debian.master"),
+            ],
+            {},
+        )
+        operations = (DATA.parent.parent.parent / "docs" / "operations.md").read_text()
+        assert code == 1
+        assert f"```\n$ policyd doctor\n{out}```\n" in operations
+
     @pytest.mark.parametrize(
         ("content", "message"),
         [

@@ -4,7 +4,8 @@ Pure functions over text: the lists and brace forms of postconf(5), the
 services and ``-o`` overrides of master(5), and the rejection of text that
 is not postconf output.  ``tests/data/doctor`` holds real output of Debian's
 Postfix 3.7 with deploy/postfix/main.cf merged into the stock main.cf, and
-the stock master.cf with a submission service added.
+the stock master.cf with a submission service added; mistakes.postconf
+is the same Postfix with the main.cf of docs/operations.md's doctor sample.
 """
 
 from __future__ import annotations
