@@ -144,6 +144,23 @@ def serve(cfg: config.Config) -> NoReturn:
         redirectStandardIO=False,
     )
 
+    capacity = None
+    if cfg.smtpd_capacity == config.AUTO_CAPACITY:
+        # Before the reactor runs: reading Postfix blocks for a moment.
+        try:
+            found = doctor.auto_capacity(
+                cfg.listen, doctor.read_postfix(cfg.postfix_config_dir)
+            )
+        except postconf.PostconfError as e:
+            _fail(f"POLICYD_SMTPD_CAPACITY=auto: cannot count smtpd processes: {e}")
+        capacity = found.total
+        log.info(
+            "POLICYD_SMTPD_CAPACITY=auto: {capacity} ({how})",
+            event="capacity",
+            capacity=capacity,
+            how=doctor.describe_capacity(found),
+        )
+
     async def run(reactor: Any) -> None:
         # react() calls us before reactor.run() installs the SIGTERM/SIGINT
         # handlers; listening (and saying so) before then would let a signal
@@ -151,7 +168,7 @@ def serve(cfg: config.Config) -> NoReturn:
         running: Deferred[None] = Deferred()
         reactor.callWhenRunning(running.callback, None)
         await running
-        server = PolicyServer(cfg, reactor, CollectorRegistry())
+        server = PolicyServer(cfg, reactor, CollectorRegistry(), capacity=capacity)
         # SIGHUP (systemctl reload): read the allow-list files again.  Set
         # before listening, so that no SIGHUP can end a policyd that answers
         # already; the handler only schedules the work, the reactor does it.

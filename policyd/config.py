@@ -333,6 +333,21 @@ def key_prefix(raw: str) -> str:
     return value
 
 
+#: POLICYD_SMTPD_CAPACITY=auto, as the configuration holds it until the
+#: capacity is read from Postfix (`policyd.doctor.auto_capacity`).
+AUTO_CAPACITY: Final = 0
+
+
+def capacity(raw: str) -> int:
+    """A process count from 1 to 1000000, or ``auto`` (`AUTO_CAPACITY`)."""
+    if raw.strip().lower() == "auto":
+        return AUTO_CAPACITY
+    try:
+        return integer(1, 1_000_000)(raw)
+    except ValueError:
+        raise ValueError("expected a whole number from 1 to 1000000, or auto") from None
+
+
 def list_file(raw: str) -> str:
     """The absolute path of a list file, or empty for none."""
     path = raw.strip()
@@ -448,13 +463,22 @@ class Config:
     # -- stress detection (docs/stress.md explains the defaults) --
     smtpd_capacity: int = _setting(
         "100",
-        integer(1, 1_000_000),
+        capacity,
         "How many smtpd processes of one Postfix host can use policyd at once: "
         "the sum of the maxproc values of the smtpd services (master.cf) that "
         "call it; count a service twice if it calls policyd from two "
         "restriction lists with different check_policy_service texts. "
-        "Postfix's default_process_limit is 100. Each host served has its own "
-        "load against this (see POLICYD_HOST_FROM, POLICYD_HOST_CAPACITIES).",
+        "Postfix's default_process_limit is 100. 'auto' reads it from this "
+        "host's Postfix (postconf, postconf -M) at start-up and on SIGHUP, as "
+        "policyd doctor counts it. Each host served has its own load against "
+        "this (see POLICYD_HOST_FROM, POLICYD_HOST_CAPACITIES).",
+    )
+    postfix_config_dir: str = _setting(
+        "",
+        list_file,
+        "The Postfix configuration directory that POLICYD_SMTPD_CAPACITY=auto "
+        "reads (postconf -c DIR), e.g. /etc/postfix-out for a second instance; "
+        "empty: Postfix's default.",
     )
     host_from: str = _setting(
         "peer",

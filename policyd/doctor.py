@@ -16,10 +16,13 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import shutil
+import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Final
+from typing import Any, Final
 
 import attrs
+from twisted.internet.utils import getProcessOutputAndValue
 
 from policyd import ask
 from policyd.config import Config
@@ -28,6 +31,8 @@ from policyd.postconf import (
     PostconfError,
     Service,
     expand,
+    parse_main,
+    parse_master,
     policy_checks,
     seconds,
     split_list,
@@ -887,3 +892,97 @@ def render_text(findings: Sequence[Finding]) -> str:
         f"{counts[INFO]} info: {verdict}"
     )
     return "\n\n".join(blocks) + "\n"
+
+
+# -- POLICYD_SMTPD_CAPACITY=auto -----------------------------------------------
+
+
+def postconf_program() -> str | None:
+    """The postconf program: on $PATH, or in an sbin directory."""
+    return shutil.which("postconf") or shutil.which(
+        "postconf", path="/usr/sbin:/usr/local/sbin:/sbin"
+    )
+
+
+def auto_capacity(listen: Sequence[str], postfix: Postfix) -> Capacity:
+    """
+    What POLICYD_SMTPD_CAPACITY should be for this Postfix: `smtpd_capacity`.
+
+    `PostconfError` if it cannot be told: no master.cf services, a maxproc
+    that cannot be read, or no smtpd service that reaches policyd.
+    """
+    if postfix.services is None:
+        raise PostconfError("no master.cf services (postconf -M) to count")
+    where = listeners(listen)
+    queue = postfix.value("queue_directory")
+    capacity = smtpd_capacity(
+        postfix.params, postfix.services, lambda e: points_at(e, where, queue)
+    )
+    unknown = [s.service for s in capacity.services if s.maxproc is None]
+    if unknown:
+        raise PostconfError(f"cannot read the process limit of {', '.join(unknown)}")
+    if capacity.total == 0:
+        raise PostconfError(
+            "no smtpd service calls policyd here (no check_policy_service "
+            "reaches POLICYD_LISTEN)"
+        )
+    return capacity
+
+
+def describe_capacity(capacity: Capacity) -> str:
+    """``smtp 100x1 + submission 20x1``: how the capacity adds up."""
+    return " + ".join(
+        f"{s.service} {s.maxproc}x{s.connections}"
+        for s in capacity.services
+        if s.connections
+    )
+
+
+def _postconf_argv(config_dir: str, *args: str) -> list[str]:
+    program = postconf_program()
+    if program is None:
+        raise PostconfError("postconf not found (is Postfix installed here?)")
+    return [program, *(("-c", config_dir) if config_dir else ()), *args]
+
+
+def read_postfix(config_dir: str = "") -> Postfix:
+    """The Postfix configuration of this host (``postconf``, ``postconf -M``)."""
+    texts = []
+    for args in ((), ("-M",)):
+        argv = _postconf_argv(config_dir, *args)
+        try:
+            done = subprocess.run(  # noqa: S603 - postconf with our own arguments
+                argv, capture_output=True, text=True, errors="replace", timeout=60
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise PostconfError(f"running {' '.join(argv)} failed: {e}") from None
+        if done.returncode != 0:
+            lines = (done.stderr.strip() or done.stdout.strip()).splitlines()
+            raise PostconfError(
+                f"{' '.join(argv)} failed: {lines[-1] if lines else done.returncode}"
+            )
+        texts.append(done.stdout)
+    return Postfix(
+        parse_main(texts[0], "postconf output"),
+        parse_master(texts[1], "postconf -M output"),
+    )
+
+
+async def read_postfix_async(reactor: Any, config_dir: str = "") -> Postfix:
+    """`read_postfix`, without blocking *reactor* (a reload while serving)."""
+    texts = []
+    for args in ((), ("-M",)):
+        argv = _postconf_argv(config_dir, *args)
+        out, err, code = await getProcessOutputAndValue(
+            argv[0], argv[1:], env=dict(os.environ), reactor=reactor
+        )
+        if code != 0:
+            lines = (err.decode(errors="replace").strip()).splitlines()
+            raise PostconfError(
+                f"{' '.join(argv)} failed: {lines[-1] if lines else code}"
+            )
+        texts.append(out.decode(errors="replace"))
+    return Postfix(
+        parse_main(texts[0], "postconf output"),
+        parse_master(texts[1], "postconf -M output"),
+    )

@@ -290,6 +290,13 @@ class LoadTracker(Protocol):
     def stop(self) -> Deferred[None]:
         """Let go of what `start` took; fires once done (policyd is exiting)."""
 
+    def set_capacity(self, capacity: int) -> None:
+        """
+        Make *capacity* the process limit of hosts not named in host_capacities.
+
+        From now on (POLICYD_SMTPD_CAPACITY=auto, read again on a reload).
+        """
+
     def lookup(self, request: PolicyRequest) -> Deferred[ClientStats | None] | None:
         """
         Fetch what every policyd sharing the store knows of *request*'s client.
@@ -951,6 +958,13 @@ class MemoryLoadTracker:
     def lookup(self, request: PolicyRequest) -> None:
         """Nothing to fetch: everything is in this process."""
         return None
+
+    def set_capacity(self, capacity: int) -> None:
+        """The process limit of hosts not named in host_capacities, from now on."""
+        self.settings = attrs.evolve(self.settings, capacity=capacity)
+        for host in self._hosts.values():
+            if host.name not in self._capacities:
+                host.capacity = capacity
 
     def holding(self, request: PolicyRequest) -> tuple[str, int]:
         """

@@ -40,8 +40,9 @@ from twisted.web.server import Site
 
 from policyd import policy
 from policyd.actions import Action
-from policyd.config import Config
+from policyd.config import AUTO_CAPACITY, Config
 from policyd.decision import Decider, PolicyDecider
+from policyd.doctor import auto_capacity, describe_capacity, read_postfix_async
 from policyd.holders import LevelChangeLog
 from policyd.lists import ListFileError, read_domains, read_networks
 from policyd.load import (
@@ -60,6 +61,7 @@ from policyd.metrics import (
     PolicyMetrics,
 )
 from policyd.policy import PolicySettings
+from policyd.postconf import PostconfError
 from policyd.protocol import (
     DECISION_FAILURE_REASONS,
     PROTOCOL_ERROR_REASONS,
@@ -300,10 +302,13 @@ class PolicyFactory(Factory):
 _STRESS_LEVELS = {"ignore": NORMAL, "elevated": ELEVATED, "overload": OVERLOAD}
 
 
-def load_settings(config: Config) -> LoadSettings:
-    """The load tracker's settings from the configuration."""
+def load_settings(config: Config, capacity: int | None = None) -> LoadSettings:
+    """The load tracker's settings from the configuration.
+
+    *capacity* replaces POLICYD_SMTPD_CAPACITY (what ``auto`` read from Postfix).
+    """
     return LoadSettings(
-        capacity=config.smtpd_capacity,
+        capacity=config.smtpd_capacity if capacity is None else capacity,
         host_capacities=config.host_capacities,
         host_from=config.host_from,
         busy_window=config.busy_window,
@@ -331,7 +336,7 @@ def load_settings(config: Config) -> LoadSettings:
 
 
 def build_tracker(
-    config: Config, reactor: Any, level_log: LevelChangeLog
+    config: Config, reactor: Any, level_log: LevelChangeLog, capacity: int
 ) -> LoadTracker:
     """
     The tracker the configuration describes (POLICYD_BACKEND).
@@ -343,7 +348,7 @@ def build_tracker(
     if config.backend == "redis":
         tracker = RedisLoadTracker(
             reactor,
-            load_settings(config),
+            load_settings(config, capacity),
             RedisSettings(
                 url=config.redis_url,
                 prefix=config.redis_prefix,
@@ -354,7 +359,7 @@ def build_tracker(
         )
     else:
         tracker = MemoryLoadTracker(
-            reactor, load_settings(config), level_log.level_changed
+            reactor, load_settings(config, capacity), level_log.level_changed
         )
     level_log.tracker = tracker
     return tracker
@@ -456,9 +461,14 @@ class PolicyServer:
         registry: CollectorRegistry,
         decider: Decider | None = None,
         tracker: LoadTracker | None = None,
+        capacity: int | None = None,
     ) -> None:
         """
         Build everything; nothing listens before `start`.
+
+        With POLICYD_SMTPD_CAPACITY=auto, *capacity* is what was read from
+        Postfix (`policyd.cli` reads it before the reactor runs); a reload
+        reads it again.
 
         *tracker* replaces the one the configuration describes (an in-memory
         `MemoryLoadTracker` whose level changes are logged with who holds the
@@ -470,9 +480,15 @@ class PolicyServer:
             registry, PROTOCOL_ERROR_REASONS, DECISION_FAILURE_REASONS
         )
         settings = self.settings = policy_settings(config)
-        self._level_log = LevelChangeLog(settings, config.smtpd_capacity)
+        self.auto_capacity = config.smtpd_capacity == AUTO_CAPACITY
+        if capacity is None:
+            if self.auto_capacity:
+                raise ValueError("POLICYD_SMTPD_CAPACITY=auto needs the capacity read")
+            capacity = config.smtpd_capacity
+        self.capacity = capacity
+        self._level_log = LevelChangeLog(settings, capacity)
         if tracker is None:
-            tracker = build_tracker(config, reactor, self._level_log)
+            tracker = build_tracker(config, reactor, self._level_log, capacity)
         self.tracker: LoadTracker = tracker
         registry.register(LoadCollector(self.tracker))
         self._holders = HoldersCollector(self.tracker, settings)
@@ -517,8 +533,11 @@ class PolicyServer:
 
         Connections, the load and what is known of clients are untouched.  A
         file that cannot be read, or has a bad line, keeps the lists in use
-        and says why in the log.
+        and says why in the log.  With POLICYD_SMTPD_CAPACITY=auto, the
+        capacity is read from Postfix again too (in the background).
         """
+        if self.auto_capacity:
+            Deferred.fromCoroutine(self._reload_capacity())
         try:
             networks, domains = allow_lists(self.config)
         except ListFileError as e:
@@ -544,6 +563,31 @@ class PolicyServer:
             domains=len(domains),
         )
         return True
+
+    async def _reload_capacity(self) -> None:
+        """Read the capacity from Postfix again; keep the old one on failure."""
+        try:
+            postfix = await read_postfix_async(
+                self.reactor, self.config.postfix_config_dir
+            )
+            found = auto_capacity(self.config.listen, postfix)
+        except PostconfError as e:
+            log.warn(
+                "Reload kept POLICYD_SMTPD_CAPACITY at {capacity}: {error}",
+                event="reload_failed",
+                capacity=self.capacity,
+                error=str(e),
+            )
+            return
+        self.capacity = found.total
+        self.tracker.set_capacity(found.total)
+        self._level_log.capacity = found.total
+        log.info(
+            "POLICYD_SMTPD_CAPACITY=auto: {capacity} ({how})",
+            event="capacity",
+            capacity=found.total,
+            how=describe_capacity(found),
+        )
 
     def health(self) -> tuple[bool, str]:
         """Healthy while the policy listeners are up."""

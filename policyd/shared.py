@@ -392,6 +392,10 @@ class RedisLoadTracker:
         """The Postfix hosts whose load is tracked here."""
         return self.local.hosts()
 
+    def set_capacity(self, capacity: int) -> None:
+        """The process limit of hosts not named in host_capacities, from now on."""
+        self.local.set_capacity(capacity)
+
     def tick(self) -> None:
         """Expire what is stale here; check Redis; share the hosts' load."""
         self.local.tick()

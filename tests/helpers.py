@@ -267,6 +267,10 @@ class RecordingTracker:
         """The one host of the fixed load."""
         return [self.load.host]
 
+    def set_capacity(self, capacity: int) -> None:
+        """Record ``("capacity", capacity)``."""
+        self.calls.append(("capacity", capacity))
+
     def lookup(self, request: PolicyRequest) -> None:
         """Record ``("lookup", request)``; nothing to wait for."""
         self.calls.append(("lookup", request))

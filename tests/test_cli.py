@@ -60,7 +60,11 @@ BAD = {
     "POLICYD_MAX_LINE_LENGTH": ("8k", "expected a whole number from 64"),
     "POLICYD_MAX_ATTRIBUTES": ("1", "expected a whole number from 8"),
     "POLICYD_MAX_REQUEST_BYTES": ("-1", "expected a whole number from 256"),
-    "POLICYD_SMTPD_CAPACITY": ("0", "expected a whole number from 1 to 1000000"),
+    "POLICYD_SMTPD_CAPACITY": (
+        "0",
+        "expected a whole number from 1 to 1000000, or auto",
+    ),
+    "POLICYD_POSTFIX_CONFIG_DIR": ("etc/postfix", "expected an absolute path"),
     "POLICYD_HOST_FROM": ("server_address", "expected one of"),
     "POLICYD_HOST_CAPACITIES": ("mx1:200", "is not HOST=PROCESSES"),
     "POLICYD_BUSY_WINDOW": ("50ms", "expected a duration between 0.1s and 3600s"),

@@ -29,6 +29,7 @@ DOCUMENTED_DEFAULTS = {
     "POLICYD_MAX_ATTRIBUTES": "128",
     "POLICYD_MAX_REQUEST_BYTES": "65536",
     "POLICYD_SMTPD_CAPACITY": "100",
+    "POLICYD_POSTFIX_CONFIG_DIR": "",
     "POLICYD_HOST_FROM": "peer",
     "POLICYD_HOST_CAPACITIES": "",
     "POLICYD_BACKEND": "memory",
@@ -215,7 +216,10 @@ GOOD: dict[str, list[tuple[str, Any]]] = {
     ],
     # Stress detection.  Each threshold is set alone, so its good values are
     # those that still nest with the other three defaults (0.7/0.5, 0.9/0.75).
+    "POLICYD_POSTFIX_CONFIG_DIR": [("", ""), ("/etc/postfix-out", "/etc/postfix-out")],
     "POLICYD_SMTPD_CAPACITY": [
+        ("auto", 0),
+        (" AUTO ", 0),
         ("100", 100),
         ("1", 1),
         (" 2500 ", 2500),
@@ -652,6 +656,7 @@ BAD: dict[str, list[tuple[str, str]]] = {
         ("16777217", r"whole number from 256 to 16777216"),
         ("64k", r"whole number from 256 to 16777216"),
     ],
+    "POLICYD_POSTFIX_CONFIG_DIR": [("postfix", "expected an absolute path")],
     "POLICYD_SMTPD_CAPACITY": [
         ("", _CAPACITY),
         ("0", _CAPACITY),

@@ -155,6 +155,10 @@ class ForcedLevel:
         self.looked_up.append(request)
         return self.waiting
 
+    def set_capacity(self, capacity: int) -> None:
+        """Pass on."""
+        self.real.set_capacity(capacity)
+
     def backend(self) -> BackendStatus:
         """The real tracker's backend."""
         return self.real.backend()
