@@ -225,7 +225,7 @@ SERVER_FORMS: Final = (
 )
 
 
-def _split(description: str) -> list[tuple[str | None, str]]:
+def split_description(description: str) -> list[tuple[str | None, str]]:
     r"""
     Twisted's endpoint syntax: ``:``-separated arguments, ``key=value`` ones.
 
@@ -281,7 +281,7 @@ def _host_port(text: str, description: str) -> TCPTarget:
 
 def _unix(rest: str, description: str) -> UNIXTarget:
     path = ""
-    for key, value in _split(rest):
+    for key, value in split_description(rest):
         # address= is the server form (POLICYD_LISTEN), path= the client form;
         # the other options matter only to whoever listens or connects.
         if (key is None and not path) or key in ("address", "path"):
@@ -305,7 +305,7 @@ def _unix(rest: str, description: str) -> UNIXTarget:
 def _listening(family: str, rest: str, description: str) -> TCPTarget:
     """Where to connect to a server listening on Twisted ``tcp:PORT:...``."""
     port = interface = ""
-    for key, value in _split(rest):
+    for key, value in split_description(rest):
         if (key is None and not port) or key == "port":
             port = value
         elif key == "interface":
@@ -355,7 +355,7 @@ def parse_server(description: str) -> Target:
     if scheme in ("tcp", "tcp6") and colon:
         if rest.startswith("["):
             return _host_port(rest, description)
-        arguments = _split(rest)
+        arguments = split_description(rest)
         keys = {key for key, _ in arguments}
         positional = [value for key, value in arguments if key is None]
         # A server description names one port and no host: the POLICYD_LISTEN

@@ -136,31 +136,11 @@ class Listener:
     path: str = ""
 
 
-def _twisted_words(description: str) -> list[tuple[str | None, str]]:
-    """``:``-separated arguments of a Twisted description, backslash escapes."""
-    words: list[tuple[str | None, str]] = []
-    key: str | None = None
-    current: list[str] = []
-    chars = iter(description)
-    for char in chars:
-        if char == "\\":
-            current.append(next(chars, ""))
-        elif char == ":":
-            words.append((key, "".join(current)))
-            key, current = None, []
-        elif char == "=" and key is None:
-            key, current = "".join(current), []
-        else:
-            current.append(char)
-    words.append((key, "".join(current)))
-    return words
-
-
 def listeners(listen: Iterable[str]) -> tuple[Listener, ...]:
     """The TCP and unix endpoints of ``POLICYD_LISTEN`` (systemd ones are unknown)."""
     found = []
     for description in listen:
-        scheme, *words = _twisted_words(description)
+        scheme, *words = ask.split_description(description)
         if scheme[1] in ("tcp", "tcp6"):
             port, host = "", None
             for key, value in words:

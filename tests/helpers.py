@@ -479,3 +479,20 @@ def exported_metric_names() -> set[str]:
         elif kind == "histogram":
             names.update(name + suffix for suffix in ("_bucket", "_sum", "_count"))
     return names
+
+
+def required_program(name: str, package: str) -> str:
+    """
+    The path of program *name*, or skip the test if it is missing.
+
+    Under ``CI=true`` a missing program fails instead: tests/run installs
+    Debian's *package* there, and a silent skip would hide a broken set-up.
+    """
+    import shutil
+
+    program = shutil.which(name, path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
+    if program is None:
+        if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
+            pytest.fail(f"CI=true but {name} is missing (Debian's {package})")
+        pytest.skip(f"{name} is not installed (Debian's {package})")
+    return program

@@ -9,15 +9,12 @@ rules and runs their unit tests (deploy/prometheus/policyd-alerts.test.yml).
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
-from helpers import exported_metric_names
+from helpers import exported_metric_names, required_program
 
 RULES_DIR = Path(__file__).resolve().parent.parent / "deploy" / "prometheus"
 RULES = RULES_DIR / "policyd-alerts.yml"
@@ -25,13 +22,8 @@ RULE_TESTS = RULES_DIR / "policyd-alerts.test.yml"
 
 
 def promtool() -> str:
-    """The promtool program, or skip (fail under CI=true)."""
-    program = shutil.which("promtool")
-    if program is None:
-        if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
-            pytest.fail("CI=true but promtool is missing (Debian's prometheus)")
-        pytest.skip("promtool is not installed")
-    return program
+    """The promtool program (Debian's prometheus)."""
+    return required_program("promtool", "prometheus")
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
