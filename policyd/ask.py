@@ -27,7 +27,7 @@ from typing import Final
 
 import attrs
 
-from policyd.request import EXPECTED_REQUEST, decode, encode
+from policyd.request import EXPECTED_REQUEST, TRANSACTION_STATES, decode, encode
 
 # -- the request -------------------------------------------------------------
 
@@ -63,7 +63,6 @@ DEFAULTS: Final[Mapping[str, str]] = MappingProxyType(
 # smtpd has an instance only inside a mail transaction: from the accepted
 # MAIL FROM to the end of the message (reference §2.2).  At these stages an
 # ask gets a fresh one unless given, so that it is its own transaction.
-TRANSACTION_STATES: Final = frozenset({"RCPT", "DATA", "END-OF-MESSAGE"})
 
 # Every attribute some Postfix version sends (reference §2.1).  Others are
 # sent too, but named in a warning: most likely they are typos.

@@ -39,14 +39,6 @@ class Decider(Protocol):
         """
 
 
-class DunnoDecider:
-    """Answer ``DUNNO`` to everything: Postfix carries on as if we were absent."""
-
-    def decide(self, request: PolicyRequest) -> Action:
-        """Return ``DUNNO``."""
-        return DUNNO
-
-
 class TrackingDecider:
     """
     Account for every request in the load tracker, then answer ``DUNNO``.

@@ -53,7 +53,13 @@ from policyd.levels import (
     ClientStats,
     LevelMachine,
 )
-from policyd.request import PolicyRequest
+from policyd.request import (
+    DATA,
+    END_OF_MESSAGE,
+    SESSION_STATES,
+    TRANSACTION_STATES,
+    PolicyRequest,
+)
 
 __all__ = [
     "ALL_HOSTS",
@@ -75,18 +81,10 @@ __all__ = [
 log = Logger()
 
 
-# Stages at which Postfix reports a new SMTP session to the policy service
-# (smtpd_client_restrictions with smtpd_delay_reject=no; XCLIENT restarts the
-# session with the presented identity).
-SESSION_STATES: Final = frozenset({"CONNECT", "XCLIENT"})
-
-END_OF_MESSAGE: Final = "END-OF-MESSAGE"
-DATA: Final = "DATA"
-
-# Stages that show a session making progress: it got as far as naming a
-# recipient (or beyond).  A session that never gets here and is not refused
-# held its smtpd process for nothing.
-PROGRESS_STATES: Final = frozenset({"RCPT", DATA, END_OF_MESSAGE})
+# A session that gets as far as a transaction stage (a recipient, or beyond)
+# made progress; one that never gets there and is not refused held its smtpd
+# process for nothing.
+PROGRESS_STATES: Final = TRANSACTION_STATES
 
 #: The host of connections whose Postfix host is not told apart: policyd
 #: serving the Postfix of its own machine.

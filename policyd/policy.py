@@ -30,7 +30,7 @@ import attrs
 
 from policyd.actions import DUNNO, Action
 from policyd.levels import ELEVATED, LEVEL_NAMES, NORMAL, OVERLOAD, ClientStats
-from policyd.request import PolicyRequest
+from policyd.request import SESSION_STATES, PolicyRequest
 
 # -- reasons -----------------------------------------------------------------
 # Each signal has a stable name: it is a metric label, a log field and a word
@@ -96,10 +96,6 @@ AUTHENTICATED: Final = "authenticated"
 ALLOWED_NETWORK: Final = "allowed_network"
 ALLOWED_DOMAIN: Final = "allowed_domain"
 EXEMPTIONS: Final = (AUTHENTICATED, ALLOWED_NETWORK, ALLOWED_DOMAIN)
-
-# Stages at which only the client is known (no HELO, sender or recipient).
-CONNECT_STATES: Final = frozenset({"CONNECT", "XCLIENT"})
-HELO_STATES: Final = frozenset({"HELO", "EHLO"})
 
 _UNKNOWN = "unknown"
 _LITERAL = re.compile(r"\[(?:ipv6:)?([0-9a-f:.]+)\]\Z", re.IGNORECASE)
@@ -344,7 +340,7 @@ def signals(
         found.append(NO_REVERSE_NAME)
     elif looks_dynamic(reverse_name, request.client_address):
         found.append(DYNAMIC_NAME)
-    if request.protocol_state not in CONNECT_STATES:
+    if request.protocol_state not in SESSION_STATES:
         found += _helo_signals(request.helo_name, request, settings)
     if client.concurrency > settings.client_concurrency_limit:
         found.append(CONCURRENCY)

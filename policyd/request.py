@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 # Postfix sends raw bytes from the SMTP session (SMTPUTF8 names, or garbage
 # from a broken client).  Decoding with surrogateescape never fails and keeps
@@ -12,6 +12,17 @@ _ENCODING = "utf-8"
 _ERRORS = "surrogateescape"
 
 EXPECTED_REQUEST = "smtpd_access_policy"
+
+# The protocol_state values policyd tells apart (one place for the tracker,
+# the policy and `policyd ask`).
+#: A new SMTP session: smtpd_client_restrictions with smtpd_delay_reject=no
+#: (XCLIENT restarts the session with the identity it presents).
+SESSION_STATES: Final = frozenset({"CONNECT", "XCLIENT"})
+DATA: Final = "DATA"
+END_OF_MESSAGE: Final = "END-OF-MESSAGE"
+#: Inside a mail transaction (an ``instance``): a session that got this far
+#: named a recipient, and made progress.
+TRANSACTION_STATES: Final = frozenset({"RCPT", DATA, END_OF_MESSAGE})
 
 
 def decode(raw: bytes | bytearray) -> str:
