@@ -950,48 +950,65 @@ def _check_list_files(cfg: Config) -> None:
             raise ConfigError(f"{PREFIX}_{name.upper()}", path, str(e)) from None
 
 
+# Two settings that must stand in a relation: what the first must be to the
+# second, and the same said of the second (when the admin set only that one).
+_RELATIONS: Final = {
+    "<": ("must be below", "must be above"),
+    ">=": ("must be at least", "must be at most"),
+}
+
+
 def _check_thresholds(cfg: Config, env: Mapping[str, str]) -> None:
-    """The level thresholds must nest: exit < enter, elevated <= overload."""
-    rules = [
-        (
-            "elevated_exit",
-            cfg.elevated_exit < cfg.elevated_enter,
-            "must be below POLICYD_ELEVATED_ENTER",
-        ),
-        (
-            "overload_exit",
-            cfg.overload_exit < cfg.overload_enter,
-            "must be below POLICYD_OVERLOAD_ENTER",
-        ),
-        (
-            "overload_enter",
-            cfg.overload_enter >= cfg.elevated_enter,
-            "must be at least POLICYD_ELEVATED_ENTER",
-        ),
-        (
-            "overload_exit",
-            cfg.overload_exit >= cfg.elevated_exit,
-            "must be at least POLICYD_ELEVATED_EXIT",
-        ),
-        (
-            "elevated_exit",
-            cfg.elevated_exit > 0,
-            "must be above 0, or the elevated level could never be left",
-        ),
-    ]
-    rules.append(
+    """
+    Settings that must agree: exit < enter, elevated <= overload, and so on.
+
+    The error blames the setting the admin set (the first of the pair if both
+    or neither were), and names the other with its value, marked when it is
+    the default: POLICYD_ELEVATED_ENTER=0.4 alone is "must be above
+    POLICYD_ELEVATED_EXIT=0.5 (the default)".
+    """
+    pairs: list[tuple[str, str, str, bool, str]] = [
+        ("elevated_exit", "<", "elevated_enter", True, ""),
+        ("overload_exit", "<", "overload_enter", True, ""),
+        ("overload_enter", ">=", "elevated_enter", True, ""),
+        ("overload_exit", ">=", "elevated_exit", True, ""),
         (
             "redis_deadline",
-            cfg.backend != "redis" or cfg.redis_deadline < cfg.decision_timeout,
-            "must be below POLICYD_DECISION_TIMEOUT, or a decision waiting for "
-            "Redis would get the fallback action",
-        )
-    )
+            "<",
+            "decision_timeout",
+            cfg.backend == "redis",
+            ", or a decision waiting for Redis would get the fallback action",
+        ),
+    ]
     defaults = {name: default for _, name, default, _ in _declarations()}
-    for field, holds, problem in rules:
-        if not holds:
-            name = f"{PREFIX}_{field.upper()}"
-            raise ConfigError(name, env.get(name, defaults[name]), problem)
+
+    def variable(field: str) -> str:
+        return f"{PREFIX}_{field.upper()}"
+
+    def raw(field: str) -> str:
+        return env.get(variable(field), defaults[variable(field)])
+
+    if not cfg.elevated_exit > 0:
+        raise ConfigError(
+            variable("elevated_exit"),
+            raw("elevated_exit"),
+            "must be above 0, or the elevated level could never be left",
+        )
+    for left, relation, right, applies, why in pairs:
+        a, b = getattr(cfg, left), getattr(cfg, right)
+        holds = a < b if relation == "<" else a >= b
+        if not applies or holds:
+            continue
+        forward, backward = _RELATIONS[relation]
+        blamed, words, other = left, forward, right
+        if variable(right) in env and variable(left) not in env:
+            blamed, words, other = right, backward, left
+        note = "" if variable(other) in env else " (the default)"
+        raise ConfigError(
+            variable(blamed),
+            raw(blamed),
+            f"{words} {variable(other)}={raw(other)}{note}{why}",
+        )
 
 
 def unknown_variables(env: Mapping[str, str]) -> list[str]:

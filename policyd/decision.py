@@ -81,10 +81,10 @@ class PolicyDecider:
         settings: PolicySettings,
         metrics: PolicyMetrics,
         *,
+        clock: IReactorTime,
         dry_run: bool = False,
         dry_run_warn: bool = False,
         refusal_log_limit: int = 0,
-        clock: IReactorTime | None = None,
     ) -> None:
         self.tracker = tracker
         self.settings = settings
@@ -93,7 +93,7 @@ class PolicyDecider:
         self.dry_run_warn = dry_run_warn
         # Refusal log events per second (0: all).  A flood of bots must not
         # become a flood of log lines, written just when CPU is scarcest.
-        self.refusal_log_limit = refusal_log_limit if clock is not None else 0
+        self.refusal_log_limit = refusal_log_limit
         self._clock = clock
         self._log_second = -1
         self._logged = 0
@@ -186,7 +186,7 @@ class PolicyDecider:
         return verdict.action
 
     def _log_refusal(self, request: PolicyRequest, verdict: Verdict) -> None:
-        if self.refusal_log_limit and self._clock is not None:
+        if self.refusal_log_limit:
             second = int(self._clock.seconds())
             if second != self._log_second:
                 if self._not_logged:

@@ -274,7 +274,7 @@ class TestConfigErrors:
         assert (code, out) == (2, "")
         assert err == (
             "policyd: POLICYD_ELEVATED_EXIT='0.8' is invalid: "
-            "must be below POLICYD_ELEVATED_ENTER\n"
+            "must be below POLICYD_ELEVATED_ENTER=0.7 (the default)\n"
         )
 
     def test_unknown_variable_warns(self, capsys: pytest.CaptureFixture[str]) -> None:

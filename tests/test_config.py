@@ -1287,72 +1287,72 @@ TANGLED = [
         {"POLICYD_ELEVATED_EXIT": "0.7"},
         "POLICYD_ELEVATED_EXIT",
         "0.7",
-        "must be below POLICYD_ELEVATED_ENTER",
+        "must be below POLICYD_ELEVATED_ENTER=0.7 (the default)",
         id="elevated exit at its enter",
     ),
     pytest.param(
         {"POLICYD_ELEVATED_EXIT": "0.70", "POLICYD_ELEVATED_ENTER": "0.70"},
         "POLICYD_ELEVATED_EXIT",
         "0.70",
-        "must be below POLICYD_ELEVATED_ENTER",
+        "must be below POLICYD_ELEVATED_ENTER=0.70",
         id="value shown as written",
     ),
     pytest.param(
         {"POLICYD_ELEVATED_ENTER": "0.4"},
-        "POLICYD_ELEVATED_EXIT",
-        "0.5",
-        "must be below POLICYD_ELEVATED_ENTER",
-        id="elevated enter below the default exit",
+        "POLICYD_ELEVATED_ENTER",
+        "0.4",
+        "must be above POLICYD_ELEVATED_EXIT=0.5 (the default)",
+        id="elevated enter below the default exit: the one set is named",
     ),
     pytest.param(
         {"POLICYD_BACKEND": "redis", "POLICYD_REDIS_DEADLINE": "1s"},
         "POLICYD_REDIS_DEADLINE",
         "1s",
-        "must be below POLICYD_DECISION_TIMEOUT, or a decision waiting for "
-        "Redis would get the fallback action",
+        "must be below POLICYD_DECISION_TIMEOUT=1s (the default), or a decision "
+        "waiting for Redis would get the fallback action",
         id="redis deadline at the decision timeout",
     ),
     pytest.param(
         {"POLICYD_BACKEND": "redis", "POLICYD_DECISION_TIMEOUT": "10ms"},
-        "POLICYD_REDIS_DEADLINE",
-        "20ms",
-        "must be below POLICYD_DECISION_TIMEOUT, or a decision waiting for "
-        "Redis would get the fallback action",
+        "POLICYD_DECISION_TIMEOUT",
+        "10ms",
+        "must be above POLICYD_REDIS_DEADLINE=20ms (the default), or a decision "
+        "waiting for Redis would get the fallback action",
         id="decision timeout below the default redis deadline",
     ),
     pytest.param(
         {"POLICYD_OVERLOAD_EXIT": "0.9"},
         "POLICYD_OVERLOAD_EXIT",
         "0.9",
-        "must be below POLICYD_OVERLOAD_ENTER",
+        "must be below POLICYD_OVERLOAD_ENTER=0.9 (the default)",
         id="overload exit at its enter",
     ),
     pytest.param(
         {"POLICYD_OVERLOAD_EXIT": "0.95"},
         "POLICYD_OVERLOAD_EXIT",
         "0.95",
-        "must be below POLICYD_OVERLOAD_ENTER",
+        "must be below POLICYD_OVERLOAD_ENTER=0.9 (the default)",
         id="overload exit above its enter",
     ),
     pytest.param(
         {"POLICYD_OVERLOAD_ENTER": "0.6"},
-        "POLICYD_OVERLOAD_EXIT",
-        "0.75",
-        "must be below POLICYD_OVERLOAD_ENTER",
+        "POLICYD_OVERLOAD_ENTER",
+        "0.6",
+        "must be above POLICYD_OVERLOAD_EXIT=0.75 (the default)",
         id="overload enter below the default exit",
     ),
     pytest.param(
         {"POLICYD_OVERLOAD_ENTER": "0.6", "POLICYD_OVERLOAD_EXIT": "0.55"},
         "POLICYD_OVERLOAD_ENTER",
         "0.6",
-        "must be at least POLICYD_ELEVATED_ENTER",
+        "must be at least POLICYD_ELEVATED_ENTER=0.7 (the default)",
         id="overload enter below elevated enter",
     ),
     pytest.param(
         {"POLICYD_ELEVATED_EXIT": "0.6", "POLICYD_OVERLOAD_EXIT": "0.55"},
         "POLICYD_OVERLOAD_EXIT",
         "0.55",
-        "must be at least POLICYD_ELEVATED_EXIT",
+        "must be at least POLICYD_ELEVATED_EXIT=0.6",
         id="overload exit below elevated exit",
     ),
 ]
@@ -1375,8 +1375,9 @@ class TestThresholds:
         """
         Thresholds that do not nest raise ConfigError naming one variable.
 
-        The problem names the other variable of the pair, so that an admin
-        who set either one sees it named and knows what to change.
+        The variable named is the one the admin set (the first of the pair if
+        both or neither were); the problem names the other with its value,
+        marked "(the default)" when it was not set.
         """
         with pytest.raises(config.ConfigError) as info:
             config.load(env)

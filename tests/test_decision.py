@@ -258,7 +258,9 @@ class TestNormal:
         clock.advance(START)
         tracker = MemoryLoadTracker(clock, LoadSettings())
         registry = CollectorRegistry()
-        decider = PolicyDecider(tracker, PolicySettings(), PolicyMetrics(registry))
+        decider = PolicyDecider(
+            tracker, PolicySettings(), PolicyMetrics(registry), clock=clock
+        )
         request = PolicyRequest.from_attributes(BOT, 1)
         assert decider.decide(request) == DUNNO
         assert tracker.client(request).concurrency == 1
@@ -277,7 +279,7 @@ class TestNormal:
         clock.advance(START)
         tracker = MemoryLoadTracker(clock, LoadSettings(postfix_stress_min_load=0.0))
         decider = PolicyDecider(
-            tracker, PolicySettings(), PolicyMetrics(CollectorRegistry())
+            tracker, PolicySettings(), PolicyMetrics(CollectorRegistry()), clock=clock
         )
         calm = PolicyRequest.from_attributes(BOT, 1)
         assert decider.decide(calm) == DUNNO
@@ -288,7 +290,10 @@ class TestNormal:
         """The tracker observes every request, pinned ones included."""
         tracker = RecordingTracker(attrs.evolve(IDLE_SNAPSHOT, level=ELEVATED))
         decider = PolicyDecider(
-            tracker, PolicySettings(), PolicyMetrics(CollectorRegistry())
+            tracker,
+            PolicySettings(),
+            PolicyMetrics(CollectorRegistry()),
+            clock=Clock(),
         )
         requests = [
             PolicyRequest.from_attributes({**BOT, "recipient": f"r{n}@example.org"}, 1)
