@@ -21,6 +21,7 @@ from twisted.internet.testing import MemoryReactor
 
 from policyd.actions import Action, InvalidAction
 from policyd.policy import SIGNALS as _ALL_REASONS
+from policyd.protocol import MAX_ATTRIBUTES, MAX_LINE_LENGTH, MAX_REQUEST_BYTES
 from policyd.resp import RedisURL, hide_password, parse_url
 
 PREFIX = "POLICYD"
@@ -443,19 +444,19 @@ class Config:
         "policyd, closes idle connections.",
     )
     max_line_length: int = _setting(
-        "8192",
+        str(MAX_LINE_LENGTH),
         integer(64, 1 << 20),
         "Longest accepted attribute line in bytes; a longer one closes the "
         "connection without a reply.",
     )
     max_attributes: int = _setting(
-        "128",
+        str(MAX_ATTRIBUTES),
         integer(8, 10000),
         "Most attributes in one request (Postfix 3.x sends about 30); more closes "
         "the connection without a reply.",
     )
     max_request_bytes: int = _setting(
-        "65536",
+        str(MAX_REQUEST_BYTES),
         integer(256, 1 << 24),
         "Largest accepted request in bytes; a larger one closes the connection "
         "without a reply.",

@@ -78,13 +78,21 @@ _NOT_SEPARATORS: Final = bytes(set(range(256)) - {ord("="), ord("\n")})
 _EXPECTED_REQUEST: Final = EXPECTED_REQUEST.encode("ascii")
 
 
+# The default bounds of a request, here and for POLICYD_MAX_LINE_LENGTH,
+# POLICYD_MAX_ATTRIBUTES and POLICYD_MAX_REQUEST_BYTES: Postfix 3.x sends
+# about 30 attributes of at most a few hundred bytes.
+MAX_LINE_LENGTH: Final = 8192
+MAX_ATTRIBUTES: Final = 128
+MAX_REQUEST_BYTES: Final = 65536
+
+
 @attrs.frozen
 class Limits:
-    """Bounds on what one request may contain."""
+    """Bounds on what one request may contain (defaults: POLICYD_MAX_*'s)."""
 
-    max_line_length: int = 8192
-    max_attributes: int = 128
-    max_request_bytes: int = 65536
+    max_line_length: int = MAX_LINE_LENGTH
+    max_attributes: int = MAX_ATTRIBUTES
+    max_request_bytes: int = MAX_REQUEST_BYTES
     # A prefix of this is the skeleton (see PolicyProtocol._parse) of every
     # request of at most max_attributes lines with exactly one "=" each:
     # ``=\\n=\\n...=``, of odd length 2n - 1 for n lines.

@@ -1,9 +1,14 @@
-"""In-memory test doubles for the protocol, server and command-line tests.
+"""What many test modules share.
 
-Nothing here opens a socket or reads the wall clock: connections are
+Mostly in-memory doubles for the protocol, server and command-line tests,
+which open no socket and read no wall clock: connections are
 `StringTransport`s, time is a `Clock`, every `Harness` has its own
-`CollectorRegistry`, and `run_main` runs the command line in this process.
-policyd as a real process is `policyd.testing.daemon.PolicydProcess`.
+`CollectorRegistry`, `RecordingTracker` records what a tracker is told, and
+`run_main` runs the command line in this process.  Then small helpers for
+tests of what ships: `exported_metric_names` (what /metrics can show, for the
+alert rules and the dashboard), `sourced_by_sh` (an env file as /bin/sh reads
+it) and `required_program` (a program tests/run installs: skip, or fail under
+CI=true).  policyd as a real process is `policyd.testing.daemon.PolicydProcess`.
 """
 
 from __future__ import annotations
