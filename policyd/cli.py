@@ -18,10 +18,8 @@ import gc
 import json
 import os
 import shlex
-import shutil
 import signal
 import socket
-import subprocess
 import sys
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -269,32 +267,6 @@ def _read(path: str) -> str:
         _fail(f"cannot read {path}: {e.strerror or e}", EXIT_UNREADABLE)
 
 
-def _run_postconf(config_dir: str | None, *args: str) -> str:
-    """Run ``postconf [-c DIR] ARGS``; exit 2 with its message if it fails."""
-    program = shutil.which("postconf") or shutil.which(
-        "postconf", path="/usr/sbin:/usr/local/sbin:/sbin"
-    )
-    if program is None:
-        _fail(
-            "postconf not found; give --postconf FILE with saved 'postconf' output",
-            EXIT_UNREADABLE,
-        )
-    argv = [program, *(("-c", config_dir) if config_dir else ()), *args]
-    try:
-        done = subprocess.run(  # noqa: S603 - postconf with our own arguments
-            argv, capture_output=True, text=True, errors="replace", timeout=60
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        _fail(f"running {' '.join(argv)} failed: {e}", EXIT_UNREADABLE)
-    if done.returncode != 0:
-        message = (done.stderr.strip() or done.stdout.strip()).splitlines()
-        _fail(
-            f"{' '.join(argv)} failed: {message[-1] if message else done.returncode}",
-            EXIT_UNREADABLE,
-        )
-    return done.stdout
-
-
 def doctor_command(args: argparse.Namespace, env: Mapping[str, str]) -> None:
     """Check a Postfix configuration against what policyd needs; exit 0, 1 or 2."""
     cfg = _load(env)
@@ -304,20 +276,14 @@ def doctor_command(args: argparse.Namespace, env: Mapping[str, str]) -> None:
         _fail("give either --config-dir or --postconf, not both")
     try:
         if args.postconf is not None:
-            params = postconf.parse_main(_read(args.postconf), args.postconf)
-            services = (
+            postfix = doctor.Postfix(
+                postconf.parse_main(_read(args.postconf), args.postconf),
                 None
                 if args.master is None
-                else postconf.parse_master(_read(args.master), args.master)
+                else postconf.parse_master(_read(args.master), args.master),
             )
         else:
-            params = postconf.parse_main(
-                _run_postconf(args.config_dir), "postconf output"
-            )
-            services = postconf.parse_master(
-                _run_postconf(args.config_dir, "-M"), "postconf -M output"
-            )
-        postfix = doctor.Postfix(params, services)
+            postfix = doctor.read_postfix(args.config_dir or "")
         policyd = doctor.Policyd.from_config(cfg)
         findings = doctor.diagnose(postfix, policyd)
         if args.ask:

@@ -925,6 +925,18 @@ def _postconf_argv(config_dir: str, *args: str) -> list[str]:
     return [program, *(("-c", config_dir) if config_dir else ()), *args]
 
 
+def _failed(argv: Sequence[str], output: str, code: object) -> PostconfError:
+    lines = output.strip().splitlines()
+    return PostconfError(f"{' '.join(argv)} failed: {lines[-1] if lines else code}")
+
+
+def _postfix(main: str, master: str) -> Postfix:
+    return Postfix(
+        parse_main(main, "postconf output"),
+        parse_master(master, "postconf -M output"),
+    )
+
+
 def read_postfix(config_dir: str = "") -> Postfix:
     """The Postfix configuration of this host (``postconf``, ``postconf -M``)."""
     texts = []
@@ -937,15 +949,9 @@ def read_postfix(config_dir: str = "") -> Postfix:
         except (OSError, subprocess.TimeoutExpired) as e:
             raise PostconfError(f"running {' '.join(argv)} failed: {e}") from None
         if done.returncode != 0:
-            lines = (done.stderr.strip() or done.stdout.strip()).splitlines()
-            raise PostconfError(
-                f"{' '.join(argv)} failed: {lines[-1] if lines else done.returncode}"
-            )
+            raise _failed(argv, done.stderr or done.stdout, done.returncode)
         texts.append(done.stdout)
-    return Postfix(
-        parse_main(texts[0], "postconf output"),
-        parse_master(texts[1], "postconf -M output"),
-    )
+    return _postfix(*texts)
 
 
 async def read_postfix_async(reactor: Any, config_dir: str = "") -> Postfix:
@@ -957,12 +963,6 @@ async def read_postfix_async(reactor: Any, config_dir: str = "") -> Postfix:
             argv[0], argv[1:], env=dict(os.environ), reactor=reactor
         )
         if code != 0:
-            lines = (err.decode(errors="replace").strip()).splitlines()
-            raise PostconfError(
-                f"{' '.join(argv)} failed: {lines[-1] if lines else code}"
-            )
+            raise _failed(argv, err.decode(errors="replace"), code)
         texts.append(out.decode(errors="replace"))
-    return Postfix(
-        parse_main(texts[0], "postconf output"),
-        parse_master(texts[1], "postconf -M output"),
-    )
+    return _postfix(*texts)

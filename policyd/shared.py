@@ -260,17 +260,15 @@ _Waiter = tuple[Deferred[ClientStats | None], PolicyRequest]
 class _Batch:
     """One script call in flight."""
 
-    __slots__ = ("deltas", "late", "sent_at", "timer", "waiters")
+    __slots__ = ("deltas", "late", "timer", "waiters")
 
     def __init__(
         self,
         deltas: dict[int, list[float]],
         waiters: dict[int, list[_Waiter]],
-        sent_at: float,
     ) -> None:
         self.deltas = deltas
         self.waiters = waiters
-        self.sent_at = sent_at
         self.timer: IDelayedCall | None = None
         self.late = False
 
@@ -313,6 +311,13 @@ class RedisLoadTracker:
             reactor, settings, on_level_change, journal=self._journal
         )
         self.keys = self.local.keys
+        # The decay window of each count, indexed by what a journal reports
+        # (SESSIONS, MESSAGES, HELD, REFUSALS).
+        windows = dict.fromkeys(
+            (SESSIONS, MESSAGES, REFUSALS), settings.client_rate_window
+        )
+        windows[HELD] = settings.hold_window
+        self._windows = tuple(windows[what] for what in range(len(windows)))
         window = max(settings.client_rate_window, settings.hold_window)
         # Long enough that what is dropped has decayed to nothing: e^-4.
         self.ttl = max(60, math.ceil(4 * window))
@@ -522,9 +527,7 @@ class RedisLoadTracker:
                 pending.popitem(last=False)
                 self._dropped += 1
             delta = pending[key] = _fresh_delta()
-        settings = self.settings
-        window = settings.hold_window if what == HELD else settings.client_rate_window
-        delta[what] = add_event(delta[what], now, window, amount)
+        delta[what] = add_event(delta[what], now, self._windows[what], amount)
         if what == REFUSALS:
             delta[4] = now
         if self._state == _UP:
@@ -594,7 +597,7 @@ class RedisLoadTracker:
                         want,
                     )
                 )
-        batch = _Batch(deltas, waiters, now)
+        batch = _Batch(deltas, waiters)
         self._in_flight.append(batch)
         # A decision waits at most the deadline; updates nobody waits for
         # may take up to the timeout (a Redis across a slow link still
@@ -708,19 +711,13 @@ class RedisLoadTracker:
 
     def _restore(self, deltas: dict[int, list[float]]) -> None:
         """Put back updates that did not reach Redis, merged with newer ones."""
-        settings = self.settings
         now = self.reactor.seconds()
         for key, delta in deltas.items():
             current = self._pending.get(key)
             if current is None:
                 self._pending[key] = delta
                 continue
-            for what in (SESSIONS, MESSAGES, HELD, REFUSALS):
-                window = (
-                    settings.hold_window
-                    if what == HELD
-                    else settings.client_rate_window
-                )
+            for what, window in enumerate(self._windows):
                 amount = events(delta[what], now, window)
                 if amount > 0:
                     current[what] = add_event(current[what], now, window, amount)
@@ -838,19 +835,13 @@ class RedisLoadTracker:
     ) -> None:
         """Replace the pending updates with the local counts of every client."""
         now = self.reactor.seconds()
-        settings = self.settings
-        cw, hw = settings.client_rate_window, settings.hold_window
         pending: OrderedDict[int, list[float]] = OrderedDict()
         for key, sessions, messages, held, refusals, refused_at in records:
             delta = _fresh_delta()
-            for what, amount, window in (
-                (SESSIONS, sessions, cw),
-                (MESSAGES, messages, cw),
-                (HELD, held, hw),
-                (REFUSALS, refusals, cw),
-            ):
-                if amount > 1e-6:
-                    delta[what] = add_event(NO_EVENTS, now, window, amount)
+            counts = (sessions, messages, held, refusals)
+            for what, window in enumerate(self._windows):
+                if counts[what] > 1e-6:
+                    delta[what] = add_event(NO_EVENTS, now, window, counts[what])
             delta[4] = refused_at if refusals > 1e-6 else NEVER
             if any(value != NO_EVENTS for value in delta[:4]):
                 pending[key] = delta
@@ -1074,11 +1065,14 @@ class RedisLoadTracker:
         if since is not None and self._down_logged_at >= since:
             log.info(
                 "Redis is back after {seconds:.1f} s ({master}); {pending} "
-                "clients' updates to write",
+                "clients' updates to write, {dropped} dropped (more than "
+                "max_pending)",
                 event="backend_up",
                 seconds=now - since,
                 master=self._master,
                 pending=len(self._pending),
+                dropped=self._dropped,
             )
+            self._dropped = 0
         if self._pending or self._wanted:
             self._schedule(now=True)
