@@ -56,7 +56,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from policyd.testing.bed import Bed, running_bed
 from policyd.testing.daemon import Event, PolicydProcess
 from policyd.testing.postfix import PostfixConfig, PostfixInstance, PostfixTools
-from policyd.testing.smtp import RELAY_DOMAIN, SmtpTranscript, ehlo_features
+from policyd.testing.smtp import (
+    RELAY_DOMAIN,
+    SmtpTranscript,
+    bot_xclient,
+    ehlo_features,
+)
 from policyd.testing.system import wait_until
 
 pytestmark = pytest.mark.postfix
@@ -142,21 +147,9 @@ class Client:
         return f"{self.label}{'-' + tag if tag else ''}@{RELAY_DOMAIN}"
 
 
-def _bot_like(address: str, **extra: str) -> dict[str, str]:
-    """No reverse DNS at all, a bare-word HELO: what a spambot looks like."""
-    return {
-        "ADDR": address,
-        "NAME": "[UNAVAILABLE]",
-        "REVERSE_NAME": "[UNAVAILABLE]",
-        "HELO": "foo",
-        "PROTO": "ESMTP",
-        **extra,
-    }
-
-
 BOT = Client(
     "bot",
-    _bot_like("192.0.2.66"),
+    bot_xclient("192.0.2.66"),
     ("no_client_name", "no_reverse_name", "helo_not_fqdn"),
     6,
 )
@@ -181,10 +174,10 @@ CLEAN = Client(
     },
 )
 AUTHENTICATED = Client(
-    "sasl", _bot_like("192.0.2.87", LOGIN="alice"), exemption="authenticated"
+    "sasl", bot_xclient("192.0.2.87", LOGIN="alice"), exemption="authenticated"
 )
 ALLOWED_NETWORK = Client(
-    "allowed-net", _bot_like("198.51.100.7"), exemption="allowed_network"
+    "allowed-net", bot_xclient("198.51.100.7"), exemption="allowed_network"
 )
 ALLOWED_DOMAIN = Client(
     "allowed-domain",
@@ -199,7 +192,7 @@ ALLOWED_DOMAIN = Client(
 )
 IMPERSONATOR = Client(
     "impersonator",
-    _bot_like("192.0.2.99", HELO="localhost"),
+    bot_xclient("192.0.2.99", HELO="localhost"),
     ("no_client_name", "no_reverse_name", "helo_impersonates"),
     9,
 )

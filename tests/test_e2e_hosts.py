@@ -15,6 +15,7 @@ from __future__ import annotations
 from policyd.testing.daemon import PolicydProcess
 from policyd.testing.postfix import PostfixConfig, PostfixInstance, PostfixTools
 from policyd.testing.redis import RedisServer
+from policyd.testing.smtp import bot_xclient
 from policyd.testing.system import wait_until
 
 
@@ -79,17 +80,6 @@ def test_flood_on_one_host_leaves_the_other_normal(
         assert contexts == {"mx1", "mx2"}
 
 
-def _bot(address: str) -> dict[str, str]:
-    """XCLIENT attributes of a client without any reverse DNS and a bare HELO."""
-    return {
-        "ADDR": address,
-        "NAME": "[UNAVAILABLE]",
-        "REVERSE_NAME": "[UNAVAILABLE]",
-        "HELO": "foo",
-        "PROTO": "ESMTP",
-    }
-
-
 def test_refused_on_one_mx_is_a_quick_retry_on_the_other(
     postfix_tools: PostfixTools, own_redis_server: RedisServer
 ) -> None:
@@ -117,7 +107,7 @@ def test_refused_on_one_mx_is_a_quick_retry_on_the_other(
     ):
         for policyd in (policyd1, policyd2):
             policyd.wait_for_event("backend_connected")
-        bot = _bot("192.0.2.66")
+        bot = bot_xclient("192.0.2.66")
         first = mx1.send("stress", xclient=bot, ehlo_after_xclient=False)
         refusal = first.replies("RCPT")[0]
         assert refusal.code == 421, first

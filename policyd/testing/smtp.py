@@ -115,6 +115,24 @@ def xtext(value: str) -> str:
     )
 
 
+def bot_xclient(address: str, **extra: str) -> dict[str, str]:
+    """
+    XCLIENT attributes of a client that looks like a spambot.
+
+    No reverse DNS at all (``client_name`` and ``reverse_client_name`` both
+    ``unknown``) and a bare-word HELO; *extra* adds or replaces attributes
+    (``LOGIN=alice``, ``HELO=localhost``).
+    """
+    return {
+        "ADDR": address,
+        "NAME": "[UNAVAILABLE]",
+        "REVERSE_NAME": "[UNAVAILABLE]",
+        "HELO": "foo",
+        "PROTO": "ESMTP",
+        **extra,
+    }
+
+
 def send_message(
     host: str,
     port: int,
