@@ -27,8 +27,8 @@ from policyd import config as config_module
 from policyd.server import PolicyServer
 
 
-def _requests(count: int) -> list[bytes]:
-    sessions = build_pool(PoolOptions(requests=count, clients=500))
+def _requests(count: int, clients: int) -> list[bytes]:
+    sessions = build_pool(PoolOptions(requests=count, clients=clients))
     return [request for session in sessions for request in session][:count]
 
 
@@ -37,6 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--level", choices=("normal", "overload"), default="normal")
     parser.add_argument("--requests", type=int, default=200_000)
+    parser.add_argument(
+        "--addresses",
+        choices=("pool", "fresh"),
+        default="pool",
+        help="pool: 2,000 requests from 500 clients, replayed; fresh: 60,000 "
+        "requests, about one client per session, through a table of 1,000 "
+        "clients (each comes back as a stranger: evicted, and out of every cache)",
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile policyd")
     parser.add_argument("--sort", default="tottime", help="profile order")
     parser.add_argument("--top", type=int, default=25, help="profile lines")
@@ -47,11 +55,14 @@ def main(argv: list[str] | None = None) -> int:
         "POLICYD_LEVEL_MIN_DWELL": "3600s",
         "POLICYD_REFUSAL_LOG_LIMIT": "100",
     }
+    if args.addresses == "fresh":
+        env["POLICYD_MAX_TRACKED_CLIENTS"] = "1000"
     config = config_module.load(env)
     clock = Clock()
     clock.advance(1_000_000)
     server = PolicyServer(config, clock, CollectorRegistry())
-    pool = _requests(2000)
+    size, clients = (2000, 500) if args.addresses == "pool" else (60_000, 60_000)
+    pool = _requests(size, clients)
 
     def feed(protocol: Any, transport: StringTransport) -> None:
         receive = protocol.dataReceived
