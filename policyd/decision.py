@@ -11,6 +11,7 @@ from collections import OrderedDict
 from functools import partial
 from typing import Final, Protocol
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -62,6 +63,20 @@ class TrackingDecider:
 PINNED_TRANSACTIONS = 65536
 
 
+@attrs.define
+class _Session:
+    """What a policy connection's requests settled (`PolicyDecider._sessions`)."""
+
+    #: The transaction whose verdict every later request of it gets.
+    instance: str = ""
+    verdict: Verdict | None = None
+    #: The client's `policy.identity`, for requests with this identity key,
+    #: judged under these settings (a reload replaces them).
+    identity_key: policy.IdentityKey | None = None
+    identity: tuple[str, ...] = ()
+    settings: PolicySettings | None = None
+
+
 class PolicyDecider:
     """
     The product: observe the load, and under stress refuse the suspicious.
@@ -98,7 +113,10 @@ class PolicyDecider:
         self._log_second = -1
         self._logged = 0
         self._not_logged = 0
-        self._pinned: OrderedDict[int, tuple[str, Verdict]] = OrderedDict()
+        # Per policy connection (one smtpd process), what its latest requests
+        # settled: the transaction whose verdict is pinned, and the identity
+        # of its client (the same for every request of a session).
+        self._sessions: OrderedDict[int, _Session] = OrderedDict()
         self._count_normal = partial(metrics.decided, policy.PASS, "normal")
 
     def decide(self, request: PolicyRequest) -> Action | Deferred[Action]:
@@ -111,9 +129,13 @@ class PolicyDecider:
         level = self.tracker.observe(request)
         instance = request.instance
         if instance:
-            pinned = self._pinned.get(request.connection)
-            if pinned is not None and pinned[0] == instance:
-                return self._answer(request, pinned[1], first=False)
+            session = self._sessions.get(request.connection)
+            if (
+                session is not None
+                and session.instance == instance
+                and session.verdict is not None
+            ):
+                return self._answer(request, session.verdict, first=False)
         if level == NORMAL:
             return self._decided(request, _NORMAL)
         waiting = self.tracker.lookup(request)
@@ -124,24 +146,48 @@ class PolicyDecider:
     def _score(
         self, shared: ClientStats | None, request: PolicyRequest, level: int
     ) -> Action:
-        """Score *request*'s client: its *shared* record, else what is known here."""
+        """Score *request*'s client: its *shared* record, else what is known here.
+
+        Who the client is (its names and HELO) is judged once per session:
+        later requests that repeat them reuse the judgement.
+        """
+        key = policy.identity_key(request)
+        session = self._session(request.connection)
+        if session.identity_key != key or session.settings is not self.settings:
+            session.identity_key = key
+            session.settings = self.settings
+            session.identity = policy.identity(request, self.settings)
         verdict = policy.decide(
             request,
             level,
             shared if shared is not None else self.tracker.client(request),
             self.settings,
             self.tracker.pressure_at(request),
+            session.identity,
         )
-        return self._decided(request, verdict)
+        return self._decided(request, verdict, session)
 
-    def _decided(self, request: PolicyRequest, verdict: Verdict) -> Action:
+    def _session(self, connection: int) -> _Session:
+        """What is remembered of *connection*, the most recent one now."""
+        sessions = self._sessions
+        session = sessions.get(connection)
+        if session is None:
+            session = sessions[connection] = _Session()
+            if len(sessions) > PINNED_TRANSACTIONS:
+                sessions.popitem(last=False)
+        else:
+            sessions.move_to_end(connection)
+        return session
+
+    def _decided(
+        self, request: PolicyRequest, verdict: Verdict, session: _Session | None = None
+    ) -> Action:
         instance = request.instance
         if instance:
-            pins = self._pinned
-            pins[request.connection] = (instance, verdict)
-            pins.move_to_end(request.connection)
-            if len(pins) > PINNED_TRANSACTIONS:
-                pins.popitem(last=False)
+            if session is None:
+                session = self._session(request.connection)
+            session.instance = instance
+            session.verdict = verdict
         return self._answer(request, verdict, first=True)
 
     def _answer(

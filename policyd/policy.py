@@ -339,17 +339,16 @@ def _is_this_host(
     return server is not None and server == client
 
 
-def signals(
-    request: PolicyRequest,
-    client: ClientStats,
-    now_since_refusal: float | None,
-    settings: PolicySettings,
-) -> list[str]:
+def identity(request: PolicyRequest, settings: PolicySettings) -> tuple[str, ...]:
     """
-    The suspicious traits *request* shows, from what its stage offers.
+    The suspicious traits of who *request*'s client says it is.
 
-    At ``CONNECT`` (or ``XCLIENT``) only the client's address and names are
-    known, so HELO traits are not judged; from ``HELO``/``EHLO`` on they are.
+    Its names (verified and reverse) and, from ``HELO``/``EHLO`` on, its HELO:
+    at ``CONNECT`` (or ``XCLIENT``) the HELO is not known yet, so not judged.
+    A function of the request's ``client_address``, ``client_name``,
+    ``reverse_client_name``, ``helo_name`` and ``server_address`` (and of
+    the stage), so the same for every request of a session that repeats
+    them (`identity_key`).
     """
     found: list[str] = []
     if request.client_name == _UNKNOWN:
@@ -362,6 +361,43 @@ def signals(
         found.append(DYNAMIC_NAME)
     if request.protocol_state not in SESSION_STATES:
         found += _helo_signals(request.helo_name, request, settings)
+    return tuple(found)
+
+
+IdentityKey = tuple[str, bytes | None, bytes | None, bytes | None, bytes | None]
+
+
+def identity_key(request: PolicyRequest) -> IdentityKey:
+    """What `identity` reads from *request*, raw: equal keys, equal identities."""
+    raw = request.raw
+    return (
+        request.client_address,
+        raw.get(b"client_name"),
+        raw.get(b"reverse_client_name"),
+        # Not judged before HELO: a session's CONNECT and its RCPTs differ.
+        None if request.protocol_state in SESSION_STATES else raw.get(b"helo_name"),
+        raw.get(b"server_address"),
+    )
+
+
+def signals(
+    request: PolicyRequest,
+    client: ClientStats,
+    now_since_refusal: float | None,
+    settings: PolicySettings,
+    known_identity: tuple[str, ...] | None = None,
+) -> list[str]:
+    """
+    The suspicious traits *request* shows, from what its stage offers.
+
+    Who the client is (`identity`; *known_identity* when the caller has it
+    from an earlier request of the session), then what it does: processes
+    held at once, message and session rates, a quick retry after a refusal,
+    holding processes without progress.
+    """
+    found = list(
+        identity(request, settings) if known_identity is None else known_identity
+    )
     if client.concurrency > settings.client_concurrency_limit:
         found.append(CONCURRENCY)
     if client.message_rate > settings.client_message_rate_limit:
@@ -407,14 +443,20 @@ def decide(
     client: ClientStats,
     settings: PolicySettings,
     pressure: int = 0,
+    known_identity: tuple[str, ...] | None = None,
 ) -> Verdict:
-    """The verdict for *request* at stress *level* (and overload *pressure*)."""
+    """
+    The verdict for *request* at stress *level* (and overload *pressure*).
+
+    *known_identity*: the client's `identity`, when the caller knows it
+    (from an earlier request of the session with the same `identity_key`).
+    """
     if level == NORMAL:
         return Verdict(DUNNO, PASS, level, 0, ())
     exempt = exemption(request, settings)
     if exempt is not None:
         return Verdict(DUNNO, EXEMPT, level, 0, (), exempt)
-    found = signals(request, client, client.since_refusal, settings)
+    found = signals(request, client, client.since_refusal, settings, known_identity)
     needed = bar(level, pressure, settings)
     if not found:
         # Most clients show nothing suspicious: no score to add up (it is 0,
@@ -499,4 +541,11 @@ def hangs_up(action: Action) -> bool:
 
 def refusal(template: str, reasons: Sequence[str]) -> Action:
     """The action of *template* with ``{reasons}`` filled in."""
+    return _refusal(template, tuple(reasons))
+
+
+# Few templates (four matrix cells) times few sets of reasons: a refusal's
+# action is parsed and validated once, not for every bot.
+@functools.lru_cache(maxsize=1024)
+def _refusal(template: str, reasons: tuple[str, ...]) -> Action:
     return Action.parse(template.replace(REASONS_PLACEHOLDER, " ".join(reasons)))

@@ -445,6 +445,88 @@ class TestOneVerdictPerTransaction:
         assert rig.ask(BOT, connection=1) == DUNNO  # forgotten: decided afresh
 
 
+class TestIdentityPerSession:
+    """Who the client is, judged once a session, never carried to another one."""
+
+    def test_judged_once_for_a_session(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The transactions of one session reuse the judgement of its names and HELO."""
+        judged: list[str] = []
+        real = policy.identity
+
+        def counting(request: PolicyRequest, settings: PolicySettings) -> object:
+            judged.append(request.instance)
+            return real(request, settings)
+
+        monkeypatch.setattr(policy, "identity", counting)
+        rig = Rig(ELEVATED)
+        for n in range(3):
+            assert rig.ask(BOT, instance=f"a1.1.1.{n}").label == "450"
+        assert judged == ["a1.1.1.0"]
+
+    @pytest.mark.parametrize(
+        ("first", "then", "answer"),
+        [
+            pytest.param(BOT, CLEAN, DUNNO, id="bot, then a clean client"),
+            pytest.param(CLEAN, BOT, None, id="clean, then a bot"),
+            pytest.param(CLEAN, {**CLEAN, "helo_name": "user-pc"}, None, id="new HELO"),
+            pytest.param(
+                CLEAN, {**CLEAN, "reverse_client_name": "unknown"}, None, id="new PTR"
+            ),
+            pytest.param(
+                CLEAN, {**CLEAN, "client_name": "unknown"}, None, id="new name"
+            ),
+            pytest.param(
+                {**CLEAN, "helo_name": "localhost", "client_address": "127.0.0.1"},
+                {**CLEAN, "helo_name": "localhost", "client_address": "192.0.2.99"},
+                None,
+                id="localhost from elsewhere",
+            ),
+            pytest.param(
+                {**CLEAN, "helo_name": "localhost", "server_address": "192.0.2.10"},
+                {**CLEAN, "helo_name": "localhost", "server_address": "192.0.2.11"},
+                None,
+                id="other server address",
+            ),
+        ],
+    )
+    def test_next_session_judged_afresh(
+        self, first: dict[str, str], then: dict[str, str], answer: Action | None
+    ) -> None:
+        """A new session on the same smtpd process is judged on what it says.
+
+        Another client, or the same with other names, HELO or server address:
+        answered as a decider that never saw the first session would.
+        """
+        # A bar of 2: one identity sign is enough to be refused.
+        low = PolicySettings(suspicious_score=2)
+        rig = Rig(ELEVATED, low)
+        assert rig.ask(first, instance="a1.1.1.1") == Rig(ELEVATED, low).ask(first)
+        expected = Rig(ELEVATED, low).ask(then)
+        assert rig.ask(then, instance="a1.1.1.2") == expected
+        if answer is not None:
+            assert expected == answer
+        else:
+            assert expected != DUNNO
+
+    def test_helo_judged_after_connect(self) -> None:
+        """The CONNECT (no HELO yet) does not stand for the session's RCPTs."""
+        rig = Rig(ELEVATED)
+        connect = {**IMPOSTOR, "protocol_state": "CONNECT", "instance": ""}
+        first = rig.ask(connect)
+        assert "helo_impersonates" not in first.text
+        assert "helo_impersonates" in rig.ask(IMPOSTOR).text
+
+    def test_reload_judges_again(self) -> None:
+        """New settings (a reload) are applied to the next request of a session."""
+        rig = Rig(ELEVATED)
+        named = {**CLEAN, "helo_name": "mx.example.org"}
+        assert rig.ask(named, instance="a1.1.1.1") == DUNNO
+        rig.decider.settings = attrs.evolve(
+            rig.decider.settings, my_hostnames=("mx.example.org",)
+        )
+        assert "helo_impersonates" in rig.ask(named, instance="a1.1.1.2").text
+
+
 class TestRefusals:
     """A refusal: logged once, recorded once, counted per reason."""
 

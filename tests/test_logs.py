@@ -10,7 +10,7 @@ from typing import Any, cast
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel
+from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, formatEvent
 from twisted.logger._legacy import publishToNewObserver
 from twisted.python.failure import Failure
 from twisted.python.log import textFromEventDict
@@ -306,6 +306,76 @@ class TestFormatText:
         first, rest = format_text(events[0]).split("\n", 1)
         assert first.endswith("critical [policyd.test] It broke")
         assert "ValueError: bad" in rest
+
+
+class _Named:
+    """A value with an attribute and a custom format, for format fields."""
+
+    size = 3
+
+    def __format__(self, spec: str) -> str:
+        return f"<{spec}>"
+
+    def __repr__(self) -> str:
+        return "Named()"
+
+
+# Formats the way policyd and Twisted write them, and the ones only Twisted's
+# own formatter handles.
+_FORMATS = [
+    "{what} {client} ({name}, helo {helo}) at {level}: {score}",
+    "{name!r} {score:>5} {ratio:.2f} {ratio!s:>8}",
+    "{{literal}} {name}",
+    "{obj.size} {obj:spec} {obj!r}",
+    "{items[0]} {name}",
+    "{missing} {name}",
+    "{call()} and {name}",
+    "{0} {name}",
+    "unclosed {name",
+    "{name!x}",
+    "",
+]
+
+
+class TestMessage:
+    """Lines are formatted with str.format_map where Twisted's formatEvent agrees."""
+
+    @given(
+        fmt=st.sampled_from(_FORMATS),
+        name=st.text(max_size=8),
+        score=st.integers(),
+        ratio=st.floats(allow_nan=False),
+    )
+    def test_same_text_as_twisted(
+        self, fmt: str, name: str, score: int, ratio: float
+    ) -> None:
+        """Every format reads as twisted.logger.formatEvent writes it.
+
+        Plain fields, conversions, specs, attributes, items, missing fields,
+        Twisted's calls and broken formats alike.
+        """
+        event = _event(
+            fmt,
+            what="Refused",
+            client="192.0.2.1",
+            name=name,
+            helo="x",
+            level="overload",
+            score=score,
+            ratio=ratio,
+            obj=_Named(),
+            items=["first"],
+            call=lambda: "called",
+        )
+        assert format_text(event) == (
+            f"{WHEN_TEXT} info [policyd.test] {formatEvent(event)}\n"
+        )
+
+    def test_no_format(self) -> None:
+        """An event without a format (a legacy one) still gets Twisted's text."""
+        event = _event("x")
+        del event["log_format"]
+        assert format_text(event).endswith(f" {formatEvent(event)}\n")
 
 
 class TestMakeObserver:
