@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import textwrap
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
@@ -166,7 +167,9 @@ def serve(cfg: config.Config) -> NoReturn:
         running: Deferred[None] = Deferred()
         reactor.callWhenRunning(running.callback, None)
         await running
-        server = PolicyServer(cfg, reactor, CollectorRegistry(), capacity=capacity)
+        server = PolicyServer(
+            cfg, reactor, CollectorRegistry(), capacity=capacity, timer=time.monotonic
+        )
         # SIGHUP (systemctl reload): read the allow-list files again.  Set
         # before listening, so that no SIGHUP can end a policyd that answers
         # already; the handler only schedules the work, the reactor does it.

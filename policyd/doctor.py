@@ -19,9 +19,10 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Final
+from typing import Final
 
 import attrs
+from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.utils import getProcessOutputAndValue
 
 from policyd import ask
@@ -954,7 +955,7 @@ def read_postfix(config_dir: str = "") -> Postfix:
     return _postfix(*texts)
 
 
-async def read_postfix_async(reactor: Any, config_dir: str = "") -> Postfix:
+async def read_postfix_async(reactor: IReactorProcess, config_dir: str = "") -> Postfix:
     """`read_postfix`, without blocking *reactor* (a reload while serving)."""
     texts = []
     for args in ((), ("-M",)):

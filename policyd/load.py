@@ -186,11 +186,6 @@ class LoadSnapshot:
     #: several hosts together; see `LoadTracker.pressure`).
     pressure: int = 0
 
-    @property
-    def level_name(self) -> str:
-        """``normal``, ``elevated`` or ``overload``."""
-        return LEVEL_NAMES[self.level]
-
 
 class LoadTracker(Protocol):
     """

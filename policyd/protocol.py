@@ -20,23 +20,23 @@ Contract with Postfix, in brief:
 
 from __future__ import annotations
 
+import socket
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol, cast
 
 import attrs
+from twisted.internet import protocol
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.interfaces import IAddress
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from policyd.actions import Action
+from policyd.decision import Decider
 from policyd.logs import escape
+from policyd.metrics import PolicyMetrics
 from policyd.request import EXPECTED_REQUEST, PolicyRequest, decode
-
-if TYPE_CHECKING:
-    from policyd.server import PolicyFactory
 
 log = Logger()
 
@@ -103,6 +103,38 @@ class Limits:
         return b"=\n" * self.max_attributes
 
 
+class ConnectionHost(Protocol):
+    """What a `PolicyProtocol` needs from the factory that built it.
+
+    `policyd.server.PolicyFactory` is one; the protocol knows it only by
+    these members.
+    """
+
+    #: The reactor's clock: idle and partial-request timeouts, and the
+    #: decision timeout of a Deferred answer.
+    clock: IReactorTime
+    #: A clock that never jumps (time.monotonic in production): how long a
+    #: decision took, which a wall-clock step must not turn into a timeout.
+    timer: Callable[[], float]
+    decider: Decider
+    metrics: PolicyMetrics
+    limits: Limits
+    fallback: Action
+    decision_timeout: float
+    request_timeout: float
+    idle_timeout: float
+    log_requests: bool
+
+    def connection_made(self, connection: PolicyProtocol) -> None:
+        """*connection* is up."""
+
+    def connection_lost(self, connection: PolicyProtocol) -> None:
+        """*connection* is gone."""
+
+    def answered_all(self, connection: PolicyProtocol) -> None:
+        """*connection* has answered every request it received."""
+
+
 def describe_peer(address: IAddress) -> str:
     """``host:port`` for TCP peers, ``unix`` for unix-socket peers."""
     host = getattr(address, "host", None)
@@ -111,18 +143,18 @@ def describe_peer(address: IAddress) -> str:
     return "unix"
 
 
-class PolicyProtocol(Protocol):
+class PolicyProtocol(protocol.Protocol):
     """One policy connection from one smtpd process."""
 
-    def __init__(self, factory: PolicyFactory, connection_id: int) -> None:
-        self.factory = factory
+    def __init__(self, host: ConnectionHost, connection_id: int) -> None:
+        self.host = host
         self.connection_id = connection_id
         # Unconsumed input: always a partial request, never a complete one.
         self._buffer = bytearray()
         # Where in _buffer the current (incomplete) line starts.
         self._line_start = 0
         self._partial_since: float | None = None
-        self._last_activity = factory.clock.seconds()
+        self._last_activity = host.clock.seconds()
         # A decision in flight; later (pipelined) requests wait in _queue.
         self._in_flight: Deferred[Action] | None = None
         self._queue: deque[PolicyRequest] = deque()
@@ -136,12 +168,13 @@ class PolicyProtocol(Protocol):
     def connectionMade(self) -> None:
         """Register with the factory, which counts and sweeps connections."""
         # Replies go straight to the socket while it takes them whole (see
-        # `_write`); transports without a socket (tests, TLS) never do.
+        # `_write`): only a real socket's.  A TLS transport's handle has a
+        # send() too (OpenSSL's, which would bypass the TLS layer's
+        # bookkeeping), and test transports have none.
         handle = getattr(self.transport, "getHandle", None)
         sock = handle() if handle is not None else None
-        send = getattr(sock, "send", None)
-        self._send = send if callable(send) else None
-        self.factory.connection_made(self)
+        self._send = sock.send if isinstance(sock, socket.socket) else None
+        self.host.connection_made(self)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008 - Twisted API
         """Forget the connection and abandon any decision in flight."""
@@ -149,7 +182,7 @@ class PolicyProtocol(Protocol):
         self._queue.clear()
         if self._in_flight is not None:
             self._in_flight.cancel()
-        self.factory.connection_lost(self)
+        self.host.connection_lost(self)
 
     @property
     def busy(self) -> bool:
@@ -160,18 +193,18 @@ class PolicyProtocol(Protocol):
         """Close the connection if a partial request stalled or it sat idle."""
         if self.closing:
             return
-        factory = self.factory
+        host = self.host
         if self._partial_since is not None:
-            if now - self._partial_since >= factory.request_timeout:
+            if now - self._partial_since >= host.request_timeout:
                 self._protocol_error(REQUEST_TIMEOUT)
-        elif not self.busy and now - self._last_activity >= factory.idle_timeout:
+        elif not self.busy and now - self._last_activity >= host.idle_timeout:
             log.debug(
                 "Closing idle policy connection {connection} from {peer}",
                 event="idle_close",
                 connection=self.connection_id,
                 peer=describe_peer(self.transport.getPeer()),  # type: ignore[union-attr]
             )
-            factory.metrics.idle_closes.inc()
+            host.metrics.idle_closes.inc()
             self.closing = True
             self.transport.loseConnection()  # type: ignore[union-attr]
 
@@ -187,9 +220,9 @@ class PolicyProtocol(Protocol):
         """Frame *data* into requests, enforcing the limits on the way."""
         if self.closing:
             return
-        now = self.factory.clock.seconds()
+        now = self.host.clock.seconds()
         self._last_activity = now
-        limits = self.factory.limits
+        limits = self.host.limits
         buffer: bytes | bytearray
         if self._buffer:
             # Continue a partial request.  Only the new bytes (and the last
@@ -210,7 +243,7 @@ class PolicyProtocol(Protocol):
             buffer = data
             end = buffer.find(_TERMINATOR)
         start = 0
-        started = now
+        started = self.host.timer()
         while True:
             if end < 0:
                 if start < len(buffer):
@@ -308,7 +341,7 @@ class PolicyProtocol(Protocol):
         self.closing = True
         self._buffer = bytearray()
         self._partial_since = None
-        self.factory.metrics.protocol_errors.labels(reason).inc()
+        self.host.metrics.protocol_errors.labels(reason).inc()
         log.warn(
             "Closing policy connection {connection} from {peer} without a reply: "
             "{reason}{detail}",
@@ -330,20 +363,20 @@ class PolicyProtocol(Protocol):
             self._queue.append(request)
         else:
             if started < 0:
-                started = self.factory.clock.seconds()
+                started = self.host.timer()
             self._decide(request, started)
 
     def _decide(self, request: PolicyRequest, started: float) -> None:
-        factory = self.factory
-        result: object
+        host = self.host
         try:
-            result = factory.decider.decide(request)
+            # Whatever it returns: a broken decider must still get an answer.
+            result = cast(object, host.decider.decide(request))
         except Exception:  # noqa: BLE001 - any decider bug must still get an answer
             self._failed(request, Failure(), started)
             return
         if isinstance(result, Action):
-            elapsed = factory.clock.seconds() - started
-            if elapsed > factory.decision_timeout:
+            elapsed = host.timer() - started
+            if elapsed > host.decision_timeout:
                 self._timed_out(request, started)
             else:
                 self._reply(request, result, elapsed)
@@ -356,7 +389,7 @@ class PolicyProtocol(Protocol):
             )
             return
         self._in_flight = result
-        result.addTimeout(factory.decision_timeout, factory.clock)
+        result.addTimeout(host.decision_timeout, host.clock)
         result.addCallbacks(
             lambda action: self._decided(action, request, started),
             lambda failure: self._decision_failed(failure, request, started),
@@ -365,7 +398,7 @@ class PolicyProtocol(Protocol):
     def _decided(self, action: object, request: PolicyRequest, started: float) -> None:
         self._in_flight = None
         if isinstance(action, Action):
-            self._reply(request, action, self.factory.clock.seconds() - started)
+            self._reply(request, action, self.host.timer() - started)
         else:
             self._failed(
                 request,
@@ -398,39 +431,39 @@ class PolicyProtocol(Protocol):
         try:
             while self._queue and self._in_flight is None and not self.closing:
                 request = self._queue.popleft()
-                self._decide(request, self.factory.clock.seconds())
+                self._decide(request, self.host.timer())
         finally:
             self._advancing = False
         if not self.busy:
-            self.factory.answered_all(self)
+            self.host.answered_all(self)
 
     def _failed(self, request: PolicyRequest, failure: Failure, started: float) -> None:
-        factory = self.factory
-        factory.metrics.decision_failures.labels(DECISION_EXCEPTION).inc()
+        host = self.host
+        host.metrics.decision_failures.labels(DECISION_EXCEPTION).inc()
         log.failure(
             "Decision failed for client {client}; answering {action}",
             failure,
             event="decision_error",
             client=escape(request.client_address),
             instance=escape(request.instance),
-            action=factory.fallback.text,
+            action=host.fallback.text,
         )
-        self._reply(request, factory.fallback, factory.clock.seconds() - started)
+        self._reply(request, host.fallback, host.timer() - started)
 
     def _timed_out(self, request: PolicyRequest, started: float) -> None:
-        factory = self.factory
-        factory.metrics.decision_failures.labels(DECISION_TIMEOUT).inc()
-        elapsed = factory.clock.seconds() - started
+        host = self.host
+        host.metrics.decision_failures.labels(DECISION_TIMEOUT).inc()
+        elapsed = host.timer() - started
         log.warn(
             "Decision for client {client} took longer than {timeout}s; answering "
             "{action}",
             event="decision_timeout",
             client=escape(request.client_address),
             instance=escape(request.instance),
-            timeout=factory.decision_timeout,
-            action=factory.fallback.text,
+            timeout=host.decision_timeout,
+            action=host.fallback.text,
         )
-        self._reply(request, factory.fallback, elapsed)
+        self._reply(request, host.fallback, elapsed)
 
     def _write(self, data: bytes) -> None:
         """Send *data* now if the socket takes it all, else through Twisted.
@@ -459,11 +492,11 @@ class PolicyProtocol(Protocol):
     def _reply(self, request: PolicyRequest, action: Action, elapsed: float) -> None:
         if self.closing:
             return
-        factory = self.factory
+        host = self.host
         self._write(action.wire)
-        self._last_activity = factory.clock.seconds()
-        factory.metrics.answered(action, elapsed)
-        if factory.log_requests:
+        self._last_activity = host.clock.seconds()
+        host.metrics.answered(action, elapsed)
+        if host.log_requests:
             log.debug(
                 "request {attributes} -> {action}",
                 event="request",

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-from collections.abc import Sequence
-from typing import Any, Final
+from collections.abc import Callable, Sequence
+from typing import Final
 
 import attrs
 from prometheus_client import CollectorRegistry
@@ -29,6 +29,7 @@ from twisted.internet.interfaces import (
     IAddress,
     IListeningPort,
     IProtocolFactory,
+    IReactorProcess,
     IReactorTime,
 )
 from twisted.internet.protocol import Factory
@@ -148,8 +149,12 @@ class PolicyFactory(Factory):
         log_requests: bool = False,
         tracker: LoadTracker | None = None,
         allow_peers: Sequence[Network] | None = None,
+        timer: Callable[[], float] | None = None,
     ) -> None:
         self.clock = clock
+        #: What decisions are timed with: a clock that never jumps in
+        #: production (time.monotonic); *clock* when not given (tests).
+        self.timer = timer if timer is not None else clock.seconds
         self.tracker = tracker
         #: Who may connect over IP (None: everyone).
         self.allow_peers = tuple(allow_peers) if allow_peers is not None else None
@@ -336,7 +341,7 @@ def load_settings(config: Config, capacity: int | None = None) -> LoadSettings:
 
 
 def build_tracker(
-    config: Config, reactor: Any, level_log: LevelChangeLog, capacity: int
+    config: Config, reactor: IReactorTime, level_log: LevelChangeLog, capacity: int
 ) -> LoadTracker:
     """
     The tracker the configuration describes (POLICYD_BACKEND).
@@ -457,18 +462,30 @@ class PolicyServer:
     def __init__(
         self,
         config: Config,
-        reactor: Any,
+        reactor: IReactorTime,
         registry: CollectorRegistry,
         decider: Decider | None = None,
         tracker: LoadTracker | None = None,
         capacity: int | None = None,
+        timer: Callable[[], float] | None = None,
     ) -> None:
         """
         Build everything; nothing listens before `start`.
 
+        *timer* times each decision against POLICYD_DECISION_TIMEOUT:
+        `time.monotonic` in production (the reactor's clock is the wall
+        clock, and a step of it must not turn an answer into the fallback);
+        the reactor's clock when not given.
+
         With POLICYD_SMTPD_CAPACITY=auto, *capacity* is what was read from
         Postfix (`policyd.cli` reads it before the reactor runs); a reload
         reads it again.
+
+        *reactor* is the clock of everything (`IReactorTime`); to listen
+        (`start`) it must also provide the endpoints' interfaces
+        (`IReactorTCP`, `IReactorUNIX`: `serverFromString`), and for
+        POLICYD_SMTPD_CAPACITY=auto reloads `IReactorProcess`, as Twisted's
+        reactors do.  Tests that only decide pass a `Clock`.
 
         *tracker* replaces the one the configuration describes (an in-memory
         `MemoryLoadTracker` whose level changes are logged with who holds the
@@ -519,6 +536,7 @@ class PolicyServer:
             log_requests=config.log_level == "debug",
             tracker=self.tracker,
             allow_peers=config.allow_peers,
+            timer=timer,
         )
         self.site = _QuietSite(MetricsRoot(registry, self.health))  # type: ignore[no-untyped-call]
         self.ports: list[IListeningPort] = []
@@ -568,7 +586,7 @@ class PolicyServer:
         """Read the capacity from Postfix again; keep the old one on failure."""
         try:
             postfix = await read_postfix_async(
-                self.reactor, self.config.postfix_config_dir
+                IReactorProcess(self.reactor), self.config.postfix_config_dir
             )
             found = auto_capacity(self.config.listen, postfix)
         except PostconfError as e:

@@ -62,7 +62,11 @@ from twisted.internet.defer import (
 )
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import connectProtocol
-from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -290,7 +294,7 @@ class RedisLoadTracker:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         settings: LoadSettings,
         redis: RedisSettings,
         on_level_change: Callable[[int, int, LoadSnapshot], None] | None = None,

@@ -353,7 +353,11 @@ class Client:
 
 
 class Harness:
-    """A `PolicyFactory` on a fake clock with a fresh metrics registry."""
+    """A `PolicyFactory` on a fake clock with a fresh metrics registry.
+
+    Decisions are timed on that clock too, unless a separate *timer* is
+    given (the monotonic clock that production times them with).
+    """
 
     def __init__(
         self,
@@ -367,6 +371,7 @@ class Harness:
         log_requests: bool = False,
         clock: Clock | None = None,
         tracker: LoadTracker | None = None,
+        timer: Clock | None = None,
     ) -> None:
         self.clock = clock if clock is not None else Clock()
         self.registry = CollectorRegistry()
@@ -385,6 +390,7 @@ class Harness:
             idle_timeout=idle_timeout,
             log_requests=log_requests,
             tracker=tracker,
+            timer=None if timer is None else timer.seconds,
         )
 
     def connect(self) -> Client:

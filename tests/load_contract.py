@@ -36,6 +36,7 @@ from twisted.logger import LogEvent, LogLevel
 
 from policyd.load import (
     ELEVATED,
+    LEVEL_NAMES,
     LOCAL_HOST,
     NORMAL,
     OVERLOAD,
@@ -1533,7 +1534,7 @@ class LoadTrackerContract(ProcessHolderContract, PressureContract, HoldersContra
             host=LOCAL_HOST,
             capacity=BASE.capacity,
         )
-        assert snapshot.level_name == "overload"
+        assert LEVEL_NAMES[snapshot.level] == "overload"
         p.busy(20)
         p.wait(100)
         assert snapshot.transitions == {"normal": 0, "elevated": 0, "overload": 1}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import socket
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -887,6 +888,44 @@ class TestDecisions:
         assert client.writes == [DUNNO_REPLY]
         assert harness.decision_failures("timeout") == 0
 
+    @pytest.mark.parametrize("step", [3600.0, -3600.0], ids=["forward", "back"])
+    def test_wall_clock_step(self, step: float) -> None:
+        """A step of the wall clock during a decision is not its duration.
+
+        Decisions are timed on the monotonic timer: a quick answer during
+        which the system clock was set an hour forward is still sent as
+        decided (not replaced by the fallback), and timed as quick.
+        """
+        wall, timer = Clock(), Clock()
+        harness = Harness(
+            SlowDecider(wall, step),
+            fallback=BUSY,
+            decision_timeout=1.0,
+            clock=wall,
+            timer=timer,
+        )
+        client = harness.connect()
+        client.send(MINIMAL)
+        assert client.writes == [DUNNO_REPLY]
+        assert harness.decision_failures("timeout") == 0
+        assert harness.sample("policyd_request_duration_seconds_count") == 1
+        assert harness.sample("policyd_request_duration_seconds_sum") == 0
+
+    def test_slow_on_the_timer(self) -> None:
+        """A decision slow on the monotonic timer gets the fallback."""
+        wall, timer = Clock(), Clock()
+        harness = Harness(
+            SlowDecider(timer, 1.5),
+            fallback=BUSY,
+            decision_timeout=1.0,
+            clock=wall,
+            timer=timer,
+        )
+        client = harness.connect()
+        client.send(MINIMAL)
+        assert client.writes == [BUSY_REPLY]
+        assert harness.decision_failures("timeout") == 1
+
     def test_timeout_then_next(self) -> None:
         """After a timed-out decision the next pipelined request is decided."""
         decider = DeferredDecider()
@@ -1124,14 +1163,15 @@ class TestFramingProperties:
             assert client.writes == [seq_reply(n) for n in range(count)]
 
 
-class FakeSocket:
-    """A socket whose send() takes what a script says, then everything."""
+class FakeSocket(socket.socket):
+    """A real socket whose send() takes what a script says, then everything."""
 
     def __init__(self, *script: int | OSError) -> None:
+        super().__init__(socket.AF_UNIX, socket.SOCK_STREAM)
         self.script = list(script)
         self.sent: list[bytes] = []
 
-    def send(self, data: bytes) -> int:
+    def send(self, data: bytes, flags: int = 0) -> int:  # type: ignore[override]
         """Take the scripted number of bytes (or raise the scripted error)."""
         step = self.script.pop(0) if self.script else len(data)
         if isinstance(step, OSError):
@@ -1140,14 +1180,26 @@ class FakeSocket:
         return step
 
 
+class TLSConnectionLike:
+    """What a TLS transport's getHandle() gives: not a socket, but a send()."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        """Record, and take it all (as OpenSSL's would, bypassing the BIO)."""
+        self.sent.append(bytes(data))
+        return len(data)
+
+
 class SocketTransport(RecordingTransport):
     """A transport that offers its socket through getHandle, as TCP does."""
 
-    def __init__(self, sock: FakeSocket) -> None:
+    def __init__(self, sock: FakeSocket | TLSConnectionLike) -> None:
         super().__init__()
         self.sock = sock
 
-    def getHandle(self) -> FakeSocket:
+    def getHandle(self) -> FakeSocket | TLSConnectionLike:
         """The socket."""
         return self.sock
 
@@ -1155,8 +1207,30 @@ class SocketTransport(RecordingTransport):
 class TestDirectWrite:
     """Replies go straight to the socket, in order, whatever it takes."""
 
-    def _client(self, sock: FakeSocket) -> Client:
+    @pytest.fixture(autouse=True)
+    def _close_sockets(self) -> Iterator[None]:
+        """Every FakeSocket made by a test is closed after it."""
+        self.sockets: list[FakeSocket] = []
+        yield
+        for sock in self.sockets:
+            sock.close()
+
+    def _client(self, sock: FakeSocket | TLSConnectionLike) -> Client:
+        if isinstance(sock, FakeSocket):
+            self.sockets.append(sock)
         return Client(Harness(SeqDecider()).factory, SocketTransport(sock))
+
+    def test_only_a_real_socket(self) -> None:
+        """A handle that is not a socket (TLS's connection) is never written to.
+
+        Its send() would put the reply around the TLS layer; the transport
+        gets it instead.
+        """
+        handle = TLSConnectionLike()
+        client = self._client(handle)
+        client.send(numbered(1), numbered(2))
+        assert handle.sent == []
+        assert client.writes == [seq_reply(1), seq_reply(2)]
 
     def test_whole_reply_bypasses_twisted(self) -> None:
         """A socket that takes the reply whole gets it directly, no buffering."""

@@ -731,7 +731,8 @@ class TestLoadWiring:
 
     def test_server_tracks_its_connections(self) -> None:
         """A PolicyServer's own tracker sees its connections and requests."""
-        server = PolicyServer(make_config(), MemoryReactorClock(), CollectorRegistry())
+        reactor = MemoryReactorClock()
+        server = PolicyServer(make_config(), reactor, CollectorRegistry())
         assert isinstance(server.tracker, MemoryLoadTracker)
         assert server.factory.tracker is server.tracker
         client = Client(server.factory)
@@ -747,7 +748,7 @@ class TestLoadWiring:
         # close linger (master may be swapping processes at saturation).
         assert (snapshot.connections, snapshot.busy_connections) == (0, 1)
         assert snapshot.transactions == 0
-        server.reactor.advance(5.0)
+        reactor.advance(5.0)
         server.factory.sweep()
         assert server.tracker.snapshot().busy_connections == 0
         assert server.tracker.client(request).concurrency == 0
