@@ -6,6 +6,13 @@ fed the same requests through a StringTransport, with no sockets or reactor.
 This isolates the Python work per request that the socket benchmark
 (`bench/run.py`) cannot separate from the reactor's own cost.  Run:
 ``python bench/hotpath.py [--level normal|overload] [--profile]``.
+
+What a serving policyd does besides answering is kept: its clock advances
+as at ``--rate`` requests a second, the sweeper runs once a simulated
+second (expiring busy connections, re-evaluating the level), refusals are
+logged at the default limit through policyd's text observer (to
+/dev/null), and the garbage collector runs (`timeit` would switch it off),
+with the thresholds `policyd serve` sets.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import functools
+import os
 import pstats
 import timeit
 from typing import Any
@@ -22,8 +30,11 @@ from loadgen import PoolOptions, build_pool
 from prometheus_client import CollectorRegistry
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogBeginner
 
 from policyd import config as config_module
+from policyd.cli import tune_collector
+from policyd.logs import make_observer
 from policyd.server import PolicyServer
 
 
@@ -45,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         "requests, about one client per session, through a table of 1,000 "
         "clients (each comes back as a stranger: evicted, and out of every cache)",
     )
+    parser.add_argument(
+        "--rate", type=int, default=20_000, help="simulated requests per second"
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile policyd")
     parser.add_argument("--sort", default="tottime", help="profile order")
     parser.add_argument("--top", type=int, default=25, help="profile lines")
@@ -63,13 +77,29 @@ def main(argv: list[str] | None = None) -> int:
     server = PolicyServer(config, clock, CollectorRegistry())
     size, clients = (2000, 500) if args.addresses == "pool" else (60_000, 60_000)
     pool = _requests(size, clients)
+    devnull = open(os.devnull, "w")  # noqa: SIM115 - for the whole run
+    globalLogBeginner.beginLoggingTo(
+        [make_observer(config.log_level, config.log_format, devnull)],
+        redirectStandardIO=False,
+    )
+    tune_collector()
+    # The clock moves a simulated second every `rate` requests, and the
+    # sweeper runs then (for both servers: the same harness cost).
+    rate = args.rate
+    sweep = server.factory.sweep
 
     def feed(protocol: Any, transport: StringTransport) -> None:
         receive = protocol.dataReceived
         clear: Any = transport.clear
+        count = 0
         for request in pool:
             receive(request)
             clear()
+            count += 1
+            if count == rate:
+                count = 0
+                clock.advance(1.0)
+                sweep()
 
     results = {}
     for name in ("baseline", "policyd"):
@@ -89,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             profiler.disable()
             stats = pstats.Stats(profiler).sort_stats(args.sort)
             stats.print_stats(args.top)
-        timer = timeit.Timer(functools.partial(feed, protocol, transport))
+        timer = timeit.Timer(
+            functools.partial(feed, protocol, transport), setup="gc.enable()"
+        )
         best = min(timer.repeat(number=rounds, repeat=5))
         results[name] = best / (rounds * len(pool)) * 1e6
         print(f"{name:9s} {results[name]:6.2f} us/request", flush=True)

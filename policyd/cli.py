@@ -185,18 +185,7 @@ def serve(cfg: config.Config) -> NoReturn:
         reactor.addSystemEventTrigger(
             "before", "shutdown", sd_notify, "STOPPING=1", os.environ
         )
-        # What start-up made (modules, Twisted, the configuration) lives as
-        # long as the process: the cyclic collector need never scan it again.
-        # Under load its full collections stop the reactor for as long as
-        # they scan (tens of ms with the Redis backend's churn).
-        gc.collect()
-        gc.freeze()
-        # And collect the young generation every 10,000 allocations, not
-        # 700: a request's objects (a Deferred, a batch's bytes) live a few
-        # milliseconds, and a collection that catches them alive promotes
-        # them until, counted as long-lived, they set off a full collection
-        # over every tracked client (100 ms at 100,000 clients).
-        gc.set_threshold(10_000, 10, 10)
+        tune_collector()
         log.info(
             "policyd {version} running; SIGTERM or SIGINT stops it",
             event="started",
@@ -208,6 +197,23 @@ def serve(cfg: config.Config) -> NoReturn:
 
     react(lambda r: Deferred.fromCoroutine(run(r)))
     raise AssertionError("react() returned")  # pragma: no cover - react exits
+
+
+def tune_collector() -> None:
+    """Set the cyclic garbage collector up for serving (once everything is built).
+
+    What start-up made (modules, Twisted, the configuration) lives as long
+    as the process: the collector need never scan it again.  Under load its
+    full collections stop the reactor for as long as they scan (tens of ms
+    with the Redis backend's churn).  And the young generation is collected
+    every 10,000 allocations, not 700: a request's objects (a Deferred, a
+    batch's bytes) live a few milliseconds, and a collection that catches
+    them alive promotes them until, counted as long-lived, they set off a
+    full collection over every tracked client (100 ms at 100,000 clients).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 def _ask_target(server: str | None, env: Mapping[str, str]) -> ask.Target:

@@ -156,7 +156,7 @@ class PolicyDecider:
         if session.identity_key != key or session.settings is not self.settings:
             session.identity_key = key
             session.settings = self.settings
-            session.identity = policy.identity(request, self.settings)
+            session.identity = policy.identity(request, self.settings, key)
         verdict = policy.decide(
             request,
             level,

@@ -31,7 +31,7 @@ import attrs
 
 from policyd.actions import DUNNO, Action
 from policyd.levels import ELEVATED, LEVEL_NAMES, NORMAL, OVERLOAD, ClientStats
-from policyd.request import SESSION_STATES, PolicyRequest
+from policyd.request import SESSION_STATES, PolicyRequest, decode
 
 # -- reasons -----------------------------------------------------------------
 # Each signal has a stable name: it is a metric label, a log field and a word
@@ -339,31 +339,6 @@ def _is_this_host(
     return server is not None and server == client
 
 
-def identity(request: PolicyRequest, settings: PolicySettings) -> tuple[str, ...]:
-    """
-    The suspicious traits of who *request*'s client says it is.
-
-    Its names (verified and reverse) and, from ``HELO``/``EHLO`` on, its HELO:
-    at ``CONNECT`` (or ``XCLIENT``) the HELO is not known yet, so not judged.
-    A function of the request's ``client_address``, ``client_name``,
-    ``reverse_client_name``, ``helo_name`` and ``server_address`` (and of
-    the stage), so the same for every request of a session that repeats
-    them (`identity_key`).
-    """
-    found: list[str] = []
-    if request.client_name == _UNKNOWN:
-        found.append(NO_CLIENT_NAME)
-    # Decoded when read: once.
-    reverse_name = request.reverse_client_name
-    if reverse_name == _UNKNOWN:
-        found.append(NO_REVERSE_NAME)
-    elif looks_dynamic(reverse_name, request.client_address):
-        found.append(DYNAMIC_NAME)
-    if request.protocol_state not in SESSION_STATES:
-        found += _helo_signals(request.helo_name, request, settings)
-    return tuple(found)
-
-
 IdentityKey = tuple[str, bytes | None, bytes | None, bytes | None, bytes | None]
 
 
@@ -378,6 +353,32 @@ def identity_key(request: PolicyRequest) -> IdentityKey:
         None if request.protocol_state in SESSION_STATES else raw.get(b"helo_name"),
         raw.get(b"server_address"),
     )
+
+
+def identity(
+    request: PolicyRequest, settings: PolicySettings, key: IdentityKey | None = None
+) -> tuple[str, ...]:
+    """
+    The suspicious traits of who *request*'s client says it is.
+
+    Its names (verified and reverse) and, from ``HELO``/``EHLO`` on, its HELO:
+    at ``CONNECT`` (or ``XCLIENT``) the HELO is not known yet, so not judged.
+    A function of its `identity_key` (and the settings), read from the
+    request unless *key* is given, so the same for every request of a
+    session that repeats them.
+    """
+    address, name, reverse, helo, _ = identity_key(request) if key is None else key
+    found: list[str] = []
+    if name == b"unknown":
+        found.append(NO_CLIENT_NAME)
+    reverse_name = decode(reverse or b"")
+    if reverse_name == _UNKNOWN:
+        found.append(NO_REVERSE_NAME)
+    elif looks_dynamic(reverse_name, address):
+        found.append(DYNAMIC_NAME)
+    if helo is not None:
+        found += _helo_signals(decode(helo), request, settings)
+    return tuple(found)
 
 
 def signals(

@@ -36,7 +36,7 @@ from policyd.actions import Action
 from policyd.decision import Decider
 from policyd.logs import escape
 from policyd.metrics import PolicyMetrics
-from policyd.request import EXPECTED_REQUEST, PolicyRequest, decode
+from policyd.request import EXPECTED_REQUEST, PolicyRequest, decode, field
 
 log = Logger()
 
@@ -292,15 +292,11 @@ class PolicyProtocol(protocol.Protocol):
         skeleton = block.translate(None, _NOT_SEPARATORS)
         if len(skeleton) & 1 and limits.one_per_line.startswith(skeleton):
             # At most max_attributes lines, each with exactly one "=": the
-            # common case (values rarely contain "=").  Splitting at LF and
-            # "=" alike gives name, value, name, value... (about 1 µs faster
-            # per request than splitting each line).
+            # common case (values rarely contain "=").
             if len(block) > limits.max_line_length and not self._lines_fit(
                 block, limits
             ):
                 return None
-            parts = block.replace(b"\n", b"=").split(b"=")
-            raw = dict(zip(parts[::2], parts[1::2], strict=True))
         else:
             if skeleton.count(b"\n") >= limits.max_attributes:
                 self._protocol_error(TOO_MANY_ATTRIBUTES)
@@ -317,19 +313,22 @@ class PolicyProtocol(protocol.Protocol):
             ):
                 self._protocol_error(MALFORMED_LINE)
                 return None
-            # Some value holds "=": split each line at its first "=" only
-            # (VERP and SRS senders, for one).
-            raw = dict([line.split(b"=", 1) for line in block.split(b"\n")])
-        if b"" in raw:
+            # Some value holds "=" (VERP and SRS senders, for one): each
+            # line's name ends at its first "=", which is how RequestLines
+            # reads them.
+        # Every line holds an "=" now; one right at its start has no name.
+        if block[:1] == b"=" or b"\n=" in block:
             self._protocol_error(MALFORMED_LINE)
             return None
-        kind = raw.get(b"request")
+        kind = field(block, b"\nrequest=")
         if kind != _EXPECTED_REQUEST:
             self._protocol_error(
                 BAD_REQUEST_TYPE, None if kind is None else decode(kind)
             )
             return None
-        return PolicyRequest.from_raw(raw, self.connection_id)
+        # The few fields every request needs are found in the block; the
+        # other lines are split only if something reads them.
+        return PolicyRequest.from_block(block, self.connection_id)
 
     def _lines_fit(self, block: bytes, limits: Limits) -> bool:
         if any(len(line) > limits.max_line_length for line in block.split(b"\n")):

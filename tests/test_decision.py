@@ -453,9 +453,11 @@ class TestIdentityPerSession:
         judged: list[str] = []
         real = policy.identity
 
-        def counting(request: PolicyRequest, settings: PolicySettings) -> object:
+        def counting(
+            request: PolicyRequest, settings: PolicySettings, key: object = None
+        ) -> object:
             judged.append(request.instance)
-            return real(request, settings)
+            return real(request, settings, key)  # type: ignore[arg-type]
 
         monkeypatch.setattr(policy, "identity", counting)
         rig = Rig(ELEVATED)

@@ -221,3 +221,61 @@ class TestFromRaw:
             "",
             False,
         )
+
+
+# Names that matter (the fields a request lifts, and what scoring reads),
+# short ones that collide as prefixes, and odd bytes.
+_NAMES = st.one_of(
+    st.sampled_from(
+        [
+            b"request",
+            b"client_address",
+            b"instance",
+            b"protocol_state",
+            b"stress",
+            b"client_name",
+            b"helo_name",
+            b"policy_context",
+            b"x",
+            b"client",
+            b"xclient_address",
+        ]
+    ),
+    st.binary(min_size=1, max_size=4).filter(
+        lambda b: b"=" not in b and b"\n" not in b
+    ),
+)
+_VALUES = st.one_of(
+    st.sampled_from([b"", b"yes", b"RCPT", b"rcpt", b"192.0.2.1", b"a=b", b"="]),
+    st.binary(max_size=6).filter(lambda b: b"\n" not in b),
+    # a value that looks like a line of its own, after the first "="
+    st.sampled_from([b"client_address=10.0.0.1", b"x\x00stress=yes"]),
+)
+
+
+class TestFromBlock:
+    """`PolicyRequest.from_block`: fields found in the lines, not split out."""
+
+    @given(st.lists(st.tuples(_NAMES, _VALUES), min_size=1, max_size=12))
+    def test_reads_like_a_dict_of_the_lines(
+        self, pairs: list[tuple[bytes, bytes]]
+    ) -> None:
+        """Every field, get and the whole mapping read as a line-by-line dict does.
+
+        Names sent twice (the last line wins), names that are prefixes of
+        others or hide in values, missing fields, any bytes.
+        """
+        block = b"\n".join(name + b"=" + value for name, value in pairs)
+        lines = dict(pairs)
+        fast = PolicyRequest.from_block(block, 3)
+        plain = PolicyRequest.from_raw(lines, 3)
+        for name in (*PolicyRequest._fields[1:], *LIFTED):
+            assert getattr(fast, name) == getattr(plain, name), name
+        for key in {*lines, b"missing", b"request", b"client"}:
+            assert fast.raw.get(key) == lines.get(key), key
+            assert fast.raw.get(key, b"-") == lines.get(key, b"-"), key
+        assert dict(fast.raw) == lines
+        assert len(fast.raw) == len(lines)
+        # Once split, the same answers.
+        for key in lines:
+            assert fast.raw[key] == lines[key]
