@@ -96,15 +96,18 @@ class TestPoolSize:
     """A paced pool is large enough that no server is sent a session twice."""
 
     def test_one_run(self) -> None:
-        """A run takes its offered rate over warm-up and window, plus a session
-        per connection (the one it holds when the run stops)."""
+        """A run takes the offered rate over its time, plus a session a connection.
+
+        The session each connection holds when the run stops: the next run
+        skips its rest.
+        """
         assert paced_requests(1000, 6.0, 100) == 6000 + 300
 
     def test_default_matrix(self) -> None:
-        """Three repeats of 1k, 2k and 5k req/s over 6 s, half as much again."""
+        """Three repeats of 1k, 2k and 5k req/s over 6 s, twice over for retries."""
         paces = parse_paces("100x10,200x10,100x50")
         planned = 3 * (6300 + 12600 + 30300)
-        assert paced_pool_requests(paces, 6.0, 3, 2) == planned * 3 // 2
+        assert paced_pool_requests(paces, 6.0, 3, 2) == planned * 2
 
     def test_room_for_retries_of_one_repeat(self) -> None:
         """With one repeat the largest run still fits in again, once per retry."""
@@ -113,8 +116,11 @@ class TestPoolSize:
         assert need == (2800 + 12800) + 2 * 12800
 
     def test_cursor_walks_the_pool(self) -> None:
-        """Each run starts where the server's last one stopped; going past the
-        end of the pool, and every run after, is flagged."""
+        """Each run starts where the server's last one stopped.
+
+        A run that goes past the end of the pool is flagged, and so is every
+        run after it.
+        """
         cursor = Cursor(100)
         assert cursor.take(60) is False
         assert cursor.next == 60
@@ -220,8 +226,10 @@ class TestPacedRuns:
     def test_achieved_is_offered(
         self, baseline: tuple[int, int], generator: LoadGenerator
     ) -> None:
-        """A server that keeps up answers the offered rate, nothing late, and
-        its CPU is read at nanosecond resolution."""
+        """A server that keeps up answers the offered rate, nothing late.
+
+        Its CPU is read from schedstat, at nanosecond resolution.
+        """
         port, pid = baseline
         res = generator.run(
             port=port,
@@ -244,9 +252,12 @@ class TestPacedRuns:
     def test_late_when_server_cannot_keep_up(
         self, baseline: tuple[int, int], generator: LoadGenerator
     ) -> None:
-        """Asked for far more than a round trip allows, every request is late
-        and sent on the reply: never two in flight (the baseline would answer
-        both, and the second reply would count as malformed)."""
+        """Asked for more than round trips allow, every request is late.
+
+        Each is sent when the previous reply comes: never two in flight (the
+        baseline would answer both, and the second reply would count as
+        malformed).
+        """
         port, _ = baseline
         res = generator.run(
             port=port, connections=1, rate=1e6, warmup=0.2, duration=0.5
@@ -262,9 +273,11 @@ class TestPacedRuns:
     def test_connections_start_at_random_phases(
         self, baseline: tuple[int, int], generator: LoadGenerator
     ) -> None:
-        """50 connections at 2/s do not all send at once: with no warm-up, the
-        first tenth of a second holds about a tenth of the answers, not the
-        50 that connections started together would give."""
+        """50 connections at 2/s do not all send at once.
+
+        With no warm-up, the first tenth of a second holds about a tenth of
+        the answers, not the 50 that connections started together would give.
+        """
         port, _ = baseline
         res = generator.run(
             port=port,
@@ -298,9 +311,11 @@ class TestPacedRuns:
     def test_sessions_used(
         self, baseline: tuple[int, int], generator: LoadGenerator
     ) -> None:
-        """The engine says how many sessions a run took, so the next run of the
-        same server can start after them: at least one per connection, at
-        most one per request sent."""
+        """The engine says how many sessions a run took.
+
+        So that the next run of the same server can start after them: at least
+        one per connection, at most one per request sent.
+        """
         port, _ = baseline
         res = generator.run(
             port=port,
@@ -326,8 +341,10 @@ class TestPacedRuns:
         assert res.cpu_source == "stat"
 
     def test_paced_needs_the_c_engine(self) -> None:
-        """The Python engines do not pace: asking them is an error, not a
-        silently saturated run."""
+        """The Python engines do not pace: asking them is an error.
+
+        Not a run that is silently saturated instead.
+        """
         with (
             LoadGenerator(PoolOptions(requests=10), "asyncio") as gen,
             pytest.raises(ValueError, match="C engine"),
