@@ -1213,7 +1213,7 @@ def format_paced(
             noisy += bool(flag)
             reused += bool(again)
             level = refused = ""
-            if s.server != order[0]:
+            if s.levels_seen != "-":  # policyd: it has a level
                 level = s.levels_seen
                 refused = _num(s.median("refused_share"), ".1%")
             lines.append(
