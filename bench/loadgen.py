@@ -41,10 +41,22 @@ fallback (``--engine auto`` uses them when no C compiler is found) and for
 comparison.  Every run reports the client's own CPU, so a reader can check
 that it was not the bottleneck.
 
+Paced (open-loop) runs, ``--rate R``: instead of keeping a request in flight,
+each connection sends R requests a second on a jittered schedule of its own,
+as an smtpd process asks when its SMTP client gets there; a request that
+falls due while the connection's previous reply is outstanding goes out when
+the reply comes and counts as *late* (see ``policyload.c``).  Then the
+server's CPU per request is read from ``/proc/PID/task/*/schedstat`` in
+nanoseconds, as the few clock ticks of a lightly loaded window are too coarse.
+``--fresh`` makes every session's client new (address, names, HELO): what a
+botnet flood looks like to a policy server.
+
 Usage::
 
     python bench/loadgen.py --port 10040 --connections 100 --duration 10 \
         --server-pid 12345 [--json]
+    python bench/loadgen.py --port 10040 --connections 100 --rate 10 --fresh \
+        --server-pid 12345
 
 Traffic goes only to the given loopback address (127.0.0.1 or ::1); every run
 is bounded by its duration (or count) and by a connect time limit.
@@ -61,6 +73,7 @@ import importlib
 import importlib.util
 import ipaddress
 import json
+import math
 import os
 import random
 import shutil
@@ -78,6 +91,10 @@ HERE = Path(__file__).resolve().parent
 DRIVER_SOURCE = HERE / "policyload.c"
 LOOPBACK_HOSTS = ("127.0.0.1", "::1")
 ENGINES = ("auto", "c", "uvloop", "asyncio")
+#: How a paced connection's gaps are drawn (see policyload.c): uniformly
+#: between 0.5 and 1.5 times the mean, or exponentially (Poisson arrivals).
+JITTERS = ("uniform", "exponential")
+_JITTER_FLAGS = {"uniform": "uniform", "exponential": "exp"}
 
 # ---------------------------------------------------------------------------
 # Request generation
@@ -133,6 +150,10 @@ class PoolOptions:
     smtpd_processes: int = 100
     """Distinct smtpd PIDs that ``instance`` values are built from."""
     seed: int = 1
+    fresh: bool = False
+    """A new client for every session (``clients`` is then unused): an address
+    no other session of the pool has (IPv6: a /64 of its own, as policyd keys
+    IPv6 clients by /64), and names and HELO under a domain of its own."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,10 +192,35 @@ def _domain(rng: random.Random) -> str:
     return f"{org}.{rng.choice(_TLDS)}"
 
 
-def _make_client(rng: random.Random, opts: PoolOptions) -> _Client:
+def _address_key(address: str) -> str:
+    """What makes two clients one: the address (IPv4) or its /64 (IPv6)."""
+    if ":" not in address:
+        return address
+    return format(int(ipaddress.IPv6Address(address)) >> 64, "x") + "::/64"
+
+
+def _make_client(
+    rng: random.Random,
+    opts: PoolOptions,
+    serial: int | None = None,
+    seen: set[str] | None = None,
+) -> _Client:
+    """A client; with *serial*, a fresh one (see `PoolOptions.fresh`).
+
+    A fresh client's address is drawn again until its key is not in *seen*
+    (then added), and its domain carries *serial*, so that its names, HELO
+    and sender domain are its own too.
+    """
     v6 = rng.random() < opts.ipv6_share
     address = _public_ipv6(rng) if v6 else _public_ipv4(rng)
-    domain = _domain(rng)
+    if seen is not None:
+        while _address_key(address) in seen:
+            address = _public_ipv6(rng) if v6 else _public_ipv4(rng)
+        seen.add(_address_key(address))
+    if serial is None:
+        domain = _domain(rng)
+    else:
+        domain = f"{rng.choice(_ORGS)}{serial}.{rng.choice(_TLDS)}"
     if rng.random() >= opts.suspicious_share:
         name = f"{rng.choice(_MX_PREFIXES)}.{domain}"
         reverse = name
@@ -246,9 +292,19 @@ def build_pool(opts: PoolOptions) -> list[list[bytes]]:
     ``queue_id`` is empty for a transaction's first RCPT and set afterwards,
     as with ``smtpd_delay_open_until_valid_rcpt=yes``.  About 5% of the
     sessions are SASL-authenticated submissions on port 587.
+
+    Each session's client is drawn at random from ``opts.clients`` clients
+    made up front, or, with ``opts.fresh``, made for that session alone.
+    The share of bot-like clients (``suspicious_share``) and the rest of the
+    mix are the same either way.
     """
     rng = random.Random(opts.seed)
-    clients = [_make_client(rng, opts) for _ in range(max(1, opts.clients))]
+    clients = (
+        []
+        if opts.fresh
+        else [_make_client(rng, opts) for _ in range(max(1, opts.clients))]
+    )
+    seen: set[str] = set()
     pids = [rng.randrange(1000, 4_000_000) for _ in range(max(1, opts.smtpd_processes))]
     stressed = {pid for pid in pids if rng.random() < opts.stress_share}
     seq = dict.fromkeys(pids, 0)
@@ -256,7 +312,10 @@ def build_pool(opts: PoolOptions) -> list[list[bytes]]:
     sessions: list[list[bytes]] = []
     total = 0
     while total < opts.requests:
-        client = rng.choice(clients)
+        if opts.fresh:
+            client = _make_client(rng, opts, len(sessions), seen)
+        else:
+            client = rng.choice(clients)
         pid = rng.choice(pids)
         submission = not client.suspicious and rng.random() < 0.05
         sasl_user = f"{rng.choice(_USERS)}@{client.domain}" if submission else ""
@@ -498,6 +557,35 @@ class LoadResult:
     """The errno of sending the companion its signal: 0 sent, None not asked."""
     timeline: list[TimeSlice] | None = None
     """Latencies per slice of the window, when asked for."""
+    rate: float = 0.0
+    """Paced runs: the requests per second asked of each connection (0:
+    saturated, every connection always has a request in flight)."""
+    jitter: str = ""
+    """Paced runs: how the gaps were drawn (`JITTERS`)."""
+    paced_sent: int | None = None
+    """Paced runs: requests sent in the window."""
+    late: int | None = None
+    """Paced runs: of those, the ones that fell due while the previous reply
+    of their connection was outstanding, sent when it came."""
+    late_lag_max_us: float | None = None
+    """Paced runs: the longest a late request waited past its time."""
+    sessions_used: int | None = None
+    """Sessions the run took from the pool (warm-up included)."""
+    cpu_source: str = "stat"
+    """Where ``server_cpu_s`` comes from: ``stat`` (``/proc/PID/stat``, clock
+    ticks) or ``schedstat`` (``/proc/PID/task/*/schedstat``, nanoseconds)."""
+
+    @property
+    def offered_rps(self) -> float | None:
+        """Paced runs: the rate asked of all connections together."""
+        return self.rate * self.connections if self.rate > 0 else None
+
+    @property
+    def late_share(self) -> float | None:
+        """Paced runs: late requests / requests sent in the window."""
+        if self.late is None or not self.paced_sent:
+            return None
+        return self.late / self.paced_sent
 
     @property
     def companion_us_per_req(self) -> float | None:
@@ -536,6 +624,8 @@ class LoadResult:
         d["error_total"] = self.error_total
         d["contention"] = self.contention
         d["companion_us_per_req"] = self.companion_us_per_req
+        d["offered_rps"] = self.offered_rps
+        d["late_share"] = self.late_share
         return d
 
 
@@ -570,6 +660,7 @@ def _make_result(
     signal_error: int | None = None,
     done_ns: Sequence[int] | None = None,
     timeline_step: float = 0.0,
+    paced: dict[str, Any] | None = None,
 ) -> LoadResult:
     timeline = None
     if timeline_step > 0 and done_ns is not None:
@@ -610,6 +701,7 @@ def _make_result(
         companion_wait_s=companion_wait_s,
         signal_error=signal_error,
         timeline=timeline,
+        **(paced or {}),
     )
 
 
@@ -630,7 +722,13 @@ def format_result(res: LoadResult, title: str = "") -> str:
         f"  connections        {res.connected}/{res.connections} up "
         f"(connect {res.connect_s:.2f} s, warm-up requests {res.warmup_completed:,})",
         f"  measured window    {res.window_s:.2f} s, {res.completed:,} requests",
-        f"  throughput         {res.rps:,.0f} req/s",
+        f"  throughput         {res.rps:,.0f} req/s"
+        + (
+            f" of {res.offered_rps:,.0f} offered ({res.rate:g}/s per connection, "
+            f"{res.jitter} gaps)"
+            if res.offered_rps
+            else ""
+        ),
         f"  latency (us)       p50 {res.p50_us:,.0f}  p90 {res.p90_us:,.0f}  "
         f"p99 {res.p99_us:,.0f}  max {res.max_us:,.0f}",
         f"  errors             {errs}  (total {res.error_total})",
@@ -646,6 +744,12 @@ def format_result(res: LoadResult, title: str = "") -> str:
         f"load generator {opt(res.loadgen_wait_s, '.3f')} s "
         f"(contention {opt(res.contention, '.1%')})",
     ]
+    if res.late is not None:
+        lines.append(
+            f"  late               {res.late:,} of {res.paced_sent or 0:,} sent "
+            f"({opt(res.late_share, '.1%')}), at most "
+            f"{opt(res.late_lag_max_us, ',.0f')} us behind"
+        )
     if res.companion_cpu_s is not None:
         lines.append(
             f"  companion CPU      {res.companion_cpu_s:.2f} s, "
@@ -723,7 +827,7 @@ def compile_driver(workdir: Path) -> Path:
         )
     out = workdir / "policyload"
     subprocess.run(
-        [cc, "-O2", "-Wall", "-o", str(out), str(DRIVER_SOURCE)],
+        [cc, "-O2", "-Wall", "-o", str(out), str(DRIVER_SOURCE), "-lm"],
         check=True,
     )
     return out
@@ -746,6 +850,8 @@ def _run_c(
     start_session: int,
     companion: Companion | None = None,
     timeline_step: float = 0.0,
+    rate: float = 0.0,
+    jitter: str = "uniform",
 ) -> LoadResult:
     lat_file = workdir / f"latencies-{os.getpid()}-{port}-{connections}.bin"
     done_file = workdir / f"done-{os.getpid()}-{port}-{connections}.bin"
@@ -764,6 +870,8 @@ def _run_c(
             argv += ["-k", str(companion.pid), "-S", str(int(companion.signal))]
     if timeline_step > 0:
         argv += ["-e", str(done_file)]
+    if rate > 0:
+        argv += ["-r", repr(rate), "-J", _JITTER_FLAGS[jitter]]
     limit = connect_limit + warmup + duration + 30
     proc = subprocess.run(
         argv, capture_output=True, text=True, timeout=limit, check=False
@@ -790,6 +898,20 @@ def _run_c(
         done_file.unlink()
         done = struct.unpack(f"={len(raw) // 8}Q", raw)
     server_cpu = float(kv["server_cpu_s"])
+    paced: dict[str, Any] = {"sessions_used": _optional_int(kv, "sessions_started")}
+    if rate > 0:
+        paced.update(
+            rate=rate,
+            jitter=jitter,
+            paced_sent=_optional_int(kv, "paced_sent"),
+            late=_optional_int(kv, "paced_late"),
+            late_lag_max_us=float(kv["late_lag_max_s"]) * 1e6,
+        )
+        # A paced window holds few clock ticks of server CPU (30 at 1,000
+        # req/s and 60 us/req over 5 s): take the nanoseconds of schedstat.
+        if "server_sched_cpu_s" in kv and server_cpu >= 0:
+            server_cpu = float(kv["server_sched_cpu_s"])
+            paced["cpu_source"] = "schedstat"
     return _make_result(
         engine="c",
         connections=connections,
@@ -817,11 +939,16 @@ def _run_c(
         signal_error=int(kv["signal_errno"]) if "signal_errno" in kv else None,
         done_ns=done,
         timeline_step=timeline_step,
+        paced=paced,
     )
 
 
 def _optional_float(kv: dict[str, str], key: str) -> float | None:
     return float(kv[key]) if key in kv else None
+
+
+def _optional_int(kv: dict[str, str], key: str) -> int | None:
+    return int(kv[key]) if key in kv else None
 
 
 # ---------------------------------------------------------------------------
@@ -1120,6 +1247,7 @@ class LoadGenerator:
 
     def __init__(self, pool: PoolOptions, engine: str = "auto") -> None:
         self.engine = resolve_engine(engine)
+        self.options = pool
         self.sessions = build_pool(pool)
         self.n_requests = sum(len(s) for s in self.sessions)
         self._tmp = tempfile.TemporaryDirectory(prefix="policyd-bench-")
@@ -1157,6 +1285,9 @@ class LoadGenerator:
         sessions: Sequence[Sequence[bytes]] | None = None,
         companion: Companion | None = None,
         timeline_step: float = 0.0,
+        rate: float = 0.0,
+        jitter: str = "uniform",
+        start_session: int | None = None,
     ) -> LoadResult:
         """Run one bounded load against ``host:port`` and return what it measured.
 
@@ -1166,14 +1297,28 @@ class LoadGenerator:
         starts at the first session).  *companion* is a helper process of the
         server (see `Companion`); *timeline_step* > 0 also reports latencies
         per slice of that many seconds (`LoadResult.timeline`).
+
+        *rate* > 0 makes the run paced (open loop; C engine only): each
+        connection sends *rate* requests a second on average, the gaps drawn
+        as *jitter* says (`JITTERS`), a request that falls due while its
+        connection's previous reply is outstanding is sent when the reply
+        comes and counted late.  *start_session* is where in the pool the run
+        begins (by default each run starts elsewhere);
+        `LoadResult.sessions_used` says how far it went.
         """
         if host not in LOOPBACK_HOSTS:
             raise ValueError(f"refusing to load {host}: loopback only {LOOPBACK_HOSTS}")
+        if rate < 0 or jitter not in JITTERS:
+            raise ValueError(f"rate {rate!r} or jitter {jitter!r} not understood")
+        if rate > 0 and self.engine != "c":
+            raise ValueError("paced runs need the C engine (a C compiler)")
         pool_file = self._pool_file
         if sessions is None:
             sessions = self.sessions
             # Each run starts at a different session so repeated runs differ.
             start = (self._runs * 7919) % max(1, len(self.sessions))
+            if start_session is not None:
+                start = start_session % max(1, len(self.sessions))
             self._runs += 1
         else:
             start = 0
@@ -1189,7 +1334,7 @@ class LoadGenerator:
                 duration=duration, count=count, timeout=timeout,
                 connect_limit=connect_limit, server_pid=server_pid,
                 start_session=start, companion=companion,
-                timeline_step=timeline_step,
+                timeline_step=timeline_step, rate=rate, jitter=jitter,
             )  # fmt: skip
         loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
         if self.engine == "uvloop":
@@ -1233,8 +1378,8 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d.seed)
 
 
-def pool_options(args: argparse.Namespace) -> PoolOptions:
-    """The :class:`PoolOptions` given on the command line."""
+def pool_options(args: argparse.Namespace, *, fresh: bool = False) -> PoolOptions:
+    """The :class:`PoolOptions` given on the command line (*fresh*: see there)."""
     return PoolOptions(
         requests=args.pool,
         clients=args.clients,
@@ -1242,7 +1387,22 @@ def pool_options(args: argparse.Namespace) -> PoolOptions:
         suspicious_share=args.suspicious_share,
         stress_share=args.stress_share,
         seed=args.seed,
+        fresh=fresh,
     )
+
+
+#: Requests a session of `build_pool` holds, rounded up (the mean is about 2.4).
+SESSION_REQUESTS = 3
+
+
+def paced_requests(offered_rps: float, seconds: float, connections: int) -> int:
+    """About how many requests of the pool one paced run takes.
+
+    The offered rate over *seconds* (warm-up and window), plus one session per
+    connection: the one each holds when the run stops, whose rest the next run
+    that starts after it skips.
+    """
+    return math.ceil(offered_rps * seconds + connections * SESSION_REQUESTS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1269,6 +1429,25 @@ def main(argv: list[str] | None = None) -> int:
         help="s to wait for all connections before starting anyway",
     )
     parser.add_argument("--server-pid", type=int, help="PID whose CPU time to measure")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="paced (open loop): requests/s per connection; 0: saturated, one "
+        "request always in flight [0]",
+    )
+    parser.add_argument(
+        "--jitter",
+        choices=JITTERS,
+        default=JITTERS[0],
+        help="paced: gaps uniform in 0.5-1.5x the mean, or exponential [uniform]",
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="a new client (address, names, HELO) for every session; paced, the "
+        "pool is made large enough not to come round during the run",
+    )
     parser.add_argument("--engine", choices=ENGINES, default="auto")
     parser.add_argument("--json", action="store_true", help="print JSON, not a table")
     parser.add_argument("--dump-request", action="store_true", help="print one request")
@@ -1279,8 +1458,16 @@ def main(argv: list[str] | None = None) -> int:
         sessions = build_pool(dataclasses.replace(pool_options(args), requests=1))
         sys.stdout.write(sessions[0][0].decode())
         return 0
+    if args.rate < 0:
+        parser.error("--rate must not be negative")
+    opts = pool_options(args, fresh=args.fresh)
+    if args.fresh and args.rate > 0:
+        need = paced_requests(
+            args.rate * args.connections, args.warmup + args.duration, args.connections
+        )
+        opts = dataclasses.replace(opts, requests=max(opts.requests, need))
     raise_fd_limit(args.connections + 64)
-    with LoadGenerator(pool_options(args), args.engine) as gen:
+    with LoadGenerator(opts, args.engine) as gen:
         res = gen.run(
             host=args.host,
             port=args.port,
@@ -1291,7 +1478,15 @@ def main(argv: list[str] | None = None) -> int:
             timeout=args.timeout,
             connect_limit=args.connect_limit,
             server_pid=args.server_pid,
+            rate=args.rate,
+            jitter=args.jitter,
         )
+        if args.fresh and (res.sessions_used or 0) > len(gen.sessions):
+            print(
+                f"warning: the run took {res.sessions_used:,} sessions of a pool of "
+                f"{len(gen.sessions):,}: clients came round again (raise --pool)",
+                file=sys.stderr,
+            )
     if args.json:
         print(json.dumps(res.as_dict(), indent=2))
     else:

@@ -73,6 +73,15 @@ compares each Redis-backed cell with its memory twin.  After the matrix,
 ``--redis-faults kill,pause`` measures a window that begins when the load
 generator sends redis-server SIGKILL (SIGSTOP), at each level.
 
+``--paced`` measures open-loop load instead of saturated connections (see
+"Paced load" below and bench/README.md): each cell ``CONNSxRATE`` is CONNS
+connections each sending RATE requests a second on a jittered schedule of its
+own, as smtpd processes do, the same offered rate for the baseline and every
+policyd; client addresses are fresh (a new client every session) or drawn from
+a pool (``--addresses``).  The figure to read is the server's CPU per request
+at that rate against the baseline's: at a few thousand requests a second each
+request is a wake-up of its own, a cost saturated runs hide.
+
 ``--target-env KEY=VALUE`` adds to every policyd's environment (after the
 runner's own settings, so it can override them).  ``--target baseline``
 benchmarks a second baseline instead of policyd, which shows the noise floor
@@ -89,6 +98,7 @@ import collections
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -493,12 +503,15 @@ def fill(
     server: Server,
     pool_clients: int,
     args: argparse.Namespace,
+    pool_pass: bool = True,
 ) -> None:
     """Make *server* track about ``variant.tracked`` clients; record what it took.
 
     N minus the measured pool's clients as one-request sessions of distinct
-    clean clients, in chunks, then one pass over the measured pool.  Every
-    chunk is bounded in time (at least 1,000 req/s, or it gives up).
+    clean clients, in chunks, then one pass over the measured pool (unless
+    not *pool_pass*: paced runs must not show policyd their clients before
+    they come; then *pool_clients* is 0).  Every chunk is bounded in time (at
+    least 1,000 req/s, or it gives up).
     """
     assert server.variant is not None  # noqa: S101 - only policyd is filled
     t0 = time.monotonic()
@@ -525,23 +538,26 @@ def fill(
         if res.completed < n:
             print(f"  {server.name}: fill chunk answered {res.completed:,} of {n:,}")
             break
-    res = gen.run(
-        host=HOST,
-        port=server.port,
-        connections=FILL_CONNECTIONS,
-        duration=gen.n_requests / 1000 + 5,
-        warmup=0,
-        count=gen.n_requests,
-        timeout=args.timeout,
-        server_pid=server.pid,
-    )
-    errors += res.error_total
+    pool_requests = 0
+    if pool_pass:
+        res = gen.run(
+            host=HOST,
+            port=server.port,
+            connections=FILL_CONNECTIONS,
+            duration=gen.n_requests / 1000 + 5,
+            warmup=0,
+            count=gen.n_requests,
+            timeout=args.timeout,
+            server_pid=server.pid,
+        )
+        errors += res.error_total
+        pool_requests = res.completed
     if redis is not None:
         wait_written(server)
     metrics = server.scrape()
     server.warmup = {
         "fill_requests": sent,
-        "pool_requests": res.completed,
+        "pool_requests": pool_requests,
         "errors": errors,
         "seconds": time.monotonic() - t0,
         "tracked_clients": metrics.get("policyd_tracked_clients"),
@@ -571,7 +587,7 @@ def fill(
             f"MEMORY USAGE {_num(w['redis_memory_usage_sample'])} B"
         )
     print(
-        f"  {server.name}: warm-up {sent:,} fill + {res.completed:,} pool requests "
+        f"  {server.name}: warm-up {sent:,} fill + {pool_requests:,} pool requests "
         f"in {w['seconds']:.0f} s, errors {errors}; tracked clients "
         f"{_num(w['tracked_clients'])}, evictions {_num(w['evictions'])}, "
         f"RSS {_num(_mb(w['rss_bytes']), '.1f')} MB{extra_text}",
@@ -633,6 +649,9 @@ class Run:
     after minus before; Redis-backed policyd only)."""
     backend_errors: dict[str, float] = dataclasses.field(default_factory=dict)
     """``policyd_backend_errors_total`` by reason, after minus before."""
+    reused: bool = False
+    """Paced: the run went past the end of the pool, so its server saw some
+    sessions (clients) a second time (see `Cursor`)."""
 
     @property
     def fallback_share(self) -> float | None:
@@ -664,16 +683,22 @@ class Run:
             "refused_share": self.refused_share,
             "backend_fallbacks": self.fallbacks,
             "backend_errors": self.backend_errors,
+            "reused": self.reused,
         }
 
 
 @dataclasses.dataclass
 class Summary:
-    """Median and spread of one server at one concurrency across repeats."""
+    """Median and spread of one server at one concurrency across repeats.
+
+    Paced, one server in one cell: *rate* per connection and *addresses*.
+    """
 
     server: str
     connections: int
     runs: list[Run]
+    rate: float = 0.0
+    addresses: str = ""
 
     def _values(self, attr: str) -> list[float]:
         vals = []
@@ -753,10 +778,15 @@ class Summary:
             "log_per_req",
             "companion_us_per_req",
             "fallback_share",
+            "offered_rps",
+            "late_share",
         )
         return {
             "server": self.server,
             "connections": self.connections,
+            "rate": self.rate,
+            "addresses": self.addresses,
+            "reused": any(r.reused for r in self.runs),
             "median": {a: self.median(a) for a in attrs},
             "spread": {a: self.spread(a) for a in attrs},
             "errors": self.errors,
@@ -927,6 +957,348 @@ def format_tracked(
 
 
 # ---------------------------------------------------------------------------
+# Paced load
+# ---------------------------------------------------------------------------
+
+#: Issue 13's reference cells: 100 and 200 connections at about 10 requests/s
+#: each (1k and 2k req/s), and 100 at about 50/s (5k req/s).
+DEFAULT_PACED = "100x10,200x10,100x50"
+ADDRESS_MODES = ("fresh", "pool")
+#: Paced, ``--addresses pool``: a botnet's worth of client addresses.
+PACED_CLIENTS = 100_000
+#: A paced pool holds this many times what the planned runs take, for the
+#: runs done again because they were noisy (and more: see paced_pool_requests).
+#: On the shared development box a third of the runs were done again at times.
+RETRY_MARGIN = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Pace:
+    """One paced cell: *connections*, each sending *rate* requests a second."""
+
+    connections: int
+    rate: float
+
+    @property
+    def offered(self) -> float:
+        """Requests a second asked of all connections together."""
+        return self.connections * self.rate
+
+    @property
+    def label(self) -> str:
+        """``100 x 10/s``."""
+        return pace_label(self.connections, self.rate)
+
+
+def pace_label(connections: int, rate: float) -> str:
+    """A paced cell as ``100 x 10/s``."""
+    return f"{connections} x {rate:g}/s"
+
+
+def parse_paces(text: str) -> list[Pace]:
+    """``100x10,200x10,100x50`` as cells, in the order given, once each."""
+    paces: list[Pace] = []
+    for raw in text.split(","):
+        item = raw.strip().lower()
+        if not item:
+            continue
+        conns, sep, rate = item.partition("x")
+        try:
+            pace = Pace(int(conns), float(rate))
+        except ValueError:
+            raise ValueError(f"{item!r} is not CONNSxRATE, such as 100x10") from None
+        if not sep or pace.connections < 1 or not 0 < pace.rate < math.inf:
+            raise ValueError(f"{item!r}: connections and rate must be positive")
+        if pace not in paces:
+            paces.append(pace)
+    if not paces:
+        raise ValueError("no cell given")
+    return paces
+
+
+def paced_pool_requests(
+    paces: Sequence[Pace],
+    seconds: float,
+    repeats: int,
+    retries: int,
+    margin: float = RETRY_MARGIN,
+) -> int:
+    """Requests a paced pool needs so that no server is sent a session twice.
+
+    Every server (the baseline too) goes through the pool on its own
+    (`Cursor`): once per cell and repeat, each run taking about the offered
+    rate over its warm-up and window, *seconds* (`loadgen.paced_requests`).
+    Runs done again because they were noisy take more: *margin* times the
+    planned runs, and at least room for the largest run to be done again
+    *retries* times (with one repeat, the margin alone would not hold that).
+    """
+    runs = [loadgen.paced_requests(p.offered, seconds, p.connections) for p in paces]
+    planned = sum(runs) * repeats
+    return max(math.ceil(planned * margin), planned + retries * max(runs))
+
+
+@dataclasses.dataclass
+class Cursor:
+    """Where a server's next paced run starts in a pool of *sessions* sessions.
+
+    Each run begins after the sessions the server's earlier runs took, so
+    that with fresh addresses no client comes to the same server twice.
+    """
+
+    sessions: int
+    next: int = 0
+
+    def take(self, used: int) -> bool:
+        """Move past a run's *used* sessions; whether it ran past the pool's end.
+
+        Past the end the load generator comes round to the first session: that
+        run and every later one send the server clients it has seen.
+        """
+        self.next += used
+        return self.next > self.sessions
+
+
+def run_paced(args: argparse.Namespace, servers: list[Server]) -> int:
+    """The paced matrix: every server at every offered rate, side by side."""
+    targets = [s for s in servers if s.variant is not None]
+    seconds = args.warmup + args.duration
+    need = paced_pool_requests(args.paces, seconds, args.repeat, args.retries)
+    size = max(need, args.pool)
+    print(
+        f"paced pools: {size:,} requests per address mode ({need:,} needed: every "
+        f"server goes through the pool once, {args.repeat} x {len(args.paces)} "
+        f"runs of {seconds:g} s, with room for runs done again)",
+        flush=True,
+    )
+    with contextlib.ExitStack() as stack:
+        gens: dict[str, loadgen.LoadGenerator] = {}
+        for mode in args.address_modes:
+            t0 = time.monotonic()
+            opts = loadgen.pool_options(args, fresh=mode == "fresh")
+            gen = stack.enter_context(
+                loadgen.LoadGenerator(
+                    dataclasses.replace(opts, requests=size), args.engine
+                )
+            )
+            if gen.engine != "c":
+                raise SystemExit("--paced needs the C engine: no C compiler found")
+            gens[mode] = gen
+            addresses = len(loadgen.pool_addresses(gen.sessions))
+            print(
+                f"  {mode}: {len(gen.sessions):,} sessions, {gen.n_requests:,} "
+                f"requests, {addresses:,} distinct addresses"
+                + ("" if mode == "fresh" else f" (of {args.clients:,} clients)")
+                + f"; built in {time.monotonic() - t0:.1f} s",
+                flush=True,
+            )
+        print(
+            "starting " + ", ".join(f"{s.name} (port {s.port})" for s in servers),
+            flush=True,
+        )
+        for s in servers:
+            s.start(args.start_timeout)
+        for t in targets:
+            # Only the fill's clean clients: the measured clients come fresh.
+            fill(gens[args.address_modes[0]], t, 0, args, pool_pass=False)
+        print(
+            f"engine c, paced ({args.jitter} gaps); {args.repeat} x "
+            f"{len(args.paces)} cells x {len(gens)} address modes x "
+            f"{len(servers)} servers, {args.warmup:g} s warm-up + "
+            f"{args.duration:g} s each; {args.pinning}; {args.priority}",
+            flush=True,
+        )
+        cursors = {
+            (s.name, mode): Cursor(len(gen.sessions))
+            for s in servers
+            for mode, gen in gens.items()
+        }
+        results: dict[tuple[str, str, Pace], list[Run]] = {}
+        block = 0
+        for rep in range(args.repeat):
+            for pace in args.paces:
+                for mode, gen in gens.items():
+                    # Rotate who goes first so drift and noise hit all alike.
+                    k = block % len(servers)
+                    block += 1
+                    for s in servers[k:] + servers[:k]:
+                        run = measure(
+                            gen,
+                            s,
+                            pace.connections,
+                            f"[{rep + 1}/{args.repeat}] {pace.label:<12} {mode:<5}",
+                            args,
+                            rate=pace.rate,
+                            cursor=cursors[(s.name, mode)],
+                        )
+                        if run is None:
+                            return 1
+                        results.setdefault((s.name, mode, pace), []).append(run)
+        report_logs(servers)
+    summaries = [
+        Summary(name, pace.connections, runs, pace.rate, mode)
+        for (name, mode, pace), runs in results.items()
+    ]
+    order = [s.name for s in servers]
+    print()
+    print(format_paced(summaries, order, args))
+    print()
+    print(format_paced_brief(summaries, order, args))
+    if targets:
+        print()
+        print(format_actions(summaries, targets))
+    if args.json:
+        payload = {
+            "mode": "paced",
+            "engine": "c",
+            "jitter": args.jitter,
+            "duration": args.duration,
+            "warmup": args.warmup,
+            "repeat": args.repeat,
+            "pinning": args.pinning,
+            "priority": args.priority,
+            "paces": [dataclasses.asdict(p) for p in args.paces],
+            "addresses": args.address_modes,
+            "pool": {
+                mode: dataclasses.asdict(gen.options)
+                | {"requests": gen.n_requests, "sessions": len(gen.sessions)}
+                for mode, gen in gens.items()
+            },
+            "servers": order,
+            "level_env": LEVEL_ENV,
+            "warmup_fill": {t.name: t.warmup for t in targets},
+            "summaries": [s.as_dict() for s in summaries],
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+def _paced_cells(
+    summaries: Sequence[Summary], args: argparse.Namespace
+) -> list[tuple[Pace, str]]:
+    """(cell, address mode) in the order of the command line."""
+    seen = {(s.connections, s.rate, s.addresses) for s in summaries}
+    return [
+        (p, mode)
+        for p in args.paces
+        for mode in args.address_modes
+        if (p.connections, p.rate, mode) in seen
+    ]
+
+
+def format_paced(
+    summaries: Sequence[Summary], order: Sequence[str], args: argparse.Namespace
+) -> str:
+    """The paced table, in Markdown: one row per cell, address mode and server."""
+    by = {(s.server, s.connections, s.rate, s.addresses): s for s in summaries}
+    lines = [
+        f"Paced load ({args.jitter} gaps), {args.repeat} x ({args.warmup:g} s "
+        f"warm-up + {args.duration:g} s); median over repeats, ± half the spread:",
+        "",
+        "| load | addresses | server | offered req/s | req/s | CPU µs/req | x base "
+        "| p50 µs | p99 µs | late | errors | noise | level | refused |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    noisy = reused = 0
+    for pace, mode in _paced_cells(summaries, args):
+        base = by.get((order[0], pace.connections, pace.rate, mode))
+        for name in order:
+            s = by.get((name, pace.connections, pace.rate, mode))
+            if s is None:
+                continue
+            x_cpu = ""
+            if base is not None and s is not base:
+                x_cpu = _num(paired_ratio(s, base, "server_us_per_req"), ".2f")
+            flag = " !" if (s.contention or 0.0) > args.max_contention else ""
+            again = " *" if any(r.reused for r in s.runs) else ""
+            noisy += bool(flag)
+            reused += bool(again)
+            level = refused = ""
+            if s.levels_seen != "-":  # policyd: it has a level
+                level = s.levels_seen
+                refused = _num(s.median("refused_share"), ".1%")
+            lines.append(
+                f"| {pace.label} | {mode} | {s.server}{again} | {pace.offered:,.0f} | "
+                f"{_num(s.median('rps'))}{_spread_pct(s, 'rps')} | "
+                f"{_num(s.median('server_us_per_req'), '.1f')}"
+                f"{_spread_pct(s, 'server_us_per_req')} | {x_cpu} | "
+                f"{_num(s.median('p50_us'))} | {_num(s.median('p99_us'))} | "
+                f"{_num(s.median('late_share'), '.1%')} | {s.errors} | "
+                f"{_num(s.contention, '.1%')}{flag} | {level} | {refused} |"
+            )
+    lines += [
+        "",
+        "offered: connections x rate; req/s: answered in the window / its length. "
+        "CPU µs/req: the server's CPU time in the window (schedstat, ns) / requests "
+        "answered; x base: against the baseline, median of the pairs measured in "
+        "the same block. p50/p99: from a request's sending to its reply. late: "
+        "requests that fell due while their connection's previous reply was "
+        "outstanding, sent when it came (a server that keeps up has next to "
+        "none). noise: worst share of a window that the server or the load "
+        "generator waited for a CPU held by something else. level: "
+        "policyd_stress_level after each window; refused: share of replies that "
+        "refused.",
+    ]
+    tracked = []
+    for name in order:
+        seen = [
+            t
+            for s in summaries
+            if s.server == name
+            for t in (r.tracked for r in s.runs)
+            if t is not None
+        ]
+        if seen:
+            tracked.append(f"{name} {min(seen):,.0f} to {max(seen):,.0f}")
+    if tracked:
+        lines.append(
+            "policyd_tracked_clients after the windows: " + ", ".join(tracked) + "."
+        )
+    if noisy:
+        lines.append(
+            f"! {noisy} rows stayed noisier than --max-contention "
+            f"{args.max_contention:.0%} after retries."
+        )
+    if reused:
+        lines.append(
+            f"* {reused} rows had runs past the end of the pool: their server "
+            "was sent clients it had seen (raise --pool)."
+        )
+    return "\n".join(lines)
+
+
+def format_paced_brief(
+    summaries: Sequence[Summary], order: Sequence[str], args: argparse.Namespace
+) -> str:
+    """CPU µs per request of every server in every cell, in Markdown, with x base."""
+    by = {(s.server, s.connections, s.rate, s.addresses): s for s in summaries}
+    lines = [
+        "CPU per request (x base: median of the same-block pairs):",
+        "",
+        "| load | " + " | ".join(order) + " |",
+        "|---|" + "---:|" * len(order),
+    ]
+    for pace, mode in _paced_cells(summaries, args):
+        cells = []
+        base = by.get((order[0], pace.connections, pace.rate, mode))
+        for name in order:
+            s = by.get((name, pace.connections, pace.rate, mode))
+            if s is None:
+                cells.append("")
+                continue
+            text = _num(s.median("server_us_per_req"), ".1f") + " µs"
+            if base is not None and s is not base:
+                ratio = paired_ratio(s, base, "server_us_per_req")
+                text += f" ({_num(ratio, '.2f')}x)"
+            cells.append(text)
+        load = (
+            f"{pace.connections} conns x {pace.rate:g}/s "
+            f"({pace.offered:,.0f} req/s), {mode}"
+        )
+        lines.append(f"| {load} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------
 
@@ -1000,6 +1372,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument(
+        "--paced",
+        nargs="?",
+        const=DEFAULT_PACED,
+        metavar="CONNSxRATE,...",
+        help="paced (open-loop) load instead of saturated connections: in each "
+        "cell CONNS connections each send RATE requests/s on a jittered "
+        "schedule of their own (replaces --concurrency) "
+        f"[{DEFAULT_PACED}]",
+    )
+    parser.add_argument(
+        "--addresses",
+        help="paced: where client addresses come from, comma-separated: fresh "
+        "(a new client every session) or pool (sessions drawn from --clients "
+        f"clients, {PACED_CLIENTS:,} by default) [fresh]",
+    )
+    parser.add_argument(
+        "--jitter",
+        choices=loadgen.JITTERS,
+        default=loadgen.JITTERS[0],
+        help="paced: a connection's gaps uniform in 0.5-1.5x the mean, or "
+        "exponential (Poisson) [uniform]",
+    )
+    parser.add_argument(
         "--target",
         choices=("policyd", "baseline"),
         default="policyd",
@@ -1053,9 +1448,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--start-timeout", type=float, default=30.0, help="s to wait for a server"
     )
     loadgen.add_pool_arguments(parser)
-    # 500 active clients, so that the smallest table (1k) holds them.
-    parser.set_defaults(clients=500)
+    # Saturated: 500 active clients, so that the smallest table (1k) holds
+    # them; paced: a botnet's worth.  Paced, the pool is sized to the run.
+    parser.set_defaults(clients=None, pool=None)
     args = parser.parse_args(argv)
+    if args.clients is None:
+        args.clients = PACED_CLIENTS if args.paced else 500
+    if args.pool is None:
+        args.pool = 0 if args.paced else loadgen.PoolOptions().requests
     args.duration = args.duration or (2.0 if args.quick else 5.0)
     args.warmup = (
         args.warmup if args.warmup is not None else (0.5 if args.quick else 1.0)
@@ -1071,7 +1471,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = set(args.stress_levels) - set(LEVEL_ENV)
     if unknown or not args.stress_levels:
         parser.error(f"--levels wants some of {', '.join(LEVEL_ENV)}")
-    tracked = args.tracked or ("1k" if args.quick else "1k,1m")
+    if args.paced:
+        try:
+            args.paces = parse_paces(args.paced)
+        except ValueError as e:
+            parser.error(f"--paced: {e}")
+        args.conns = sorted({p.connections for p in args.paces})
+        modes = [x.strip() for x in (args.addresses or "fresh").split(",")]
+        if not modes or set(modes) - set(ADDRESS_MODES) or len(set(modes)) < len(modes):
+            parser.error(f"--addresses wants some of {','.join(ADDRESS_MODES)}")
+        args.address_modes = modes
+    elif args.addresses is not None:
+        parser.error("--addresses goes with --paced")
+    tracked = args.tracked or ("1k" if args.quick or args.paced else "1k,1m")
     try:
         args.sizes = sorted({parse_size(x) for x in tracked.split(",") if x.strip()})
     except ValueError:
@@ -1085,7 +1497,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.faults = [] if faults == ["none"] else faults
     if set(args.faults) - set(redisbench.FAULTS):
         parser.error(f"--redis-faults wants some of {','.join(redisbench.FAULTS)}")
-    if "redis" not in args.backend_list or args.target == "baseline":
+    if "redis" not in args.backend_list or args.target == "baseline" or args.paced:
         args.faults = []
     if args.fault_window <= 0 or args.fault_connections < 1:
         parser.error("--fault-window and --fault-connections must be positive")
@@ -1154,9 +1566,14 @@ def measure(
     conns: int,
     tag: str,
     args: argparse.Namespace,
+    *,
+    rate: float = 0.0,
+    cursor: Cursor | None = None,
 ) -> Run | None:
     """One load run, repeated while it is noisy; the least noisy attempt.
 
+    *rate* > 0: paced at that rate per connection, each attempt starting
+    where *cursor* (the server's place in the pool) says, and moving it on.
     None if the server died.
     """
     best: Run | None = None
@@ -1177,9 +1594,14 @@ def measure(
             timeout=args.timeout,
             server_pid=server.pid,
             companion=server.companion(),
+            rate=rate,
+            jitter=args.jitter,
+            start_session=None if cursor is None else cursor.next,
         )
         time.sleep(0.05)  # let the drain thread catch up with the last lines
         run = Run(res, log_lines=server.lines - lines0)
+        if cursor is not None:
+            run.reused = cursor.take(res.sessions_used or 0)
         if server.variant is not None:
             metrics = server.scrape()
             run.level = metrics.get("policyd_stress_level")
@@ -1207,6 +1629,12 @@ def measure(
                         f" {k} {v:,.0f}" for k, v in run.backend_errors.items() if v
                     )
                 )
+        if res.offered_rps:
+            extra += (
+                f"  offered {res.offered_rps:,.0f} late "
+                f"{loadgen.format_optional(res.late_share, '.1%')}"
+                + ("  (pool came round: clients seen before)" if run.reused else "")
+            )
         print(
             f"  {tag} {server.name:<20} c={conns:<5} {res.rps:>9,.0f} req/s  "
             f"{loadgen.format_optional(res.server_us_per_req)} us/req  "
@@ -1562,7 +1990,38 @@ def format_redis_memory(targets: Sequence[Server]) -> str:
     return "\n".join(lines)
 
 
+def report_logs(servers: Sequence[Server]) -> None:
+    """Say which servers have children (CPU not counted) and what they logged last."""
+    for s in servers:
+        if s.alive() and s.children():
+            print(f"warning: {s.name} has child processes; their CPU is not counted")
+        tail = [
+            line for line in s.log_tail(4).splitlines() if "listening on" not in line
+        ]
+        if tail:
+            print(f"{s.name} logged {s.lines:,} lines; the last:", *tail, sep="\n  ")
+
+
+def format_actions(summaries: Sequence[Summary], targets: Sequence[Server]) -> str:
+    """The mix of replies of every policyd in every cell, all repeats."""
+    lines = ["action mix (all repeats):"]
+    order = {t.name: i for i, t in enumerate(targets)}
+    mine = [sm for sm in summaries if sm.server in order]
+    mine.sort(key=lambda sm: (order[sm.server], sm.addresses, sm.connections, sm.rate))
+    for sm in mine:
+        acts = sm.actions
+        total = max(1, sum(acts.values()))
+        mix = "  ".join(f"{k} {v / total:.1%}" for k, v in acts.items())
+        cell = f"c={sm.connections:<5}"
+        if sm.rate:
+            cell = f"{pace_label(sm.connections, sm.rate)} {sm.addresses}"
+        lines.append(f"  {sm.server:<20} {cell} {mix}")
+    return "\n".join(lines)
+
+
 def _run(args: argparse.Namespace, servers: list[Server]) -> int:
+    if args.paced:
+        return run_paced(args, servers)
     targets = [s for s in servers if s.variant is not None]
     print(
         f"generating {args.pool:,} requests from {args.clients:,} clients; starting "
@@ -1609,20 +2068,7 @@ def _run(args: argparse.Namespace, servers: list[Server]) -> int:
                     if fr is None:
                         return 1
                     faults.append(fr)
-        for s in servers:
-            if s.alive() and s.children():
-                print(
-                    f"warning: {s.name} has child processes; their CPU is not counted"
-                )
-            tail = [
-                line
-                for line in s.log_tail(4).splitlines()
-                if "listening on" not in line
-            ]
-            if tail:
-                print(
-                    f"{s.name} logged {s.lines:,} lines; the last:", *tail, sep="\n  "
-                )
+        report_logs(servers)
     summaries = [Summary(name, c, runs) for (name, c), runs in results.items()]
     order = [s.name for s in servers]
     print()
@@ -1643,17 +2089,7 @@ def _run(args: argparse.Namespace, servers: list[Server]) -> int:
             print()
             print(format_faults(faults, args))
         print()
-        print("action mix (all repeats):")
-        by = {(s.server, s.connections): s for s in summaries}
-        for t in targets:
-            for conns in args.conns:
-                sm = by.get((t.name, conns))
-                if sm is None:
-                    continue
-                acts = sm.actions
-                total = max(1, sum(acts.values()))
-                mix = "  ".join(f"{k} {v / total:.1%}" for k, v in acts.items())
-                print(f"  {t.name:<20} c={conns:<5} {mix}")
+        print(format_actions(summaries, targets))
     if args.json:
         payload = {
             "engine": gen.engine,
