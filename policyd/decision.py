@@ -117,6 +117,10 @@ class PolicyDecider:
         # settled: the transaction whose verdict is pinned, and the identity
         # of its client (the same for every request of a session).
         self._sessions: OrderedDict[int, _Session] = OrderedDict()
+        # What the signals found, the level and the bar make of a client
+        # (`policy.judge`), for the settings they were judged under.
+        self._verdicts: dict[tuple[tuple[str, ...], int, int], Verdict] = {}
+        self._verdicts_settings: PolicySettings | None = None
         self._count_normal = partial(metrics.decided, policy.PASS, "normal")
 
     def decide(self, request: PolicyRequest) -> Action | Deferred[Action]:
@@ -151,19 +155,24 @@ class PolicyDecider:
         Who the client is (its names and HELO) is judged once per session:
         later requests that repeat them reuse the judgement.
         """
+        settings = self.settings
+        if self._verdicts_settings is not settings:
+            self._verdicts.clear()
+            self._verdicts_settings = settings
         key = policy.identity_key(request)
         session = self._session(request.connection)
-        if session.identity_key != key or session.settings is not self.settings:
+        if session.identity_key != key or session.settings is not settings:
             session.identity_key = key
-            session.settings = self.settings
-            session.identity = policy.identity(request, self.settings, key)
+            session.settings = settings
+            session.identity = policy.identity(request, settings, key)
         verdict = policy.decide(
             request,
             level,
             shared if shared is not None else self.tracker.client(request),
-            self.settings,
+            settings,
             self.tracker.pressure_at(request),
             session.identity,
+            self._verdicts,
         )
         return self._decided(request, verdict, session)
 
@@ -208,14 +217,12 @@ class PolicyDecider:
                 )
             if first:
                 self._log_refusal(request, verdict)
-        decided = self.metrics.decided
         if verdict.exemption is not None:
-            decided(outcome, verdict.exemption)
+            self.metrics.decided(outcome, verdict.exemption)
         elif not refused or not verdict.reasons:
-            decided(outcome, "none")
+            self.metrics.decided(outcome, "none")
         else:
-            for reason in verdict.reasons:
-                decided(outcome, reason)
+            self.metrics.decided_for(outcome, verdict.reasons)
         if not refused:
             # DUNNO, or the WARN or INFO an admin put in a matrix cell.
             return verdict.action

@@ -72,6 +72,8 @@ class PolicyMetrics:
         self._buckets = [0] * (len(DURATION_BUCKETS) + 1)
         self._duration_sum = 0.0
         self._decisions: dict[tuple[str, str], int] = {}
+        # Refusals counted once for all their reasons, spread at scrape time.
+        self._refusals: dict[tuple[str, tuple[str, ...]], int] = {}
         registry.register(_RequestCollector(self))
         self.active_connections = Gauge(
             "policyd_active_connections",
@@ -130,9 +132,20 @@ class PolicyMetrics:
         decisions = self._decisions
         decisions[key] = decisions.get(key, 0) + 1
 
+    def decided_for(self, outcome: str, reasons: tuple[str, ...]) -> None:
+        """Count one decision with *outcome* for each of *reasons*."""
+        key = (outcome, reasons)
+        refusals = self._refusals
+        refusals[key] = refusals.get(key, 0) + 1
+
     def decisions(self) -> dict[tuple[str, str], int]:
         """Decisions counted so far, by (outcome, reason)."""
-        return dict(self._decisions)
+        counts = dict(self._decisions)
+        for (outcome, reasons), count in self._refusals.items():
+            for reason in reasons:
+                key = (outcome, reason)
+                counts[key] = counts.get(key, 0) + count
+        return counts
 
 
 class _RequestCollector(Collector):
@@ -179,7 +192,7 @@ class _RequestCollector(Collector):
             "dry_run_reject) and reason (a signal, an exemption, normal or none).",
             labels=["outcome", "reason"],
         )
-        for (outcome, reason), count in sorted(metrics._decisions.items()):
+        for (outcome, reason), count in sorted(metrics.decisions().items()):
             decisions.add_metric([outcome, reason], count)
         yield decisions
 

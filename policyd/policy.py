@@ -445,12 +445,16 @@ def decide(
     settings: PolicySettings,
     pressure: int = 0,
     known_identity: tuple[str, ...] | None = None,
+    verdicts: dict[tuple[tuple[str, ...], int, int], Verdict] | None = None,
 ) -> Verdict:
     """
     The verdict for *request* at stress *level* (and overload *pressure*).
 
     *known_identity*: the client's `identity`, when the caller knows it
     (from an earlier request of the session with the same `identity_key`).
+    *verdicts*: a memo of `judge` the caller keeps for these *settings*
+    (and empties when they change): under a flood the same few sets of
+    signals come up again and again.
     """
     if level == NORMAL:
         return Verdict(DUNNO, PASS, level, 0, ())
@@ -463,6 +467,26 @@ def decide(
         # Most clients show nothing suspicious: no score to add up (it is 0,
         # and a client without reasons is never refused, whatever the bar).
         return Verdict(DUNNO, PASS, level, 0, (), bar=needed)
+    if verdicts is None:
+        return judge(tuple(found), level, needed, settings)
+    key = (tuple(found), level, needed)
+    verdict = verdicts.get(key)
+    if verdict is None:
+        if len(verdicts) >= VERDICTS_KEPT:
+            verdicts.clear()
+        verdict = verdicts[key] = judge(key[0], level, needed, settings)
+    return verdict
+
+
+#: The most verdicts a `decide` memo keeps (see *verdicts*): the signals
+#: found, the level and the bar make few combinations.
+VERDICTS_KEPT: Final = 4096
+
+
+def judge(
+    found: tuple[str, ...], level: int, needed: int, settings: PolicySettings
+) -> Verdict:
+    """The verdict on a client showing *found*, at *level*, with the bar at *needed*."""
     weights = settings.weights
     score = sum(weights[s] for s in found)
     # A signal weighted 0 is switched off, and a negative one speaks for the

@@ -518,6 +518,19 @@ class TestIdentityPerSession:
         assert "helo_impersonates" not in first.text
         assert "helo_impersonates" in rig.ask(IMPOSTOR).text
 
+    def test_reload_weighs_again(self) -> None:
+        """New weights (a reload) apply at once: no verdict of the old ones is kept."""
+        rig = Rig(ELEVATED)
+        assert rig.ask(BOT, instance="a1.1.1.1") == E_BOT
+        rig.decider.settings = weighted_zero = attrs.evolve(
+            rig.decider.settings,
+            weights={**rig.decider.settings.weights, **dict.fromkeys(BOT_REASONS, 0)},
+        )
+        assert weighted_zero is rig.decider.settings
+        # Another bot (no quick retry): the very signals of the first.
+        other = {**BOT, "client_address": "203.0.113.46"}
+        assert rig.ask(other, connection=2, instance="a1.1.1.2") == DUNNO
+
     def test_reload_judges_again(self) -> None:
         """New settings (a reload) are applied to the next request of a session."""
         rig = Rig(ELEVATED)

@@ -494,6 +494,29 @@ class TestLockFreeCounters:
             "policyd_request_duration_seconds_sum"
         ) == pytest.approx(99.00121)
 
+    def test_decided_for_spreads_over_reasons(self) -> None:
+        """decided_for() counts one decision in the series of each of its reasons."""
+        registry = CollectorRegistry()
+        metrics = PolicyMetrics(registry)
+        metrics.decided_for("defer", ("no_helo", "dynamic_name"))
+        metrics.decided_for("defer", ("no_helo",))
+        metrics.decided("defer", "no_helo")
+        metrics.decided_for("reject", ("helo_impersonates", "no_helo"))
+        expected = {
+            ("defer", "no_helo"): 3,
+            ("defer", "dynamic_name"): 1,
+            ("reject", "helo_impersonates"): 1,
+            ("reject", "no_helo"): 1,
+        }
+        assert metrics.decisions() == expected
+        for (outcome, reason), count in expected.items():
+            assert (
+                registry.get_sample_value(
+                    "policyd_decisions_total", {"outcome": outcome, "reason": reason}
+                )
+                == count
+            )
+
     def test_decided_counts_by_outcome_and_reason(self) -> None:
         """decided() adds one to its (outcome, reason) series, and only to it."""
         registry = CollectorRegistry()

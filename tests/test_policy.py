@@ -1510,3 +1510,40 @@ class TestHolderClass:
     ) -> None:
         """Suspicious means refused at the lowest overload bar."""
         assert holder_class(req(**attributes), known, DEFAULTS) == expected
+
+
+class TestVerdictMemo:
+    """A caller's memo of verdicts (`decide`'s *verdicts*) changes no answer."""
+
+    CLIENTS: tuple[dict[str, str], ...] = (
+        {},
+        {"client_name": "unknown", "reverse_client_name": "unknown"},
+        {"helo_name": "user-pc"},
+        {"helo_name": "[203.0.113.9]", "client_name": "unknown"},
+        {"reverse_client_name": "192-0-2-10.dyn.example.net", "helo_name": "localhost"},
+        {"sasl_username": "alice"},
+    )
+    HISTORIES = (stats(), stats(concurrency=9), stats(since_refusal=2.0, held=99.0))
+
+    @pytest.mark.parametrize("pressure", [0, 1, 5])
+    @pytest.mark.parametrize("level", [NORMAL, ELEVATED, OVERLOAD])
+    def test_same_verdicts(self, level: int, pressure: int) -> None:
+        """Every client and history, twice over, gets the verdict it gets without."""
+        memo: dict[tuple[tuple[str, ...], int, int], Verdict] = {}
+        for _ in range(2):
+            for attributes in self.CLIENTS:
+                for known in self.HISTORIES:
+                    request = req(**attributes)
+                    alone = decide(request, level, known, DEFAULTS, pressure)
+                    kept = decide(
+                        request, level, known, DEFAULTS, pressure, verdicts=memo
+                    )
+                    assert kept == alone
+
+    def test_bounded(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A full memo starts over rather than grow."""
+        monkeypatch.setattr(policy, "VERDICTS_KEPT", 2)
+        memo: dict[tuple[tuple[str, ...], int, int], Verdict] = {}
+        for attributes in self.CLIENTS:
+            decide(req(**attributes), OVERLOAD, stats(), DEFAULTS, 0, verdicts=memo)
+            assert len(memo) <= 2
