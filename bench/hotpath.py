@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         "wakes for each request with little of itself in cache)",
     )
     parser.add_argument(
-        "--cold-requests", type=int, default=2000, help="requests timed with --cold"
+        "--cold-requests", type=int, default=1000, help="requests timed with --cold"
     )
     parser.add_argument(
         "--cold-mb", type=int, default=64, help="MiB copied to evict the caches"
