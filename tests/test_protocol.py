@@ -896,14 +896,7 @@ class TestDecisions:
         which the system clock was set an hour forward is still sent as
         decided (not replaced by the fallback), and timed as quick.
         """
-        wall, timer = Clock(), Clock()
-        harness = Harness(
-            SlowDecider(wall, step),
-            fallback=BUSY,
-            decision_timeout=1.0,
-            clock=wall,
-            timer=timer,
-        )
+        harness = _two_clocks(moved="wall", seconds=step)
         client = harness.connect()
         client.send(MINIMAL)
         assert client.writes == [DUNNO_REPLY]
@@ -913,14 +906,7 @@ class TestDecisions:
 
     def test_slow_on_the_timer(self) -> None:
         """A decision slow on the monotonic timer gets the fallback."""
-        wall, timer = Clock(), Clock()
-        harness = Harness(
-            SlowDecider(timer, 1.5),
-            fallback=BUSY,
-            decision_timeout=1.0,
-            clock=wall,
-            timer=timer,
-        )
+        harness = _two_clocks(moved="timer", seconds=1.5)
         client = harness.connect()
         client.send(MINIMAL)
         assert client.writes == [BUSY_REPLY]
@@ -1161,6 +1147,21 @@ class TestFramingProperties:
             d.callback(Action.parse(f"INFO seq {seq}"))
         for client, count in zip(clients, counts, strict=True):
             assert client.writes == [seq_reply(n) for n in range(count)]
+
+
+def _two_clocks(moved: str, seconds: float) -> Harness:
+    """A harness with a wall clock and a separate decision timer (1 s timeout).
+
+    Its decider lets *seconds* pass on the *moved* one ("wall" or "timer").
+    """
+    wall, timer = Clock(), Clock()
+    return Harness(
+        SlowDecider(wall if moved == "wall" else timer, seconds),
+        fallback=BUSY,
+        decision_timeout=1.0,
+        clock=wall,
+        timer=timer,
+    )
 
 
 class FakeSocket(socket.socket):
