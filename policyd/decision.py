@@ -70,11 +70,10 @@ class _Session:
     #: The transaction whose verdict every later request of it gets.
     instance: str = ""
     verdict: Verdict | None = None
-    #: The client's `policy.identity`, for requests with this identity key,
-    #: judged under these settings (a reload replaces them).
+    #: The client's `policy.identity`, for requests with this identity key
+    #: (None: judge again, as after a reload).
     identity_key: policy.IdentityKey | None = None
     identity: tuple[str, ...] = ()
-    settings: PolicySettings | None = None
 
 
 class PolicyDecider:
@@ -102,7 +101,6 @@ class PolicyDecider:
         refusal_log_limit: int = 0,
     ) -> None:
         self.tracker = tracker
-        self.settings = settings
         self.metrics = metrics
         self.dry_run = dry_run
         self.dry_run_warn = dry_run_warn
@@ -118,10 +116,23 @@ class PolicyDecider:
         # of its client (the same for every request of a session).
         self._sessions: OrderedDict[int, _Session] = OrderedDict()
         # What the signals found, the level and the bar make of a client
-        # (`policy.judge`), for the settings they were judged under.
+        # (`policy.judge`).  Both memos hold for the current settings only.
         self._verdicts: dict[tuple[tuple[str, ...], int, int], Verdict] = {}
-        self._verdicts_settings: PolicySettings | None = None
+        self.settings = settings
         self._count_normal = partial(metrics.decided, policy.PASS, "normal")
+
+    @property
+    def settings(self) -> PolicySettings:
+        """The policy's settings; new ones (a reload) apply from the next request."""
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: PolicySettings) -> None:
+        # Every judgement made under the old settings is forgotten.
+        self._settings = settings
+        self._verdicts.clear()
+        for session in self._sessions.values():
+            session.identity_key = None
 
     def decide(self, request: PolicyRequest) -> Action | Deferred[Action]:
         """Answer *request*.
@@ -155,15 +166,11 @@ class PolicyDecider:
         Who the client is (its names and HELO) is judged once per session:
         later requests that repeat them reuse the judgement.
         """
-        settings = self.settings
-        if self._verdicts_settings is not settings:
-            self._verdicts.clear()
-            self._verdicts_settings = settings
+        settings = self._settings
         key = policy.identity_key(request)
         session = self._session(request.connection)
-        if session.identity_key != key or session.settings is not settings:
+        if session.identity_key != key:
             session.identity_key = key
-            session.settings = settings
             session.identity = policy.identity(request, settings, key)
         verdict = policy.decide(
             request,

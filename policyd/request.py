@@ -87,9 +87,10 @@ class RequestLines(Mapping[bytes, bytes]):
     What the protocol hands over instead of a dict: splitting thirty pairs
     into one costs more than answering most requests takes, and they need
     only the fields `PolicyRequest.from_block` finds in the block directly.
-    The first read by name (a request being scored, a debug log) splits
-    them all, once.  A name sent twice reads as its last line, as in a dict
-    built line by line.
+    `get` finds a line the same way (a scored request reads a handful);
+    iterating, ``len`` or ``[]`` split them all, once, and later reads use
+    that.  A name sent twice reads as its last line, as in a dict built
+    line by line.
 
     *block* must be what the protocol validated: LF-separated lines, each
     with an ``=`` after a non-empty name, no trailing LF.
